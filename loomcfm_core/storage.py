@@ -1,0 +1,242 @@
+"""One interface over local folders and S3-compatible object stores, addressed by URI.
+
+Stages only ever see URIs (``/data/x``, ``file:///data/x``, ``s3://bucket/prefix/x``) so the same code runs
+on a laptop and on a cluster. Every write is atomic — a temporary file or key first, then a rename or
+server-side copy — so a reader (or a crashed writer's successor) never mistakes a partial object for a
+complete one. S3 endpoint and credentials come from the standard AWS variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ...), which is all MinIO or any other S3-compatible store needs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+S3_MAX_ATTEMPTS = 8
+
+
+class StorageError(RuntimeError):
+    """A storage operation that cannot succeed; the message says which URI and why."""
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path parts to a URI with single slashes, whatever the scheme."""
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+class Storage:
+    """The operations every backend offers; get one with :func:`storage_for`."""
+
+    def exists(self, uri: str) -> bool:
+        raise NotImplementedError
+
+    def list(self, uri: str) -> list[str]:
+        """URIs of all objects under a prefix/folder (recursively), sorted."""
+        raise NotImplementedError
+
+    def get(self, uri: str, local_path: str | Path) -> Path:
+        """Copy an object to a local file (atomically) and return its path."""
+        raise NotImplementedError
+
+    def put(self, local_path: str | Path, uri: str) -> str:
+        """Copy a local file to ``uri`` atomically and return the URI."""
+        raise NotImplementedError
+
+    def delete(self, uri: str) -> None:
+        """Delete one object, or everything under a prefix; deleting what is not there is fine."""
+        raise NotImplementedError
+
+    def read_text(self, uri: str) -> str:
+        raise NotImplementedError
+
+    def write_text(self, uri: str, text: str) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "object"
+            path.write_text(text)
+            return self.put(path, uri)
+
+
+def _local_path(uri: str) -> Path:
+    return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class LocalStorage(Storage):
+    def exists(self, uri: str) -> bool:
+        return _local_path(uri).exists()
+
+    def list(self, uri: str) -> list[str]:
+        root = _local_path(uri)
+        if root.is_file():
+            return [uri]
+        prefix = uri.rstrip("/")
+        return sorted(f"{prefix}/{p.relative_to(root).as_posix()}" for p in root.rglob("*")
+                      if p.is_file() and ".tmp-" not in p.name)
+
+    def get(self, uri: str, local_path: str | Path) -> Path:
+        src = _local_path(uri)
+        if not src.is_file():
+            raise StorageError(f"{uri}: no such file")
+        local_path = Path(local_path)
+        _atomic_copy(src, local_path)
+        return local_path
+
+    def put(self, local_path: str | Path, uri: str) -> str:
+        _atomic_copy(Path(local_path), _local_path(uri))
+        return uri
+
+    def delete(self, uri: str) -> None:
+        path = _local_path(uri)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    def read_text(self, uri: str) -> str:
+        path = _local_path(uri)
+        if not path.is_file():
+            raise StorageError(f"{uri}: no such file")
+        return path.read_text()
+
+
+class S3Storage(Storage):
+    """boto3 with retries for transient errors (throttling, 5xx, dropped connections)."""
+
+    def __init__(self) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config as BotoConfig
+
+        self.client = boto3.session.Session().client(
+            "s3", config=BotoConfig(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                                    connect_timeout=10, read_timeout=120))
+        self.transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
+                                       multipart_chunksize=MULTIPART_THRESHOLD)
+
+    @staticmethod
+    def split(uri: str) -> tuple[str, str]:
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: expected s3://bucket/key")
+        return parsed.netloc, parsed.path.lstrip("/")
+
+    def _call(self, uri: str, fn, *args, **kwargs):
+        """Run a boto3 call, turning its errors into ones that say what to fix."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        bucket, _ = self.split(uri)
+        try:
+            return fn(*args, **kwargs)
+        except NoCredentialsError as exc:
+            raise StorageError(f"{uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for MinIO/other S3 stores)") from exc
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code == "NoSuchBucket":
+                endpoint = self.client.meta.endpoint_url
+                raise StorageError(f"{uri}: bucket {bucket!r} does not exist at {endpoint}") from exc
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+                raise StorageError(f"{uri}: S3 refused the credentials ({code}); check AWS_ACCESS_KEY_ID / "
+                                   "AWS_SECRET_ACCESS_KEY and the bucket policy") from exc
+            if code in ("NoSuchKey", "404"):
+                raise StorageError(f"{uri}: no such object") from exc
+            raise StorageError(f"{uri}: S3 error {code}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"{uri}: S3 request failed after {S3_MAX_ATTEMPTS} attempts: {exc}") from exc
+
+    def exists(self, uri: str) -> bool:
+        bucket, key = self.split(uri)
+        try:
+            self._call(uri, self.client.head_object, Bucket=bucket, Key=key)
+            return True
+        except StorageError as exc:
+            if "no such object" in str(exc):
+                self._call(uri, self.client.head_bucket, Bucket=bucket)  # a missing bucket is an error
+                return False
+            raise
+
+    def list(self, uri: str) -> list[str]:
+        bucket, key = self.split(uri)
+        prefix = key.rstrip("/") + "/" if key else ""
+        out = []
+        pages = self._call(uri, lambda: list(self.client.get_paginator("list_objects_v2")
+                                             .paginate(Bucket=bucket, Prefix=prefix)))
+        for page in pages:
+            out += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", [])]
+        if not out and key and self.exists(uri):
+            return [uri]
+        return sorted(out)
+
+    def get(self, uri: str, local_path: str | Path) -> Path:
+        bucket, key = self.split(uri)
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local_path.with_name(f".{local_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            self._call(uri, self.client.download_file, bucket, key, str(tmp), Config=self.transfer)
+            os.replace(tmp, local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return local_path
+
+    def put(self, local_path: str | Path, uri: str) -> str:
+        bucket, key = self.split(uri)
+        tmp_key = f"{key}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            self._call(uri, self.client.upload_file, str(local_path), bucket, tmp_key, Config=self.transfer)
+            self._call(uri, self.client.copy, {"Bucket": bucket, "Key": tmp_key}, bucket, key,
+                       Config=self.transfer)
+        finally:
+            try:
+                self.client.delete_object(Bucket=bucket, Key=tmp_key)
+            except Exception:  # noqa: BLE001 - cleanup must not mask the real error
+                pass
+        return uri
+
+    def delete(self, uri: str) -> None:
+        bucket, _ = self.split(uri)
+        for obj in self.list(uri):
+            self._call(obj, self.client.delete_object, Bucket=bucket, Key=self.split(obj)[1])
+
+    def read_text(self, uri: str) -> str:
+        bucket, key = self.split(uri)
+        body = self._call(uri, self.client.get_object, Bucket=bucket, Key=key)["Body"]
+        return body.read().decode()
+
+
+@cache
+def _s3(endpoint: str | None, access_key: str | None) -> S3Storage:
+    """One client per endpoint and identity: boto3 clients are thread-safe and costly to build."""
+    return S3Storage()
+
+
+def storage_for(uri: str) -> Storage:
+    """The backend for a URI: ``s3://`` goes to S3, plain paths and ``file://`` to the local disk."""
+    scheme = urlparse(uri).scheme
+    if scheme == "s3":
+        return _s3(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"))
+    if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
+        return LocalStorage()
+    raise StorageError(f"{uri}: unsupported scheme {scheme!r}; use a local path, file:// or s3://")
