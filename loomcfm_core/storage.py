@@ -37,6 +37,11 @@ def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def absolute(uri: str) -> str:
+    """Make a local URI absolute, so it means the same thing to another process with another cwd."""
+    return uri if is_remote(uri) else str(to_local_path(uri).resolve())
+
+
 class Storage:
     """The operations every backend offers; get one with :func:`storage_for`."""
 
@@ -69,7 +74,8 @@ class Storage:
             return self.put(path, uri)
 
 
-def _local_path(uri: str) -> Path:
+def to_local_path(uri: str) -> Path:
+    """The filesystem path of a plain path or ``file://`` URI."""
     return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
 
 
@@ -85,10 +91,10 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 
 class LocalStorage(Storage):
     def exists(self, uri: str) -> bool:
-        return _local_path(uri).exists()
+        return to_local_path(uri).exists()
 
     def list(self, uri: str) -> list[str]:
-        root = _local_path(uri)
+        root = to_local_path(uri)
         if root.is_file():
             return [uri]
         prefix = uri.rstrip("/")
@@ -96,7 +102,7 @@ class LocalStorage(Storage):
                       if p.is_file() and ".tmp-" not in p.name)
 
     def get(self, uri: str, local_path: str | Path) -> Path:
-        src = _local_path(uri)
+        src = to_local_path(uri)
         if not src.is_file():
             raise StorageError(f"{uri}: no such file")
         local_path = Path(local_path)
@@ -104,18 +110,18 @@ class LocalStorage(Storage):
         return local_path
 
     def put(self, local_path: str | Path, uri: str) -> str:
-        _atomic_copy(Path(local_path), _local_path(uri))
+        _atomic_copy(Path(local_path), to_local_path(uri))
         return uri
 
     def delete(self, uri: str) -> None:
-        path = _local_path(uri)
+        path = to_local_path(uri)
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
 
     def read_text(self, uri: str) -> str:
-        path = _local_path(uri)
+        path = to_local_path(uri)
         if not path.is_file():
             raise StorageError(f"{uri}: no such file")
         return path.read_text()

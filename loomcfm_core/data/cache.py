@@ -1,0 +1,166 @@
+"""Write a source into HDF5 shards plus a manifest, content-addressed by source and config.
+
+Layout under ``<storage.root>/datasets/<name>-<hash>/``::
+
+    train/shard-00000.h5 ...   images uint8 [n,C,H,W] (one chunk per image), labels int64 [n]
+    val/shard-00000.h5 ...
+    manifest.json              written last: counts, shape, source, config hash, sha256 per shard
+
+The manifest is the commit marker: a dataset without one is incomplete and is rebuilt, and a dataset whose
+manifest carries the same hash is reused without reading the source again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from loomcfm_core.config import Config, DataConfig
+from loomcfm_core.data.sources import SPLITS, Source, open_source
+from loomcfm_core.storage import StorageError, absolute, join, storage_for
+
+FORMAT = "loomcfm-hdf5-v1"
+MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_key(data: DataConfig, source: Source) -> str:
+    """Hash of everything that determines the shards' bytes: format, source identity and shape settings."""
+    identity = {"format": FORMAT, "source": source.description, "fingerprint": source.fingerprint(),
+                "channels": data.channels, "resolution": data.resolution, "resize": data.resize,
+                "shard_size": data.shard_size}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def read_manifest(uri: str) -> dict | None:
+    """The manifest of a dataset URI, or None when the dataset is missing or incomplete."""
+    store = storage_for(uri)
+    manifest_uri = join(uri, MANIFEST)
+    if not store.exists(manifest_uri):
+        return None
+    return json.loads(store.read_text(manifest_uri))
+
+
+class ShardWriter:
+    """Appends named arrays into fixed-size HDF5 shards and uploads each shard as soon as it is full.
+
+    Arrays are stored uncompressed with one chunk per item, so a random-access read touches one chunk.
+    """
+
+    def __init__(self, uri: str, split: str, shard_size: int, workdir: Path) -> None:
+        self.uri, self.split, self.shard_size, self.workdir = uri, split, shard_size, workdir
+        self.store = storage_for(uri)
+        self.shards: list[dict] = []
+        self._file: h5py.File | None = None
+        self._path: Path | None = None
+        self._count = 0
+
+    def _open(self, arrays: dict[str, np.ndarray]) -> None:
+        name = f"{self.split}/shard-{len(self.shards):05d}.h5"
+        self._path = self.workdir / name
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = h5py.File(self._path, "w")
+        for key, value in arrays.items():
+            item = value.shape[1:]
+            self._file.create_dataset(key, shape=(0, *item), maxshape=(self.shard_size, *item), dtype=value.dtype,
+                                      chunks=(1, *item) if item else (min(self.shard_size, 4096),))
+        self._count = 0
+
+    def write(self, arrays: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(arrays.values())))
+        start = 0
+        while start < n:
+            if self._file is None:
+                self._open(arrays)
+            take = min(n - start, self.shard_size - self._count)
+            for key, value in arrays.items():
+                dset = self._file[key]
+                dset.resize(self._count + take, axis=0)
+                dset[self._count:self._count + take] = value[start:start + take]
+            self._count += take
+            start += take
+            if self._count == self.shard_size:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._file.close()
+        name = self._path.relative_to(self.workdir).as_posix()
+        digest = sha256_file(self._path)
+        self.store.put(self._path, join(self.uri, name))
+        self._path.unlink()
+        self.shards.append({"path": name, "count": self._count, "sha256": digest})
+        self._file = None
+
+    def close(self) -> dict:
+        if self._file is not None:
+            self._flush()
+        return {"count": sum(s["count"] for s in self.shards), "shards": self.shards}
+
+
+def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], shard_size: int,
+                  manifest: dict, totals: dict[str, int | None] | None = None, desc: str = "caching") -> dict:
+    """Stream each split's batches into shards under ``uri``, then commit ``manifest.json`` last."""
+    store = storage_for(uri)
+    manifest = dict(manifest, format=FORMAT, splits={})
+    with tempfile.TemporaryDirectory(prefix="loomcfm-cache-") as tmp:
+        for split, batches in splits.items():
+            writer = ShardWriter(uri, split, shard_size, Path(tmp))
+            total = (totals or {}).get(split)
+            with tqdm(total=total, desc=f"{desc} {split}", unit="img", dynamic_ncols=True) as bar:
+                for arrays in batches:
+                    writer.write(arrays)
+                    bar.update(len(next(iter(arrays.values()))))
+            manifest["splits"][split] = writer.close()
+            if manifest["splits"][split]["count"] == 0:
+                raise StorageError(f"{uri}: split {split!r} produced no items")
+    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    store.write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2))
+    return manifest
+
+
+@dataclass
+class CacheResult:
+    uri: str
+    manifest: dict
+    created: bool
+
+
+def dataset_uri(cfg: Config, key: str) -> str:
+    return join(absolute(cfg.storage.root), "datasets", f"{cfg.data.name}-{key}")
+
+
+def cache_dataset(cfg: Config) -> CacheResult:
+    """Cache ``cfg.data.source`` under the storage root; a no-op when the same inputs are already cached."""
+    source = open_source(cfg.data)
+    key = cache_key(cfg.data, source)
+    uri = dataset_uri(cfg, key)
+    existing = read_manifest(uri)
+    if existing is not None and existing.get("config_hash") == key:
+        log.info("dataset already cached at %s (%s): nothing to do", uri,
+                 ", ".join(f"{s}={v['count']}" for s, v in existing["splits"].items()))
+        return CacheResult(uri, existing, created=False)
+    splits = {s: ({"images": images, "labels": labels} for images, labels in source.batches(s)) for s in SPLITS}
+    manifest = {"name": cfg.data.name, "source": source.description, "config_hash": key, "kind": "images",
+                "shape": list(source.shape), "arrays": {"images": "uint8", "labels": "int64"}}
+    manifest = write_dataset(uri, splits, cfg.data.shard_size, manifest,
+                             totals={s: source.count(s) for s in SPLITS})
+    log.info("cached %s at %s", source.description, uri)
+    return CacheResult(uri, manifest, created=True)

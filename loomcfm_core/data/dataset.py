@@ -1,0 +1,93 @@
+"""Random-access reading of a cached dataset, from a node-local copy of its shards.
+
+Remote shards are downloaded once per node into ``data.local_cache`` and checked against the manifest's
+sha256 before use, so a torn or stale copy is never read. With ``hflip`` the dataset doubles: index
+``i + N`` is image ``i`` mirrored, so a flipped image is a data point of its own (LOOM gives it its own
+noise seeds).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from loomcfm_core.data.cache import read_manifest, sha256_file
+from loomcfm_core.storage import StorageError, is_remote, join, storage_for, to_local_path
+
+
+def local_shards(uri: str, manifest: dict, split: str, local_cache: str) -> list[Path]:
+    """Local paths of a split's shards, downloading and verifying remote ones that are not yet on this node."""
+    if split not in manifest["splits"]:
+        raise StorageError(f"{uri}: no split {split!r} (has {', '.join(manifest['splits'])})")
+    paths = []
+    for shard in manifest["splits"][split]["shards"]:
+        remote = join(uri, shard["path"])
+        if not is_remote(uri):
+            paths.append(to_local_path(remote))
+            continue
+        local = Path(local_cache).expanduser() / "datasets" / uri.rstrip("/").rsplit("/", 1)[-1] / shard["path"]
+        if not (local.is_file() and sha256_file(local) == shard["sha256"]):
+            storage_for(remote).get(remote, local)
+            actual = sha256_file(local)
+            if actual != shard["sha256"]:
+                local.unlink()
+                raise StorageError(f"{remote}: checksum mismatch (manifest {shard['sha256'][:12]}..., "
+                                   f"downloaded {actual[:12]}...); the dataset is corrupt, re-run `loomcfm cache`")
+        paths.append(local)
+    return paths
+
+
+class ShardedDataset(Dataset):
+    """Items are ``(image float32 [C,H,W] in [-1, 1], label, index)``; ``index`` is the LOOM data-point id."""
+
+    def __init__(self, uri: str, split: str = "train", hflip: bool = False,
+                 local_cache: str = "~/.cache/loomcfm") -> None:
+        manifest = read_manifest(uri)
+        if manifest is None:
+            raise StorageError(f"{uri}: no manifest.json; the dataset is missing or incomplete "
+                               "(run `loomcfm cache` first)")
+        self.uri, self.manifest, self.hflip = uri, manifest, hflip
+        self.paths = local_shards(uri, manifest, split, local_cache)
+        counts = [s["count"] for s in manifest["splits"][split]["shards"]]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.num_images = int(self.offsets[-1])
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return self.num_images * (2 if self.hflip else 1)
+
+    def _file(self, shard: int) -> h5py.File:
+        # h5py handles must not cross a fork: DataLoader workers each open their own.
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = h5py.File(self.paths[shard], "r")
+        return self._handles[shard]
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        """The raw stored item (uint8 for images) and its label, flipped for indices past N."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        flip, image_index = divmod(index, self.num_images)
+        shard = int(np.searchsorted(self.offsets, image_index, side="right")) - 1
+        fh = self._file(shard)
+        row = image_index - int(self.offsets[shard])
+        item = fh["images"][row]
+        label = int(fh["labels"][row]) if "labels" in fh else 0
+        return (item[..., ::-1] if flip else item), label
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        item, label = self.read(index)
+        image = torch.from_numpy(np.ascontiguousarray(item)).float().div_(127.5).sub_(1.0)
+        return image, label, index
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"], state["_pid"] = {}, -1
+        return state
