@@ -160,7 +160,7 @@ class S3Storage(Storage):
                                "AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for MinIO/other S3 stores)") from exc
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code == "NoSuchBucket":
+            if code == "NoSuchBucket" or (code == "404" and exc.operation_name == "HeadBucket"):
                 endpoint = self.client.meta.endpoint_url
                 raise StorageError(f"{uri}: bucket {bucket!r} does not exist at {endpoint}") from exc
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):

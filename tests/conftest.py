@@ -1,14 +1,17 @@
-"""Shared fixtures: real servers on 127.0.0.1 (moto's S3 server), started once per test session."""
+"""Shared fixtures: real servers on 127.0.0.1 (moto's S3 server, an MLflow server), started once per test session."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import boto3
 import pytest
@@ -74,3 +77,83 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     yield Path(tmp_path)
+
+
+class MlflowServer(NamedTuple):
+    url: str
+    bucket: str
+    log: Path
+
+    def log_tail(self, chars: int = 8000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else "(no log)"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(moto_server, tmp_path_factory):
+    """A real ``mlflow server`` (SQLite backend, artifacts proxied to a moto S3 bucket); yields MlflowServer.
+
+    Its log goes to a file, shown in the report of any failing test that uses the server.
+    """
+    root = tmp_path_factory.mktemp("mlflow")
+    bucket = f"mlflow-{uuid.uuid4().hex[:12]}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3.client("s3", endpoint_url=moto_server, aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+                 region_name=creds["AWS_DEFAULT_REGION"]).create_bucket(Bucket=bucket)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    env.update(creds, HOME=str(root / "home"), MLFLOW_S3_ENDPOINT_URL=moto_server, AWS_ENDPOINT_URL=moto_server,
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    port = free_port()
+    log = root / "server.log"
+    with open(log, "w") as out:
+        # own session: `mlflow server` runs uvicorn as a child, and teardown must stop both
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server",
+                                 "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                                 "--artifacts-destination", f"s3://{bucket}/mlartifacts",
+                                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = MlflowServer(f"http://127.0.0.1:{port}", bucket, log)
+    try:
+        wait_for_health(server.url, proc)
+    except RuntimeError as exc:
+        _stop_group(proc)
+        raise RuntimeError(f"{exc}\n--- mlflow server log ({log}) ---\n{server.log_tail()}") from None
+    try:
+        yield server
+    finally:
+        _stop_group(proc)
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url}/health answered")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url}/health did not answer within {timeout}s")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach the MLflow server's log to the report of a failing test that used the server."""
+    outcome = yield
+    report = outcome.get_result()
+    server = getattr(item, "funcargs", {}).get("mlflow_server")
+    if report.failed and isinstance(server, MlflowServer):
+        report.sections.append(("mlflow server log", server.log_tail()))

@@ -1,0 +1,160 @@
+"""MLflow runs for every pipeline stage: where they are stored, which experiment, and the config they record.
+
+The same stage code runs on a laptop and on a cluster, so the store comes from the config alone: with no
+``tracking.uri`` it is a SQLite file under ``tracking.local_dir`` (nothing to start, nothing shared), on the
+cluster it is the MLflow server, which proxies artifacts to S3 so stages need no S3 credentials of their own.
+
+Stages run in separate processes (Ray workers, KFP pods) where MLflow's in-process stack of nested runs does
+not exist, so a child run names its parent explicitly (``parent_run_id``) instead of relying on nesting.
+Metrics and artifacts are logged with plain ``mlflow.log_metrics`` / ``mlflow.log_artifact`` /
+``mlflow.log_image`` inside :func:`start_run`; wrapping those would add nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+import requests
+from mlflow.entities import LifecycleStage
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from loomcfm_core.config import Config
+
+STAGE_TAG = "loomcfm.stage"
+CONFIG_ARTIFACT = "config.yaml"
+SERVER_SCHEMES = ("http", "https", "databricks")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names the URI or experiment and what to fix."""
+
+
+def _local_dir(cfg: Config) -> Path:
+    return Path(cfg.tracking.local_dir).expanduser().resolve()
+
+
+def tracking_uri(cfg: Config) -> str:
+    """``tracking.uri``, or a SQLite store under ``tracking.local_dir`` so a laptop run needs no server.
+
+    The path is made absolute so every process of one run (whatever its cwd) writes to the same file.
+    """
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    local_dir = _local_dir(cfg)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{local_dir / 'mlflow.db'}"
+
+
+def is_server(uri: str) -> bool:
+    """Whether the store is a tracking server, which decides where artifacts go (and proxies them)."""
+    return urlparse(uri).scheme in SERVER_SCHEMES
+
+
+def artifact_location(cfg: Config) -> str | None:
+    """Where a new experiment keeps its artifacts: the server's choice, else ``<local_dir>/artifacts``.
+
+    Without an explicit location a local store puts artifacts in ``./mlruns`` of whatever directory the
+    process happens to run in, scattering them away from the database that refers to them.
+    """
+    if is_server(tracking_uri(cfg)):
+        return None
+    return (_local_dir(cfg) / "artifacts").as_uri()
+
+
+def experiment_name(cfg: Config) -> str:
+    """``tracking.experiment``, else one experiment per config name (DESIGN §7)."""
+    return cfg.tracking.experiment or f"loomcfm-{cfg.name}"
+
+
+def _is_connection_failure(exc: BaseException | None) -> bool:
+    """MLflow reports a refused/timed-out request as a bare MlflowException; the cause is in the chain."""
+    while exc is not None:
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextmanager
+def _unreachable_names_uri(uri: str) -> Iterator[None]:
+    """Turn "API request to .../experiments/get-by-name failed with exception HTTPConnectionPool..." into
+    an error that says which tracking server is down, before any stage work starts."""
+    try:
+        yield
+    except MlflowException as exc:
+        if _is_connection_failure(exc):
+            raise TrackingError(f"cannot reach the MLflow tracking server at {uri}; is it running and is "
+                                f"tracking.uri right? ({exc.message})") from exc
+        raise
+
+
+def experiment_id(cfg: Config) -> str:
+    """Get or create the config's experiment and return its id.
+
+    Creation tolerates losing a race to another worker creating the same experiment at the same time.
+    """
+    uri = tracking_uri(cfg)
+    name = experiment_name(cfg)
+    client = MlflowClient(uri)
+    with _unreachable_names_uri(uri):
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return client.create_experiment(name, artifact_location=artifact_location(cfg))
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == LifecycleStage.DELETED:
+        raise TrackingError(f"experiment {name!r} at {uri} is deleted; restore it (mlflow experiments restore "
+                            f"--experiment-id {experiment.experiment_id}) or set tracking.experiment")
+    return experiment.experiment_id
+
+
+@contextmanager
+def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Make ``run_name`` the active MLflow run in the config's store and experiment for the ``with`` body.
+
+    ``parent_run_id`` makes it a child run even in another process (a Ray worker, a KFP pod); pass the id
+    explicitly rather than through ``MLFLOW_RUN_ID``, which would make MLflow resume that run instead. In
+    the process that holds the parent run active, the parent is implied. The run is tagged
+    ``loomcfm.stage=<run_name>`` (``tags`` may override) so stages can be found across pipeline runs, and it
+    ends FAILED if the body raises.
+    """
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    exp_id = experiment_id(cfg)
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id,
+                          tags={STAGE_TAG: run_name, **(tags or {})}) as run:
+        yield run
+
+
+def config_params(cfg: Config) -> dict[str, str]:
+    """The flattened config as MLflow param strings: strings as they are, everything else as JSON.
+
+    JSON (``[1, 2]``, ``null``, ``true``) rather than Python's ``str`` so a value can be pasted back into
+    ``--set key=value`` or parsed by a program comparing runs.
+    """
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in cfg.flat().items()}
+
+
+def log_config(cfg: Config) -> None:
+    """Record the config on the active run: as params to filter and compare runs by, and as ``config.yaml``
+    to rerun or load it exactly (``load_config_text``).
+
+    MLflow's client already splits params into batches of 100 and truncates values over 6000 characters
+    (with a warning), so neither needs handling here.
+    """
+    if mlflow.active_run() is None:
+        # mlflow.log_params would silently start a run in the default experiment and store.
+        raise TrackingError("log_config needs an active run; call it inside `with start_run(cfg, ...)`")
+    mlflow.log_params(config_params(cfg))
+    mlflow.log_text(cfg.to_yaml(), CONFIG_ARTIFACT)
+

@@ -1,0 +1,100 @@
+import pytest
+import yaml
+
+from loomcfm_core.config import ConfigError, load_config, load_config_text, preset_names
+
+PAPER = {  # preset: (K, batch, lr, warm-up, epochs, ch, mult, res blocks, attn)
+    "cifar10": (6, 32, 2e-4, 5000, 1000, 128, [1, 2, 2, 2], 2, [16]),
+    "imagenet32": (2, 128, 1e-4, 20000, 200, 128, [1, 2, 2, 2], 3, [16, 8]),
+    "imagenet64": (1, 24, 1e-4, 20000, 575, 192, [1, 2, 3, 4], 2, [16]),
+    "ffhq256_latent": (4, 32, 2e-5, 3500, 500, 256, [1, 2, 3, 4], 2, [16, 8, 4]),
+}
+
+
+def test_presets_ship():
+    assert set(preset_names()) >= {"digits", "cifar10", "imagenet32", "imagenet64", "ffhq256_latent",
+                                   "cifar10_reflow"}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_hyperparameters(name):
+    cfg = load_config(name)
+    k, batch, lr, warmup, epochs, ch, mult, blocks, attn = PAPER[name]
+    assert (cfg.coupling.kind, cfg.coupling.num_seeds) == ("loom", k)
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps, cfg.train.epochs) == (batch, lr, warmup, epochs)
+    assert (cfg.model.channels, cfg.model.channel_mult, cfg.model.num_res_blocks) == (ch, mult, blocks)
+    assert cfg.model.attn_resolutions == attn
+    assert cfg.train.betas == (0.9, 0.999) and cfg.train.weight_decay == 0.0 and cfg.train.grad_clip == 1.0
+    assert cfg.train.ema_decay == 0.9999 and cfg.model.dropout == 0.1 and cfg.train.sigma == 0.0
+    assert cfg.data.hflip
+
+
+def test_reflow_preset():
+    cfg = load_config("cifar10_reflow")
+    assert cfg.coupling.kind == "pairs" and not cfg.data.hflip
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps, cfg.train.epochs) == (256, 2e-5, 5000, 200)
+    assert cfg.model == load_config("cifar10").model
+
+
+def test_default_is_digits_without_flips():
+    cfg = load_config()
+    assert cfg.name == "digits" and cfg.data.source == "builtin:digits" and not cfg.data.hflip
+
+
+def test_overrides_parse_values():
+    cfg = load_config("digits", ["train.lr=1e-4", "model.channel_mult=[1,2]", "tracking.uri=http://x:5000",
+                                 "train.max_steps=10", "data.hflip=true"])
+    assert cfg.train.lr == 1e-4 and cfg.model.channel_mult == [1, 2] and cfg.tracking.uri == "http://x:5000"
+    assert cfg.train.max_steps == 10 and cfg.data.hflip is True
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lrr=1", "train.lrr"),             # unknown key
+    ("nosuch.section=1", "nosuch.section"),   # unknown section
+    ("train.batch_size=abc", "train.batch_size"),  # wrong type
+    ("train.lr=-1", "train.lr"),              # out of range
+    ("coupling.kind=sinkhorn", "coupling.kind"),
+    ("model.channels=48", "model.channels"),  # GroupNorm(32) needs multiples of 32
+    ("sample.method=euler", "sample.method"),
+    ("data.source=mnist:/x", "data.source"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("digits", [override])
+
+
+def test_user_file_extends_preset(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("extends: cifar10\nname: mine\ntrain:\n  lr: 3.0e-4\n")
+    cfg = load_config(str(path))
+    assert cfg.name == "mine" and cfg.train.lr == 3e-4 and cfg.coupling.num_seeds == 6
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"train\.learning_rate"):
+        load_config(str(path))
+
+
+def test_missing_config():
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config("no-such-preset")
+
+
+def test_yaml_round_trip_is_reproducible():
+    cfg = load_config("imagenet64", ["train.lr=5e-5"])
+    again = load_config_text(cfg.to_yaml())
+    assert again == cfg and again.digest() == cfg.digest()
+    assert load_config_text("cifar10") == load_config("cifar10")
+    assert yaml.safe_load(cfg.to_yaml())["train"]["lr"] == 5e-5
+
+
+def test_resolution_must_fit_downsamplings():
+    with pytest.raises(ConfigError, match="data.resolution"):
+        load_config("digits", ["model.channel_mult=[1,2,2,2,2]"])
+
+
+def test_flat_keys():
+    flat = load_config().flat()
+    assert flat["train.lr"] == load_config().train.lr and "coupling.num_seeds" in flat

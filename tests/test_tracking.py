@@ -1,0 +1,199 @@
+"""MLflow tracking against a real ``mlflow server`` (artifacts proxied to moto S3) and the local SQLite store."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import boto3
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from loomcfm_core.config import Config, load_config_text
+from loomcfm_core.tracking import (
+    CONFIG_ARTIFACT,
+    STAGE_TAG,
+    TrackingError,
+    artifact_location,
+    config_params,
+    experiment_id,
+    experiment_name,
+    log_config,
+    start_run,
+    tracking_uri,
+)
+from tests.conftest import free_port
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_state(monkeypatch):
+    """mlflow.set_tracking_uri is process-global and exports MLFLOW_TRACKING_URI; undo both after each test.
+
+    Short HTTP retries/timeouts make a broken server fail a test in seconds, not MLflow's default minutes.
+    """
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture()
+def server_cfg(mlflow_server) -> Config:
+    """A config tracking to the server, in an experiment of its own so tests do not see each other's runs."""
+    return Config(name="digits", tracking={"uri": mlflow_server.url, "experiment": f"test-{uuid.uuid4().hex[:8]}"})
+
+
+def _png(path, size=(6, 4)):
+    Image.new("RGB", size, (200, 30, 90)).save(path)
+    return path
+
+
+def test_config_params_are_flat_strings_with_json_values():
+    params = config_params(Config())
+    assert params.keys() == Config().flat().keys()
+    assert params["data.source"] == "builtin:digits"
+    assert params["model.channel_mult"] == "[1, 2]"
+    assert params["train.max_steps"] == "null"
+    assert params["train.bf16"] == "false"
+    assert json.loads(params["eval.methods"]) == Config().eval.methods
+
+
+def test_params_metrics_and_artifacts_reach_the_server_and_s3(server_cfg, mlflow_server, s3_env, tmp_path):
+    png = _png(tmp_path / "grid.png")
+    with start_run(server_cfg, "train") as run:
+        log_config(server_cfg)
+        for step, loss in enumerate([0.9, 0.5, 0.25]):
+            mlflow.log_metrics({"train/loss": loss, "throughput/images_per_s": 100.0 + step}, step=step)
+        mlflow.log_artifact(str(png), "samples")
+    run_id = run.info.run_id
+
+    client = MlflowClient(mlflow_server.url)
+    stored = client.get_run(run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.info.run_name == "train"
+    assert stored.data.tags[STAGE_TAG] == "train"
+    assert stored.data.params == config_params(server_cfg)
+    assert client.get_experiment(stored.info.experiment_id).name == server_cfg.tracking.experiment
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(0, 0.9), (1, 0.5), (2, 0.25)]
+
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == [CONFIG_ARTIFACT, "samples"]
+    config_text = (tmp_path / "down" / CONFIG_ARTIFACT)
+    client.download_artifacts(run_id, CONFIG_ARTIFACT, str(tmp_path / "down"))
+    assert load_config_text(config_text.read_text()) == server_cfg
+    client.download_artifacts(run_id, "samples/grid.png", str(tmp_path / "down"))
+    assert (tmp_path / "down" / "samples" / "grid.png").read_bytes() == png.read_bytes()
+
+    # the server proxied the artifacts into its S3 bucket; the client needed no S3 credentials for that
+    s3 = boto3.client("s3", endpoint_url=s3_env)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=mlflow_server.bucket, Prefix="mlartifacts/")["Contents"]]
+    run_keys = {k.split(f"/{run_id}/artifacts/", 1)[1] for k in keys if f"/{run_id}/artifacts/" in k}
+    assert run_keys == {CONFIG_ARTIFACT, "samples/grid.png"}
+    body = s3.get_object(Bucket=mlflow_server.bucket,
+                         Key=next(k for k in keys if k.endswith(f"{run_id}/artifacts/samples/grid.png")))["Body"]
+    assert Image.open(io.BytesIO(body.read())).size == (6, 4)
+
+
+def test_child_runs_name_their_parent_in_process_and_across_processes(server_cfg, mlflow_server):
+    with start_run(server_cfg, "pipeline", tags={"kfp.run_id": "kfp-123"}) as parent:
+        parent_id = parent.info.run_id
+        with start_run(server_cfg, "cache", parent_run_id=parent_id) as child:
+            in_process_id = child.info.run_id
+        # a fresh process (as a Ray worker or KFP pod would be) has no active-run stack to nest under
+        script = textwrap.dedent(f"""
+            from loomcfm_core.config import load_config_text
+            from loomcfm_core.tracking import start_run
+            cfg = load_config_text({server_cfg.to_yaml()!r})
+            with start_run(cfg, "train", parent_run_id={parent_id!r}) as run:
+                print(run.info.run_id)
+        """)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        other_process_id = done.stdout.strip().splitlines()[-1]
+
+    client = MlflowClient(mlflow_server.url)
+    assert client.get_run(parent_id).data.tags["kfp.run_id"] == "kfp-123"
+    assert "mlflow.parentRunId" not in client.get_run(parent_id).data.tags
+    for run_id, stage in [(in_process_id, "cache"), (other_process_id, "train")]:
+        tags = client.get_run(run_id).data.tags
+        assert tags["mlflow.parentRunId"] == parent_id
+        assert tags[STAGE_TAG] == stage
+    children = client.search_runs([experiment_id(server_cfg)], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert {r.info.run_id for r in children} == {in_process_id, other_process_id}
+
+
+def test_failing_stage_ends_its_run_failed(server_cfg, mlflow_server):
+    with pytest.raises(ZeroDivisionError):
+        with start_run(server_cfg, "train") as run:
+            1 / 0
+    assert MlflowClient(mlflow_server.url).get_run(run.info.run_id).info.status == "FAILED"
+    assert mlflow.active_run() is None
+
+
+def test_default_local_sqlite_store_keeps_artifacts_under_local_dir(tmp_path):
+    cfg = Config()
+    local_dir = tmp_path / "loomcfm-runs"
+    assert tracking_uri(cfg) == f"sqlite:///{local_dir}/mlflow.db"
+    assert artifact_location(cfg) == (local_dir / "artifacts").as_uri()
+    with start_run(cfg, "sample") as run:
+        log_config(cfg)
+        mlflow.log_metric("fid/euler-4", 12.5)
+    with start_run(cfg, "eval"):  # second run: the experiment is found, not created again
+        pass
+
+    assert (local_dir / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name("loomcfm-digits")
+    assert experiment.artifact_location == (local_dir / "artifacts").as_uri()
+    assert len(client.search_runs([experiment.experiment_id])) == 2
+    stored = client.get_run(run.info.run_id)
+    assert stored.data.metrics == {"fid/euler-4": 12.5}
+    assert stored.data.params["model.channel_mult"] == "[1, 2]"
+    saved = local_dir / "artifacts" / run.info.run_id / "artifacts" / CONFIG_ARTIFACT
+    assert load_config_text(saved.read_text()) == cfg
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_experiment_name_defaults_to_config_name():
+    assert experiment_name(Config(name="cifar10")) == "loomcfm-cifar10"
+    assert experiment_name(Config(name="cifar10", tracking={"experiment": "mine"})) == "mine"
+
+
+def test_deleted_experiment_is_a_clear_error():
+    cfg = Config()
+    MlflowClient(tracking_uri(cfg)).delete_experiment(experiment_id(cfg))
+    with pytest.raises(TrackingError, match="'loomcfm-digits' .* is deleted"):
+        with start_run(cfg, "train"):
+            pass
+
+
+def test_log_config_outside_a_run_is_an_error():
+    with pytest.raises(TrackingError, match="active run"):
+        log_config(Config())
+    assert mlflow.active_run() is None
+
+
+def test_unreachable_server_fails_fast_naming_the_uri(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg = Config(tracking={"uri": uri})
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=f"cannot reach the MLflow tracking server at {uri};"):
+        with start_run(cfg, "train"):
+            pytest.fail("the body must not run without a tracking server")
+    assert time.monotonic() - started < 5
+    assert mlflow.active_run() is None
