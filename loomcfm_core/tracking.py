@@ -123,15 +123,17 @@ def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None,
     """Make ``run_name`` the active MLflow run in the config's store and experiment for the ``with`` body.
 
     ``parent_run_id`` makes it a child run even in another process (a Ray worker, a KFP pod); pass the id
-    explicitly rather than through ``MLFLOW_RUN_ID``, which would make MLflow resume that run instead. In
-    the process that holds the parent run active, the parent is implied. The run is tagged
-    ``loomcfm.stage=<run_name>`` (``tags`` may override) so stages can be found across pipeline runs, and it
-    ends FAILED if the body raises.
+    explicitly rather than through ``MLFLOW_RUN_ID``, which would make MLflow resume that run instead.
+    Inside another active run of this process the parent is implied (``parent_run_id``, if given, must be
+    that run). The run is tagged ``loomcfm.stage=<run_name>`` (``tags`` may override) so stages can be found
+    across pipeline runs, and it ends FAILED if the body raises.
     """
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     exp_id = experiment_id(cfg)
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent_run_id,
+    # nested=True: without it MLflow refuses a second run in a process even when parent_run_id names the
+    # active one; with no active run it changes nothing.
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=True, parent_run_id=parent_run_id,
                           tags={STAGE_TAG: run_name, **(tags or {})}) as run:
         yield run
 

@@ -91,11 +91,10 @@ def test_params_metrics_and_artifacts_reach_the_server_and_s3(server_cfg, mlflow
     assert [(m.step, m.value) for m in history] == [(0, 0.9), (1, 0.5), (2, 0.25)]
 
     assert sorted(a.path for a in client.list_artifacts(run_id)) == [CONFIG_ARTIFACT, "samples"]
-    config_text = (tmp_path / "down" / CONFIG_ARTIFACT)
-    client.download_artifacts(run_id, CONFIG_ARTIFACT, str(tmp_path / "down"))
-    assert load_config_text(config_text.read_text()) == server_cfg
-    client.download_artifacts(run_id, "samples/grid.png", str(tmp_path / "down"))
-    assert (tmp_path / "down" / "samples" / "grid.png").read_bytes() == png.read_bytes()
+    config_text = open(client.download_artifacts(run_id, CONFIG_ARTIFACT, str(tmp_path / "a"))).read()
+    assert load_config_text(config_text) == server_cfg
+    grid = client.download_artifacts(run_id, "samples/grid.png", str(tmp_path / "b"))
+    assert open(grid, "rb").read() == png.read_bytes()
 
     # the server proxied the artifacts into its S3 bucket; the client needed no S3 credentials for that
     s3 = boto3.client("s3", endpoint_url=s3_env)
@@ -118,11 +117,11 @@ def test_child_runs_name_their_parent_in_process_and_across_processes(server_cfg
             from loomcfm_core.tracking import start_run
             cfg = load_config_text({server_cfg.to_yaml()!r})
             with start_run(cfg, "train", parent_run_id={parent_id!r}) as run:
-                print(run.info.run_id)
+                print("RUN_ID=" + run.info.run_id)  # mlflow prints "View run ..." lines to stdout too
         """)
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
-        other_process_id = done.stdout.strip().splitlines()[-1]
+        other_process_id = done.stdout.split("RUN_ID=")[1].split()[0]
 
     client = MlflowClient(mlflow_server.url)
     assert client.get_run(parent_id).data.tags["kfp.run_id"] == "kfp-123"

@@ -56,19 +56,26 @@ class ShardedDataset(Dataset):
         counts = [s["count"] for s in manifest["splits"][split]["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.num_images = int(self.offsets[-1])
-        self._handles: dict[int, h5py.File] = {}
+        self.labels = np.concatenate([self._read_labels(p) for p in self.paths])
+        self._images: dict[int, h5py.Dataset] = {}
         self._pid = -1
+
+    @staticmethod
+    def _read_labels(path: Path) -> np.ndarray:
+        with h5py.File(path, "r") as fh:
+            return fh["labels"][:] if "labels" in fh else np.zeros(len(fh["images"]), np.int64)
 
     def __len__(self) -> int:
         return self.num_images * (2 if self.hflip else 1)
 
-    def _file(self, shard: int) -> h5py.File:
-        # h5py handles must not cross a fork: DataLoader workers each open their own.
+    def _shard_images(self, shard: int) -> h5py.Dataset:
+        # h5py handles must not cross a fork: DataLoader workers each open their own. Keeping the dataset
+        # object (not the file) skips a name lookup per read, which costs more than the read itself.
         if self._pid != os.getpid():
-            self._handles, self._pid = {}, os.getpid()
-        if shard not in self._handles:
-            self._handles[shard] = h5py.File(self.paths[shard], "r")
-        return self._handles[shard]
+            self._images, self._pid = {}, os.getpid()
+        if shard not in self._images:
+            self._images[shard] = h5py.File(self.paths[shard], "r")["images"]
+        return self._images[shard]
 
     def read(self, index: int) -> tuple[np.ndarray, int]:
         """The raw stored item (uint8 for images) and its label, flipped for indices past N."""
@@ -76,11 +83,8 @@ class ShardedDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         flip, image_index = divmod(index, self.num_images)
         shard = int(np.searchsorted(self.offsets, image_index, side="right")) - 1
-        fh = self._file(shard)
-        row = image_index - int(self.offsets[shard])
-        item = fh["images"][row]
-        label = int(fh["labels"][row]) if "labels" in fh else 0
-        return (item[..., ::-1] if flip else item), label
+        item = self._shard_images(shard)[image_index - int(self.offsets[shard])]
+        return (item[..., ::-1] if flip else item), int(self.labels[image_index])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         item, label = self.read(index)
@@ -89,5 +93,5 @@ class ShardedDataset(Dataset):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_handles"], state["_pid"] = {}, -1
+        state["_images"], state["_pid"] = {}, -1
         return state
