@@ -28,7 +28,7 @@ from loomcfm_core.config import Config
 
 STAGE_TAG = "loomcfm.stage"
 CONFIG_ARTIFACT = "config.yaml"
-SERVER_SCHEMES = ("http", "https", "databricks")
+SERVER_SCHEMES = ("http", "https")
 
 
 class TrackingError(RuntimeError):
@@ -82,7 +82,7 @@ def _is_connection_failure(exc: BaseException | None) -> bool:
 
 
 @contextmanager
-def _unreachable_names_uri(uri: str) -> Iterator[None]:
+def _name_unreachable_server(uri: str) -> Iterator[None]:
     """Turn "API request to .../experiments/get-by-name failed with exception HTTPConnectionPool..." into
     an error that says which tracking server is down, before any stage work starts."""
     try:
@@ -102,7 +102,7 @@ def experiment_id(cfg: Config) -> str:
     uri = tracking_uri(cfg)
     name = experiment_name(cfg)
     client = MlflowClient(uri)
-    with _unreachable_names_uri(uri):
+    with _name_unreachable_server(uri):
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             try:
