@@ -1,0 +1,211 @@
+"""Data–noise couplings for flow matching, LOOM-CFM's among them, behind one interface.
+
+LOOM ("Looking Out Of Minibatch") gives every data point K noise *seeds* (a flipped image is a point of its
+own). Each step it picks one slot per minibatch item, regenerates that noise from its seed, solves the
+minibatch assignment problem and writes the permuted seeds back, so good pairings found in one minibatch
+survive into the next. Keeping the current pairing is always feasible, and pairs outside the minibatch are
+untouched, hence the table's total transport cost never increases and the seeds are only ever permuted.
+
+The table is ``int64 [num_points, K]``: small enough to live in memory on every rank (ImageNet with flips
+and K=2 is 41 MB) and to go into every checkpoint. With several ranks, every rank gathers the global batch,
+solves the same problem with the same inputs and applies the same update, so the tables stay identical
+without ever being communicated.
+
+Kinds (all but ``pairs`` draw noise from seeds, so the machinery is shared):
+
+=============  ===========================  ==================  ====================
+kind           seeds                        reassign per batch  keep reassignments
+=============  ===========================  ==================  ====================
+independent    fresh every step             no                  —         (I-CFM)
+minibatch_ot   fresh every step             yes                 no        (OT-CFM)
+fixed          table, fixed                 no                  —
+loom           table                        yes                 yes       (LOOM-CFM)
+pairs          the dataset provides x0 (reflow)
+=============  ===========================  ==================  ====================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+KINDS = ("independent", "minibatch_ot", "fixed", "loom", "pairs")
+
+# splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 multiplication wraps).
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+_U24 = 2.0**-24
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch's ``>>`` is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(z: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser: a bijective avalanche of 64-bit words."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def noise_from_seeds(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise ``[len(seeds), *shape]``, a pure function of each seed, in one vectorised call.
+
+    Counter-based: element pair j of seed s comes from splitmix64(mix(s) + (j+1)·golden), split into two
+    24-bit uniforms and turned into two normals by Box–Muller. The integer stream is bit-identical on every
+    device, so a seed means the same noise on a CPU and on a GPU (up to the last ulp of log/cos/sin), and a
+    whole batch is generated on the training device instead of one CPU generator per sample plus a copy.
+    """
+    device = seeds.device if device is None else torch.device(device)
+    numel = math.prod(shape)
+    pairs = (numel + 1) // 2
+    counters = torch.arange(1, pairs + 1, device=device, dtype=torch.int64) * _GOLDEN
+    words = _mix64(_mix64(seeds.to(device=device, dtype=torch.int64))[:, None] + counters)
+    u1 = _shr(words, 40).to(torch.float32).add_(0.5).mul_(_U24)  # in (0, 1): log is finite
+    angle = (words & 0xFFFFFF).to(torch.float32).mul_(2 * math.pi * _U24)
+    radius = u1.log_().mul_(-2.0).sqrt_()
+    normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :numel]
+    return normals.reshape(len(seeds), *shape).to(dtype)
+
+
+def random_seeds(count: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(-(1 << 63), (1 << 63) - 1, (count,), generator=generator, dtype=torch.int64)
+
+
+def cost_matrix(x1: torch.Tensor, x0: torch.Tensor, cost: str = "l2") -> np.ndarray:
+    """cost[i, j] = ||x1_i - x0_j|| (or its square), in float64 so every rank gets the same matrix and the
+    assignment's improvement is never lost to rounding."""
+    dist = torch.cdist(x1.flatten(1).double()[None], x0.flatten(1).double()[None])[0]
+    return (dist.square() if cost == "sqeuclidean" else dist).cpu().numpy()
+
+
+@dataclass
+class CouplingStats:
+    """Mean pair cost before and after reassignment and the number of items whose noise changed."""
+
+    cost_before: float
+    cost_after: float
+    swaps: int
+
+
+class Coupling:
+    """``couple`` maps a local minibatch of data (and its dataset indices) to the noise it is trained with."""
+
+    kind = ""
+
+    def couple(self, x1: torch.Tensor, index: torch.Tensor, x0: torch.Tensor | None = None,
+               gather: Gather | None = None) -> tuple[torch.Tensor, CouplingStats]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"checkpoint holds a {state.get('kind')!r} coupling, this run uses {self.kind!r}")
+
+
+class PairsCoupling(Coupling):
+    """Reflow: the dataset holds both ends of each pair; nothing is reassigned."""
+
+    kind = "pairs"
+
+    def couple(self, x1, index, x0=None, gather=None):
+        if x0 is None:
+            raise ValueError("the 'pairs' coupling needs a dataset of (noise, target) pairs")
+        diag = (x1 - x0).flatten(1).norm(dim=1).mean().item()
+        return x0, CouplingStats(diag, diag, 0)
+
+
+class SeedCoupling(Coupling):
+    """independent, minibatch_ot, fixed and loom: noise from seeds, optionally reassigned and remembered.
+
+    All randomness (initial table, slot choice, fresh seeds) comes from one generator seeded identically on
+    every rank and consumed identically, so ranks agree without communication beyond the batch gather.
+    """
+
+    def __init__(self, kind: str, num_points: int, num_seeds: int, shape: tuple[int, ...], cost: str = "l2",
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if kind not in ("independent", "minibatch_ot", "fixed", "loom"):
+            raise ValueError(f"SeedCoupling kind must be independent, minibatch_ot, fixed or loom, got {kind!r}")
+        self.kind, self.shape, self.cost = kind, tuple(shape), cost
+        self.rank, self.world_size = rank, world_size
+        self.fresh = kind in ("independent", "minibatch_ot")
+        self.reassign = kind in ("minibatch_ot", "loom")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.table = None if self.fresh else random_seeds(num_points * num_seeds, self.generator).view(
+            num_points, num_seeds)
+
+    def couple(self, x1, index, x0=None, gather=None):
+        if x0 is not None:
+            raise ValueError(f"the {self.kind!r} coupling draws its own noise; the dataset gave pairs")
+        local = len(x1)
+        total, mine = local * self.world_size, slice(self.rank * local, (self.rank + 1) * local)
+        # Draw for the global batch on every rank, so the generators stay in step across ranks.
+        if self.fresh:
+            seeds = random_seeds(total, self.generator)
+        else:
+            slots = torch.randint(self.table.shape[1], (total,), generator=self.generator)
+        if not self.reassign:
+            seeds = seeds[mine] if self.fresh else self.table[index.cpu(), slots[mine]]
+            x0 = noise_from_seeds(seeds, self.shape, x1.device, x1.dtype)
+            diag = (x1 - x0).flatten(1).norm(dim=1)
+            cost = (diag.square() if self.cost == "sqeuclidean" else diag).mean().item()
+            return x0, CouplingStats(cost, cost, 0)
+
+        gather = gather or (lambda t: t)
+        x1_all = gather(x1)
+        index_all = gather(index.to(x1.device)).cpu()
+        if not self.fresh:
+            seeds = self.table[index_all, slots]
+        x0_all = noise_from_seeds(seeds, self.shape, x1.device, x1.dtype)
+        costs = cost_matrix(x1_all, x0_all, self.cost)
+        _, assignment = linear_sum_assignment(costs)
+        identity = np.arange(total)
+        stats = CouplingStats(float(costs[identity, identity].mean()), float(costs[identity, assignment].mean()),
+                              int((assignment != identity).sum()))
+        perm = torch.from_numpy(assignment)
+        if self.kind == "loom":
+            if len(torch.unique(index_all)) != total:
+                raise ValueError("a LOOM minibatch must not repeat a data point (use a sampler without "
+                                 "replacement that drops the last incomplete batch)")
+            self.table[index_all, slots] = seeds[perm]
+        return x0_all[perm.to(x1.device)][mine], stats
+
+    def total_cost(self, data: torch.Tensor) -> torch.Tensor:
+        """Sum over the table of cost(x_i, noise(seed)) for every point and slot; ``data[i]`` is point i."""
+        flat = data.flatten(1).double()
+        total = torch.zeros((), dtype=torch.float64)
+        for slot in range(self.table.shape[1]):
+            noise = noise_from_seeds(self.table[:, slot], self.shape).flatten(1).double()
+            dist = (flat - noise).norm(dim=1)
+            total += (dist.square() if self.cost == "sqeuclidean" else dist).sum()
+        return total
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "table": self.table, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if not self.fresh:
+            if state["table"].shape != self.table.shape:
+                raise ValueError(f"checkpoint coupling table has shape {tuple(state['table'].shape)}, this run "
+                                 f"needs {tuple(self.table.shape)} (num_points, num_seeds)")
+            self.table = state["table"].clone()
+        self.generator.set_state(state["generator"])
+
+
+def make_coupling(kind: str, num_points: int, num_seeds: int, shape: tuple[int, ...], cost: str = "l2",
+                  seed: int = 0, rank: int = 0, world_size: int = 1) -> Coupling:
+    if kind == "pairs":
+        return PairsCoupling()
+    return SeedCoupling(kind, num_points, num_seeds, shape, cost, seed, rank, world_size)

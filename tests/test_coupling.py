@@ -1,0 +1,209 @@
+"""LOOM and its baselines: the invariants of the method, and noise regenerated from seeds."""
+
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from loomcfm_core.coupling import (PairsCoupling, SeedCoupling, cost_matrix, make_coupling, noise_from_seeds,
+                                   random_seeds)
+
+
+class ThreadGather:
+    """all_gather for ranks simulated as threads: concatenates every rank's tensor in rank order."""
+
+    def __init__(self, world_size):
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size)
+        self.slots = [None] * world_size
+
+    def for_rank(self, rank):
+        def gather(tensor):
+            self.slots[rank] = tensor
+            self.barrier.wait()
+            out = torch.cat(self.slots)
+            self.barrier.wait()
+            return out
+        return gather
+
+
+def run_ranks(couplings, batches, gather):
+    """Each simulated rank couples its slice of every global batch, concurrently."""
+    results = [[] for _ in couplings]
+    errors = []
+
+    def work(rank):
+        try:
+            for data, index in batches[rank]:
+                results[rank].append(couplings[rank].couple(data, index, gather=gather.for_rank(rank)))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+            gather.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(couplings))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(num_images=st.integers(2, 24), num_seeds=st.integers(1, 4), local_batch=st.integers(1, 6),
+       world_size=st.integers(1, 3), hflip=st.booleans(), steps=st.integers(1, 12), cost=st.sampled_from(["l2", "sqeuclidean"]),
+       seed=st.integers(0, 2**16))
+def test_loom_permutes_seeds_and_never_increases_cost(num_images, num_seeds, local_batch, world_size, hflip,
+                                                      steps, cost, seed):
+    rng = torch.Generator().manual_seed(seed)
+    images = torch.rand(num_images, 1, 3, 2, generator=rng) * 2 - 1
+    points = torch.cat([images, images.flip(-1)]) if hflip else images
+    n = len(points)
+    global_batch = local_batch * world_size
+    if global_batch > n:
+        local_batch, global_batch = max(1, n // world_size), max(1, n // world_size) * world_size
+        if global_batch > n or local_batch == 0:
+            return
+    couplings = [SeedCoupling("loom", n, num_seeds, (1, 3, 2), cost, seed=seed, rank=r, world_size=world_size)
+                 for r in range(world_size)]
+    multiset = Counter(couplings[0].table.flatten().tolist())
+    costs = [couplings[0].total_cost(points).item()]
+    order_rng = np.random.default_rng(seed)
+    batches = [[] for _ in range(world_size)]
+    for _ in range(steps):
+        idx = torch.from_numpy(order_rng.permutation(n)[:global_batch])
+        for r in range(world_size):
+            mine = idx[r * local_batch:(r + 1) * local_batch]
+            batches[r].append((points[mine], mine))
+    for step in range(steps):
+        run_ranks(couplings, [[b[step]] for b in batches], ThreadGather(world_size))
+        costs.append(couplings[0].total_cost(points).item())
+        for other in couplings[1:]:
+            assert torch.equal(other.table, couplings[0].table), "ranks' tables diverged"
+    assert Counter(couplings[0].table.flatten().tolist()) == multiset, "seeds must only be permuted"
+    assert all(b <= a + 1e-9 * max(1.0, abs(a)) for a, b in zip(costs, costs[1:])), costs
+
+
+def test_loom_pairs_each_item_with_its_reassigned_noise():
+    torch.manual_seed(0)
+    points = torch.randn(64, 1, 4, 4)
+    coupling = SeedCoupling("loom", 64, 2, (1, 4, 4), seed=1)
+    index = torch.arange(32)
+    before = coupling.table.clone()
+    x0, st_ = coupling.couple(points[index], index)
+    assert st_.cost_after <= st_.cost_before and st_.swaps > 0
+    changed = (coupling.table != before).any(dim=1)
+    assert not changed[32:].any(), "points outside the batch keep their seeds"
+    # the noise an item is trained with is exactly the noise of a seed now stored in its row
+    for i in range(32):
+        candidates = noise_from_seeds(coupling.table[i], (1, 4, 4))
+        assert any(torch.equal(x0[i], c) for c in candidates)
+    per_item = (points[index] - x0).flatten(1).norm(dim=1).mean().item()
+    assert per_item == pytest.approx(st_.cost_after, rel=1e-5)
+
+
+def test_minibatch_ot_is_optimal_but_forgets():
+    torch.manual_seed(0)
+    points = torch.randn(16, 3, 2, 2)
+    coupling = SeedCoupling("minibatch_ot", 16, 1, (3, 2, 2), seed=3)
+    x0, st_ = coupling.couple(points, torch.arange(16))
+    assert coupling.table is None
+    costs = cost_matrix(points, x0)
+    assert np.trace(costs) / 16 == pytest.approx(st_.cost_after)
+    # optimal: no single transposition improves it
+    for i in range(16):
+        for j in range(16):
+            assert costs[i, i] + costs[j, j] <= costs[i, j] + costs[j, i] + 1e-9
+
+
+@pytest.mark.parametrize("kind", ["independent", "fixed"])
+def test_no_reassignment_kinds(kind):
+    points = torch.randn(10, 1, 2, 2)
+    coupling = SeedCoupling(kind, 10, 2, (1, 2, 2), seed=0)
+    table = None if coupling.table is None else coupling.table.clone()
+    x0a, st_ = coupling.couple(points[:5], torch.arange(5))
+    assert st_.swaps == 0 and st_.cost_before == st_.cost_after
+    if kind == "fixed":
+        assert torch.equal(coupling.table, table)
+        seen = set()
+        for _ in range(40):
+            x0, _ = coupling.couple(points[:1], torch.arange(1))
+            seen.add(tuple(x0.flatten().tolist()))
+        assert len(seen) == 2, "a fixed point only ever sees its own K noises"
+
+
+def test_independent_noise_differs_across_ranks():
+    points = torch.randn(4, 1, 2, 2)
+    rank0 = SeedCoupling("independent", 8, 1, (1, 2, 2), seed=5, rank=0, world_size=2)
+    rank1 = SeedCoupling("independent", 8, 1, (1, 2, 2), seed=5, rank=1, world_size=2)
+    a, _ = rank0.couple(points, torch.arange(4))
+    b, _ = rank1.couple(points, torch.arange(4, 8))
+    assert not torch.equal(a, b)
+
+
+def test_repeated_point_in_a_loom_batch_is_refused():
+    coupling = SeedCoupling("loom", 4, 1, (1, 1, 1))
+    with pytest.raises(ValueError, match="must not repeat"):
+        coupling.couple(torch.randn(2, 1, 1, 1), torch.tensor([1, 1]))
+
+
+def test_state_dict_round_trip_continues_identically():
+    points = torch.randn(20, 1, 2, 2)
+    a = SeedCoupling("loom", 20, 3, (1, 2, 2), seed=9)
+    a.couple(points[:8], torch.arange(8))
+    b = SeedCoupling("loom", 20, 3, (1, 2, 2), seed=0)
+    b.load_state_dict(a.state_dict())
+    xa, _ = a.couple(points[8:16], torch.arange(8, 16))
+    xb, _ = b.couple(points[8:16], torch.arange(8, 16))
+    assert torch.equal(xa, xb) and torch.equal(a.table, b.table)
+    with pytest.raises(ValueError, match="num_points, num_seeds"):
+        SeedCoupling("loom", 21, 3, (1, 2, 2)).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="'loom' coupling"):
+        SeedCoupling("fixed", 20, 3, (1, 2, 2)).load_state_dict(a.state_dict())
+
+
+def test_pairs_coupling_uses_the_dataset_noise():
+    x1, x0 = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    out, st_ = make_coupling("pairs", 3, 1, (1, 2, 2)).couple(x1, torch.arange(3), x0=x0)
+    assert out is x0 and st_.swaps == 0
+    with pytest.raises(ValueError, match="pairs"):
+        PairsCoupling().couple(x1, torch.arange(3))
+
+
+# ---- noise from seeds ------------------------------------------------------------------------------------
+
+def test_same_seed_same_noise_and_batch_independent():
+    seeds = torch.tensor([1, 2, 3, -5, 2**62])
+    a = noise_from_seeds(seeds, (3, 4, 4))
+    assert torch.equal(a, noise_from_seeds(seeds, (3, 4, 4)))
+    assert torch.equal(a[1:3], noise_from_seeds(seeds[1:3], (3, 4, 4))), "noise must not depend on the batch"
+    assert not torch.equal(a[0], a[1])
+    odd = noise_from_seeds(seeds, (1, 3, 3))  # odd element count
+    assert odd.shape == (5, 1, 3, 3) and torch.isfinite(odd).all()
+
+
+def test_noise_is_standard_normal():
+    x = noise_from_seeds(random_seeds(2000, torch.Generator().manual_seed(0)), (3, 16, 16)).flatten().double()
+    n = len(x)
+    assert abs(x.mean().item()) < 5 / n**0.5
+    assert abs(x.var().item() - 1) < 5 * (2 / n) ** 0.5
+    assert abs(((x - x.mean()) ** 3).mean().item()) < 5 * (6 / n) ** 0.5
+    assert abs(((x - x.mean()) ** 4).mean().item() - 3) < 5 * (96 / n) ** 0.5
+    sample = x[torch.randperm(n, generator=torch.Generator().manual_seed(1))[:20000]].numpy()
+    assert stats.kstest(sample, "norm").pvalue > 1e-3
+    assert stats.normaltest(sample).pvalue > 1e-3
+
+
+def test_noise_has_no_correlation_across_positions_or_seeds():
+    x = noise_from_seeds(torch.arange(4000), (2, 4, 4)).flatten(1)  # consecutive seeds: the hard case
+    corr = torch.corrcoef(x.T)
+    off_diagonal = corr - torch.eye(len(corr))
+    assert off_diagonal.abs().max() < 0.1
+    across = torch.corrcoef(torch.stack([x[:-1].flatten(), x[1:].flatten()]))[0, 1]
+    assert abs(across) < 0.02
