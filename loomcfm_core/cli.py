@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands.add_parser("presets", help="list the shipped presets")
 
     commands.add_parser("cache", parents=[common], help="cache the dataset as HDF5 shards under storage.root")
+    train = commands.add_parser("train", parents=[common], help="train on Ray Train (resumes a rerun)")
+    train.add_argument("--dataset", default=None, metavar="URI",
+                       help="cached dataset URI; default: data.uri, else this config's cache (built if missing)")
     return parser
 
 
@@ -45,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
     elif args.command == "cache":
         print(json.dumps(stages.cache(cfg), indent=2))
+    elif args.command == "train":
+        print(json.dumps(stages.train(cfg, args.dataset), indent=2))
     return 0
 
 

@@ -95,7 +95,10 @@ class TrainConfig(_Section):
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
-    init_from: str | None = Field(None, description="checkpoint URI whose weights initialise the model")
+    init_from: str | None = Field(None, description="checkpoint URI whose EMA weights initialise the model")
+    run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="folder under "
+                                 "<storage.root>/runs/; default: <name>-<hash of data, model, coupling, train>. "
+                                 "A rerun with the same name resumes from its latest checkpoint")
 
     @field_validator("betas")
     @classmethod
@@ -150,6 +153,8 @@ class RayConfig(_Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts Ray Train attempts; each resumes "
+                              "from the latest checkpoint")
 
 
 class Config(_Section):

@@ -6,6 +6,7 @@ front door started it.
 
 from __future__ import annotations
 
+from loomcfm_core import train as training
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset
 
@@ -16,3 +17,11 @@ def cache(cfg: Config) -> dict:
     splits = result.manifest["splits"]
     return {"dataset_uri": result.uri, "created": result.created,
             "num_train": splits["train"]["count"], "num_val": splits["val"]["count"]}
+
+
+def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None) -> dict:
+    """Train on Ray Train; the dataset defaults to ``data.uri`` or this config's cache (built if missing)."""
+    dataset_uri = dataset_uri or cfg.data.uri or cache_dataset(cfg).uri
+    result = training.train(cfg, dataset_uri, parent_run_id)
+    return {"run_uri": result.run_uri, "checkpoint_uri": result.checkpoint_uri, "dataset_uri": dataset_uri,
+            **{k: v for k, v in result.metrics.items() if k not in ("checkpoint_uri",)}}

@@ -13,6 +13,7 @@ Metrics and artifacts are logged with plain ``mlflow.log_metrics`` / ``mlflow.lo
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from loomcfm_core.config import Config
 
 STAGE_TAG = "loomcfm.stage"
 CONFIG_ARTIFACT = "config.yaml"
+log = logging.getLogger(__name__)
 SERVER_SCHEMES = ("http", "https")
 
 
@@ -117,20 +119,36 @@ def experiment_id(cfg: Config) -> str:
     return experiment.experiment_id
 
 
+def _run_exists(uri: str, run_id: str) -> bool:
+    try:
+        MlflowClient(uri).get_run(run_id)
+        return True
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        log.warning("MLflow run %s is not in %s; starting a new run", run_id, uri)
+        return False
+
+
 @contextmanager
 def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+              tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Make ``run_name`` the active MLflow run in the config's store and experiment for the ``with`` body.
 
     ``parent_run_id`` makes it a child run even in another process (a Ray worker, a KFP pod); pass the id
     explicitly rather than through ``MLFLOW_RUN_ID``, which would make MLflow resume that run instead.
     Inside another active run of this process the parent is implied (``parent_run_id``, if given, must be
     that run). The run is tagged ``loomcfm.stage=<run_name>`` (``tags`` may override) so stages can be found
-    across pipeline runs, and it ends FAILED if the body raises.
+    across pipeline runs, and it ends FAILED if the body raises. ``run_id`` reopens an existing run instead
+    (a resumed training job keeps logging into the run it started).
     """
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     exp_id = experiment_id(cfg)
+    if run_id and _run_exists(uri, run_id):
+        with mlflow.start_run(run_id=run_id, nested=True) as run:
+            yield run
+        return
     # nested=True: without it MLflow refuses a second run in a process even when parent_run_id names the
     # active one; with no active run it changes nothing.
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=True, parent_run_id=parent_run_id,
