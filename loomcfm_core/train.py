@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlflow
 import numpy as np
@@ -83,7 +83,6 @@ class TrainState:
     t_generator: torch.Generator
     device: torch.device
     step: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def build_state(cfg: Config, num_points: int, device: torch.device, rank: int = 0, world_size: int = 1) -> TrainState:
@@ -184,11 +183,11 @@ def _check_tables_agree(state: TrainState) -> list[str]:
     return hashes
 
 
-def checkpoint_state(state: TrainState, rank_rngs: list[dict]) -> dict:
+def checkpoint_state(state: TrainState, rank_rngs: list[dict], mlflow_run_id: str | None) -> dict:
     return {"step": state.step, "model": state.raw.state_dict(), "ema": state.ema.model.state_dict(),
             "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
             "coupling": state.coupling.state_dict(), "rng": rank_rngs, "config_yaml": state.cfg.to_yaml(),
-            **state.extra}
+            "mlflow_run_id": mlflow_run_id}
 
 
 def restore(state: TrainState, ckpt: dict, rank: int) -> None:
@@ -239,11 +238,11 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
     sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, rank, world_size, cfg.train.seed)
     total_steps = cfg.train.max_steps or cfg.train.epochs * sampler.steps_per_epoch
 
-    resume_uri = latest_checkpoint(run_uri)
+    resume_uri, mlflow_run_id = latest_checkpoint(run_uri), None
     if resume_uri:
         ckpt = load_checkpoint(resume_uri, map_location=device)
         restore(state, ckpt, rank)
-        state.extra["mlflow_run_id"] = ckpt.get("mlflow_run_id")
+        mlflow_run_id = ckpt.get("mlflow_run_id")
         log.info("rank %d resumed from %s (step %d)", rank, resume_uri, state.step)
     elif cfg.train.init_from:
         initialise_from(state, cfg.train.init_from)
@@ -252,7 +251,7 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
                                          pin_memory=device.type == "cuda",
                                          persistent_workers=cfg.data.num_workers > 0)
     tracker = _Tracker(cfg, state, rank, sampler.steps_per_epoch, parent_run_id,
-                       {"loomcfm.run_uri": run_uri, "loomcfm.dataset_uri": dataset_uri}, resume_uri)
+                       {"loomcfm.run_uri": run_uri, "loomcfm.dataset_uri": dataset_uri}, resume_uri, mlflow_run_id)
     last_ckpt = resume_uri
     with tracker:
         bar = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc=f"train {cfg.name}",
@@ -284,8 +283,8 @@ def _save(state: TrainState, run_uri: str, rank: int, tracker: _Tracker) -> str:
     _check_tables_agree(state)
     uri = join(run_uri, "checkpoints", f"step-{state.step:08d}.pt")
     if rank == 0:
-        state.extra["mlflow_run_id"] = tracker.run_id
-        uri = save_checkpoint(checkpoint_state(state, rngs), run_uri, state.step, state.cfg.train.keep_checkpoints)
+        uri = save_checkpoint(checkpoint_state(state, rngs, tracker.run_id), run_uri, state.step,
+                              state.cfg.train.keep_checkpoints)
         tracker.checkpoint_saved(uri)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # nobody resumes or finishes before the checkpoint is committed
@@ -296,10 +295,9 @@ class _Tracker:
     """Rank 0's MLflow run for the train stage: params once, interval-averaged metrics, checkpoint URIs."""
 
     def __init__(self, cfg: Config, state: TrainState, rank: int, steps_per_epoch: int, parent_run_id: str | None,
-                 tags: dict[str, str], resumed_from: str | None) -> None:
+                 tags: dict[str, str], resumed_from: str | None, run_id: str | None) -> None:
         self.cfg, self.state, self.rank, self.steps_per_epoch = cfg, state, rank, steps_per_epoch
-        self.parent_run_id, self.tags, self.resumed_from = parent_run_id, tags, resumed_from
-        self.run_id = state.extra.get("mlflow_run_id")
+        self.parent_run_id, self.tags, self.resumed_from, self.run_id = parent_run_id, tags, resumed_from, run_id
         self.last: dict = {}
         self._reset()
 
@@ -323,19 +321,19 @@ class _Tracker:
             self._run.__exit__(*exc)
 
     def step_done(self, metrics: dict, global_images: int) -> None:
-        for key in self.sums:
-            value = metrics[key]
-            self.sums[key] += value.item() if torch.is_tensor(value) else value
+        for key in self.sums:  # tensors stay on the device: no host sync until a log step
+            self.sums[key] = self.sums[key] + metrics[key]
         self.count += 1
         self.images += global_images
         if self.state.step % self.cfg.train.log_every:
             return
-        means = torch.tensor([self.sums[k] / self.count for k in self.sums], dtype=torch.float64)
+        means = torch.tensor([float(self.sums[k]) / self.count for k in self.sums], dtype=torch.float64,
+                             device=self.state.device)  # NCCL reduces device tensors only
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(means)
             means /= dist.get_world_size()
         elapsed = time.perf_counter() - self.started
-        loss, grad_norm, before, after, swaps = means.tolist()
+        loss, grad_norm, before, after, swaps = means.cpu().tolist()
         self.last = {"train/loss": loss, "train/grad_norm": grad_norm, "coupling/cost_before": before,
                      "coupling/cost_after": after, "coupling/swaps": swaps,
                      "throughput/images_per_s": self.images / elapsed,
