@@ -51,11 +51,36 @@ def save_checkpoint(state: dict, run_uri: str, step: int, keep: int) -> str:
     return uri
 
 
-def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint from any storage URI (remote ones through a temporary local copy)."""
+def _read(uri: str, map_location: str | torch.device) -> object:
     with tempfile.TemporaryDirectory(prefix="loomcfm-ckpt-") as tmp:
         path = storage_for(uri).get(uri, Path(tmp) / "checkpoint.pt")
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint from any storage URI (remote ones through a temporary local copy)."""
+    state = _read(uri, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{uri}: not a loomcfm checkpoint (expected format {FORMAT!r})")
     return state
+
+
+def load_ema_weights(uri: str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The EMA weights to sample with, from our checkpoints or the reference implementation's.
+
+    The reference's ``step_N.pth`` / ``latest.pth`` keep the EMA model under ``"model"`` with ``backbone.``
+    (and, when saved from DDP, ``module.``) prefixes; our UNet uses the same module names underneath.
+    """
+    state = _read(uri, map_location)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return state["ema"]
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        weights = {}
+        for key, value in state["model"].items():
+            key = key.removeprefix("module.")
+            if key.startswith("backbone."):
+                weights[key.removeprefix("backbone.")] = value
+        if weights:
+            return weights
+    raise ValueError(f"{uri}: neither a loomcfm checkpoint nor a reference LOOM-CFM checkpoint "
+                     "(expected a dict with 'ema', or 'model' holding 'backbone.*' weights)")

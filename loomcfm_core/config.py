@@ -119,7 +119,12 @@ class EvalConfig(_Section):
     methods: list[str] = Field(["euler-1", "euler-2", "euler-4", "euler-8", "dopri5-1"], min_length=1)
     num_samples: int = Field(2000, ge=2)
     batch_size: int = Field(500, ge=1)
-    inception_weights: str | None = Field(None, description="path/URI of pt_inception-2015-12-05 weights")
+    feature_network: Literal["auto", "inception", "classifier"] = Field(
+        "auto", description="auto: the stored classifier for builtin:digits (fd_<name>), Inception (FID) otherwise")
+    inception_weights: str | None = Field(None, description="path/URI of the TF-Inception 2015-12-05 weights "
+                                          "(torch-fidelity format)")
+    inception_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$", description="expected sha256 "
+                                         "(or a prefix); default: the .sha256 file beside the weights")
 
     @field_validator("methods")
     @classmethod

@@ -20,7 +20,7 @@ independent    fresh every step             no                  —         (I-C
 minibatch_ot   fresh every step             yes                 no        (OT-CFM)
 fixed          table, fixed                 no                  —
 loom           table                        yes                 yes       (LOOM-CFM)
-pairs          the dataset provides x0 (reflow)
+pairs          the dataset's                no                  —         (reflow)
 =============  ===========================  ==================  ====================
 """
 
@@ -102,7 +102,7 @@ class Coupling:
 
     kind = ""
 
-    def couple(self, x1: torch.Tensor, index: torch.Tensor, x0: torch.Tensor | None = None,
+    def couple(self, x1: torch.Tensor, index: torch.Tensor,
                gather: Gather | None = None) -> tuple[torch.Tensor, CouplingStats]:
         raise NotImplementedError
 
@@ -115,15 +115,23 @@ class Coupling:
 
 
 class PairsCoupling(Coupling):
-    """Reflow: the dataset holds both ends of each pair; nothing is reassigned."""
+    """Reflow: the dataset fixes each target's noise (stored as its seed); nothing is reassigned."""
 
     kind = "pairs"
 
-    def couple(self, x1, index, x0=None, gather=None):
-        if x0 is None:
-            raise ValueError("the 'pairs' coupling needs a dataset of (noise, target) pairs")
-        diag = (x1 - x0).flatten(1).norm(dim=1).mean().item()
-        return x0, CouplingStats(diag, diag, 0)
+    def __init__(self, seeds: torch.Tensor, shape: tuple[int, ...], cost: str = "l2") -> None:
+        self.seeds, self.shape, self.cost = seeds, tuple(shape), cost
+
+    def couple(self, x1, index, gather=None):
+        x0 = noise_from_seeds(self.seeds[index.cpu()], self.shape, x1.device, x1.dtype)
+        return x0, diagonal_stats(x1, x0, self.cost)
+
+
+def diagonal_stats(x1: torch.Tensor, x0: torch.Tensor, cost: str) -> CouplingStats:
+    """Stats of pairs that are not reassigned: the mean cost of the pairs as given."""
+    dist = (x1 - x0).flatten(1).norm(dim=1)
+    mean = (dist.square() if cost == "sqeuclidean" else dist).mean().item()
+    return CouplingStats(mean, mean, 0)
 
 
 class SeedCoupling(Coupling):
@@ -145,9 +153,7 @@ class SeedCoupling(Coupling):
         self.table = None if self.fresh else random_seeds(num_points * num_seeds, self.generator).view(
             num_points, num_seeds)
 
-    def couple(self, x1, index, x0=None, gather=None):
-        if x0 is not None:
-            raise ValueError(f"the {self.kind!r} coupling draws its own noise; the dataset gave pairs")
+    def couple(self, x1, index, gather=None):
         local = len(x1)
         total, mine = local * self.world_size, slice(self.rank * local, (self.rank + 1) * local)
         # Draw for the global batch on every rank, so the generators stay in step across ranks.
@@ -158,9 +164,7 @@ class SeedCoupling(Coupling):
         if not self.reassign:
             seeds = seeds[mine] if self.fresh else self.table[index.cpu(), slots[mine]]
             x0 = noise_from_seeds(seeds, self.shape, x1.device, x1.dtype)
-            diag = (x1 - x0).flatten(1).norm(dim=1)
-            cost = (diag.square() if self.cost == "sqeuclidean" else diag).mean().item()
-            return x0, CouplingStats(cost, cost, 0)
+            return x0, diagonal_stats(x1, x0, self.cost)
 
         gather = gather or (lambda t: t)
         x1_all = gather(x1)
@@ -205,7 +209,13 @@ class SeedCoupling(Coupling):
 
 
 def make_coupling(kind: str, num_points: int, num_seeds: int, shape: tuple[int, ...], cost: str = "l2",
-                  seed: int = 0, rank: int = 0, world_size: int = 1) -> Coupling:
+                  seed: int = 0, rank: int = 0, world_size: int = 1,
+                  pair_seeds: torch.Tensor | None = None) -> Coupling:
     if kind == "pairs":
-        return PairsCoupling()
+        if pair_seeds is None:
+            raise ValueError("coupling.kind=pairs needs a dataset of (noise seed, target) pairs: point data.uri "
+                             "at the output of `loomcfm pairs`")
+        return PairsCoupling(pair_seeds, shape, cost)
+    if pair_seeds is not None:
+        raise ValueError(f"the dataset holds reflow pairs; train it with coupling.kind=pairs, not {kind!r}")
     return SeedCoupling(kind, num_points, num_seeds, shape, cost, seed, rank, world_size)

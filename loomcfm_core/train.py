@@ -85,7 +85,8 @@ class TrainState:
     step: int = 0
 
 
-def build_state(cfg: Config, num_points: int, device: torch.device, rank: int = 0, world_size: int = 1) -> TrainState:
+def build_state(cfg: Config, num_points: int, device: torch.device, rank: int = 0, world_size: int = 1,
+                pair_seeds: torch.Tensor | None = None) -> TrainState:
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout draws differ per rank, deterministically
     raw = build_model(cfg).to(device)
     model = raw
@@ -96,16 +97,16 @@ def build_state(cfg: Config, num_points: int, device: torch.device, rank: int = 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.train.warmup_steps))
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     coupling = make_coupling(cfg.coupling.kind, num_points, cfg.coupling.num_seeds, shape, cfg.coupling.cost,
-                             seed=cfg.train.seed, rank=rank, world_size=world_size)
+                             seed=cfg.train.seed, rank=rank, world_size=world_size, pair_seeds=pair_seeds)
     t_generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank + 1)
     return TrainState(cfg, model, raw, EMA(raw, cfg.train.ema_decay), optimizer, scheduler, coupling,
                       t_generator, device)
 
 
-def train_step(state: TrainState, x1: torch.Tensor, index: torch.Tensor, x0: torch.Tensor | None = None) -> dict:
+def train_step(state: TrainState, x1: torch.Tensor, index: torch.Tensor) -> dict:
     """One LOOM-CFM step: couple, regress the straight-path velocity, clip, Adam, EMA."""
     cfg = state.cfg.train
-    x0, stats = state.coupling.couple(x1, index, x0=x0, gather=all_gather)
+    x0, stats = state.coupling.couple(x1, index, gather=all_gather)
     t = sample_t(len(x1), state.device, state.t_generator)
     with torch.autocast(device_type=state.device.type, dtype=torch.bfloat16,
                         enabled=cfg.bf16 and state.device.type == "cuda"):
@@ -234,7 +235,7 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
     Returns the final metrics (rank 0's view) including the checkpoint URI and every rank's table hash.
     """
     dataset = ShardedDataset(dataset_uri, "train", hflip=cfg.data.hflip, local_cache=cfg.data.local_cache)
-    state = build_state(cfg, len(dataset), device, rank, world_size)
+    state = build_state(cfg, len(dataset), device, rank, world_size, dataset.pair_seeds)
     sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, rank, world_size, cfg.train.seed)
     total_steps = cfg.train.max_steps or cfg.train.epochs * sampler.steps_per_epoch
 

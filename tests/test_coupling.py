@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from loomcfm_core.coupling import (PairsCoupling, SeedCoupling, cost_matrix, make_coupling, noise_from_seeds,
+from loomcfm_core.coupling import (SeedCoupling, cost_matrix, make_coupling, noise_from_seeds,
                                    random_seeds)
 
 
@@ -169,11 +169,14 @@ def test_state_dict_round_trip_continues_identically():
 
 
 def test_pairs_coupling_uses_the_dataset_noise():
-    x1, x0 = torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
-    out, st_ = make_coupling("pairs", 3, 1, (1, 2, 2)).couple(x1, torch.arange(3), x0=x0)
-    assert out is x0 and st_.swaps == 0
-    with pytest.raises(ValueError, match="pairs"):
-        PairsCoupling().couple(x1, torch.arange(3))
+    seeds = torch.tensor([7, 8, 9, 10])
+    x1 = torch.randn(2, 1, 2, 2)
+    out, st_ = make_coupling("pairs", 4, 1, (1, 2, 2), pair_seeds=seeds).couple(x1, torch.tensor([3, 1]))
+    assert torch.equal(out, noise_from_seeds(torch.tensor([10, 8]), (1, 2, 2))) and st_.swaps == 0
+    with pytest.raises(ValueError, match="loomcfm pairs"):
+        make_coupling("pairs", 4, 1, (1, 2, 2))
+    with pytest.raises(ValueError, match="coupling.kind=pairs"):
+        make_coupling("loom", 4, 1, (1, 2, 2), pair_seeds=seeds)
 
 
 # ---- noise from seeds ------------------------------------------------------------------------------------

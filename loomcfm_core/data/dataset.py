@@ -43,7 +43,11 @@ def local_shards(uri: str, manifest: dict, split: str, local_cache: str) -> list
 
 
 class ShardedDataset(Dataset):
-    """Items are ``(image float32 [C,H,W] in [-1, 1], label, index)``; ``index`` is the LOOM data-point id."""
+    """Items are ``(image float32 [C,H,W] in [-1, 1], label, index)``; ``index`` is the LOOM data-point id.
+
+    A reflow-pairs dataset (manifest ``kind: pairs``) serves its generated ``target`` instead of an image,
+    and exposes every item's noise seed as ``pair_seeds``.
+    """
 
     def __init__(self, uri: str, split: str = "train", hflip: bool = False,
                  local_cache: str = "~/.cache/loomcfm") -> None:
@@ -51,19 +55,27 @@ class ShardedDataset(Dataset):
         if manifest is None:
             raise StorageError(f"{uri}: no manifest.json; the dataset is missing or incomplete "
                                "(run `loomcfm cache` first)")
+        self.is_pairs = manifest.get("kind") == "pairs"
+        if self.is_pairs and hflip:
+            raise ValueError(f"{uri} holds reflow pairs, whose noise is fixed per target: set data.hflip=false")
         self.uri, self.manifest, self.hflip = uri, manifest, hflip
+        self.array = "target" if self.is_pairs else "images"
         self.paths = local_shards(uri, manifest, split, local_cache)
         counts = [s["count"] for s in manifest["splits"][split]["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.num_images = int(self.offsets[-1])
-        self.labels = np.concatenate([self._read_labels(p) for p in self.paths])
+        self.labels = self._read_all("labels")
+        self.pair_seeds = torch.from_numpy(self._read_all("seeds")) if self.is_pairs else None
         self._images: dict[int, h5py.Dataset] = {}
         self._pid = -1
 
-    @staticmethod
-    def _read_labels(path: Path) -> np.ndarray:
-        with h5py.File(path, "r") as fh:
-            return fh["labels"][:] if "labels" in fh else np.zeros(len(fh["images"]), np.int64)
+    def _read_all(self, name: str) -> np.ndarray:
+        """A small per-item array of every shard (zeros where a shard lacks it), kept in memory."""
+        parts = []
+        for path in self.paths:
+            with h5py.File(path, "r") as fh:
+                parts.append(fh[name][:] if name in fh else np.zeros(len(fh[self.array]), np.int64))
+        return np.concatenate(parts)
 
     def __len__(self) -> int:
         return self.num_images * (2 if self.hflip else 1)
@@ -74,11 +86,11 @@ class ShardedDataset(Dataset):
         if self._pid != os.getpid():
             self._images, self._pid = {}, os.getpid()
         if shard not in self._images:
-            self._images[shard] = h5py.File(self.paths[shard], "r")["images"]
+            self._images[shard] = h5py.File(self.paths[shard], "r")[self.array]
         return self._images[shard]
 
     def read(self, index: int) -> tuple[np.ndarray, int]:
-        """The raw stored item (uint8 for images) and its label, flipped for indices past N."""
+        """The raw stored item (uint8 images, float32 pair targets) and its label, flipped past N."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         flip, image_index = divmod(index, self.num_images)
@@ -88,7 +100,9 @@ class ShardedDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         item, label = self.read(index)
-        image = torch.from_numpy(np.ascontiguousarray(item)).float().div_(127.5).sub_(1.0)
+        image = torch.from_numpy(np.ascontiguousarray(item))
+        if image.dtype == torch.uint8:
+            image = image.float().div_(127.5).sub_(1.0)
         return image, label, index
 
     def __getstate__(self) -> dict:
