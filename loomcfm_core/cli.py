@@ -10,6 +10,8 @@ import sys
 from loomcfm_core import stages
 from loomcfm_core.config import ConfigError, load_config, preset_names
 from loomcfm_core.data.sources import SourceError
+from loomcfm_core.metrics import MetricsError, fetch_inception_weights
+from loomcfm_core.sampling import parse_method
 from loomcfm_core.storage import StorageError
 
 
@@ -36,6 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", parents=[common], help="train on Ray Train (resumes a rerun)")
     train.add_argument("--dataset", default=None, metavar="URI",
                        help="cached dataset URI; default: data.uri, else this config's cache (built if missing)")
+
+    evaluate = commands.add_parser("evaluate", parents=[common], help="FID/FD vs NFE of a checkpoint")
+    evaluate.add_argument("--ckpt", required=True, metavar="URI", help="checkpoint (ours or the reference's)")
+    evaluate.add_argument("--dataset", default=None, metavar="URI", help="image dataset to compare with; "
+                          "default: this config's cache")
+    evaluate.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                          help="solver-steps strings, e.g. euler-4 midpoint-6 dopri5-1; default: eval.methods")
+
+    pairs = commands.add_parser("pairs", parents=[common], help="generate reflow (noise, sample) pairs")
+    pairs.add_argument("--ckpt", required=True, metavar="URI", help="checkpoint to sample from")
+
+    # The reference implementation's sample.py flags, kept so its users' commands work.
+    sample = commands.add_parser("sample", parents=[common], help="write sampled PNGs and a grid")
+    sample.add_argument("--ckpt", required=True, help="Path to the model checkpoint.")
+    sample.add_argument("--output", required=True, help="Path to the output directory to write images to.")
+    sample.add_argument("--num_images", type=int, required=True, help="Number of images to generate.")
+    sample.add_argument("--nrows", type=int, default=8, help="nrows in make_grid.")
+    sample.add_argument("--method", required=True, help="Generation method of format solver-steps.")
+    sample.add_argument("--batch_size", type=int, default=None, help="Batch size (default: sample.batch_size).")
+
+    commands.add_parser("run", parents=[common], help="the whole pipeline: cache, train, evaluate, pairs, "
+                        "reflow train, evaluate")
+
+    weights = commands.add_parser("weights", help="feature-network weights for FID")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True)
+    fetch = weights_commands.add_parser("fetch", help="download the TF-Inception weights once into storage "
+                                        "(needs internet access; never used by tests or the embedded run)")
+    fetch.add_argument("--to", required=True, metavar="URI", help="where to put them (path or s3://...)")
     return parser
 
 
@@ -43,14 +73,39 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "config" and args.config_command == "presets":
         print("\n".join(preset_names()))
         return 0
+    if args.command == "weights":
+        digest = fetch_inception_weights(args.to)
+        print(f"{args.to}\nsha256 {digest}\nset eval.inception_weights={args.to} (the .sha256 beside it is checked)")
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print(cfg.to_yaml(), end="")
-    elif args.command == "cache":
-        print(json.dumps(stages.cache(cfg), indent=2))
+        return 0
+    if args.command == "cache":
+        result = stages.cache(cfg)
     elif args.command == "train":
-        print(json.dumps(stages.train(cfg, args.dataset), indent=2))
+        result = stages.train(cfg, args.dataset)
+    elif args.command == "evaluate":
+        result = stages.evaluate(cfg, args.ckpt, args.dataset, args.methods)
+    elif args.command == "pairs":
+        result = stages.pairs(cfg, args.ckpt)
+    elif args.command == "sample":
+        parse_method(args.method)
+        result = stages.sample(cfg, args.ckpt, args.output, args.num_images, args.method,
+                               args.batch_size or cfg.sample.batch_size, args.nrows)
+    else:
+        result = stages.run(cfg)
+        print(f"\n{result['summary']}\n\nBrowse the runs (parent run {result['parent_run_id']}):\n"
+              f"  {mlflow_ui_command(result['tracking_uri'])}")
+        return 0
+    print(json.dumps(result, indent=2))
     return 0
+
+
+def mlflow_ui_command(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        return f"mlflow ui --backend-store-uri {uri}"
+    return f"open {uri}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"loomcfm: config error: {exc}", file=sys.stderr)
         return 2
-    except (SourceError, StorageError) as exc:
+    except (SourceError, StorageError, MetricsError, ValueError) as exc:
         print(f"loomcfm: error: {exc}", file=sys.stderr)
         return 1
 

@@ -141,6 +141,7 @@ class ReflowConfig(_Section):
     lr: float = Field(2e-5, gt=0.0)
     warmup_steps: int = Field(100, ge=0)
     epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop reflow training after this many steps")
 
 
 class StorageConfig(_Section):
@@ -272,6 +273,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
+        if value is not None and not isinstance(value, str) and _is_text_field(key):
+            value = raw.strip()  # a hash like 00000000 or a name like 2024 stays text
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
@@ -280,6 +283,14 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"{key}: {part} is not a section")
         node[leaf] = value
     return tree
+
+
+def _is_text_field(key: str) -> bool:
+    model: type[BaseModel] = Config
+    *sections, leaf = key.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    return model.model_fields[leaf].annotation in (str, str | None)
 
 
 def _suggest(key: str, known: dict[str, Any]) -> str:

@@ -1,27 +1,171 @@
 """One function per pipeline stage: validated config in, URIs and numbers out.
 
 The CLI, the KFP components and the Kubernetes Jobs all call these, so a stage behaves the same whichever
-front door started it.
+front door started it. Each stage records itself as an MLflow run — a child of ``parent_run_id`` when a
+pipeline runs it — with the config, its metrics and its pictures.
 """
 
 from __future__ import annotations
 
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import torch
+
+from loomcfm_core import reflow, tracking
 from loomcfm_core import train as training
 from loomcfm_core.config import Config
-from loomcfm_core.data.cache import cache_dataset
+from loomcfm_core.data.cache import cache_dataset, read_manifest
+from loomcfm_core.evaluation import MethodResult, default_device, evaluate as evaluate_checkpoint
+from loomcfm_core.evaluation import load_model, plot_fd_vs_nfe
+from loomcfm_core.metrics import MetricsError, feature_network, reference_stats, train_dataset_classifier
+from loomcfm_core.metrics import classifier_uri
+from loomcfm_core.sampling import generate, sample_seeds, save_grid, to_uint8
+from loomcfm_core.storage import join, storage_for
+
+log = logging.getLogger(__name__)
 
 
-def cache(cfg: Config) -> dict:
-    """Cache ``cfg.data.source`` as HDF5 shards under the storage root (a no-op when already cached)."""
-    result = cache_dataset(cfg)
-    splits = result.manifest["splits"]
-    return {"dataset_uri": result.uri, "created": result.created,
-            "num_train": splits["train"]["count"], "num_val": splits["val"]["count"]}
+@contextmanager
+def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """The stage's MLflow run, with the config recorded on it."""
+    with tracking.start_run(cfg, stage, parent_run_id=parent_run_id, tags=tags) as run:
+        tracking.log_config(cfg)
+        yield run
+
+
+def _uses_classifier(cfg: Config) -> bool:
+    kind = cfg.eval.feature_network
+    return kind == "classifier" or (kind == "auto" and cfg.data.source == "builtin:digits")
+
+
+def cache(cfg: Config, parent_run_id: str | None = None) -> dict:
+    """Cache ``cfg.data.source`` as HDF5 shards (a no-op when already cached), with what evaluation needs
+    beside it: the digits classifier and the reference feature statistics of the train split."""
+    with stage_run(cfg, "cache", parent_run_id):
+        result = cache_dataset(cfg)
+        splits = result.manifest["splits"]
+        out = {"dataset_uri": result.uri, "created": result.created,
+               "num_train": splits["train"]["count"], "num_val": splits["val"]["count"]}
+        if _uses_classifier(cfg) and not storage_for(result.uri).exists(classifier_uri(result.uri)):
+            out.update(train_dataset_classifier(result.uri, cfg.data.local_cache, cfg.train.seed))
+        try:
+            reference_stats(cfg, result.uri, feature_network(cfg, result.uri))
+        except MetricsError as exc:
+            log.info("reference statistics deferred to the first evaluation: %s", exc)
+        mlflow.set_tag("loomcfm.dataset_uri", result.uri)
+        mlflow.log_metrics({k: float(v) for k, v in out.items() if k.startswith(("num_", "classifier_"))})
+    return out
+
+
+def image_dataset_uri(cfg: Config) -> str:
+    """The cached image dataset of a config: ``data.uri`` when it holds images, else the source's cache."""
+    if cfg.data.uri:
+        manifest = read_manifest(cfg.data.uri)
+        if manifest is not None and manifest.get("kind", "images") == "images":
+            return cfg.data.uri
+    return cache_dataset(cfg).uri
 
 
 def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None) -> dict:
-    """Train on Ray Train; the dataset defaults to ``data.uri`` or this config's cache (built if missing)."""
-    dataset_uri = dataset_uri or cfg.data.uri or cache_dataset(cfg).uri
+    """Train on Ray Train (resuming a rerun) and register the EMA model under the alias ``base`` or ``reflow``
+    (MLflow reserves ``latest``)."""
+    dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id)["dataset_uri"]
     result = training.train(cfg, dataset_uri, parent_run_id)
-    return {"run_uri": result.run_uri, "checkpoint_uri": result.checkpoint_uri, "dataset_uri": dataset_uri,
-            **{k: v for k, v in result.metrics.items() if k not in ("checkpoint_uri",)}}
+    model = load_model(cfg, result.checkpoint_uri, torch.device("cpu"))
+    alias = "reflow" if cfg.coupling.kind == "pairs" else "base"
+    version = tracking.register_model(cfg, result.metrics["mlflow_run_id"], model, alias)
+    return {**result.metrics, "run_uri": result.run_uri, "checkpoint_uri": result.checkpoint_uri,
+            "dataset_uri": dataset_uri, "model_version": version, "model_alias": alias}
+
+
+def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, methods: list[str] | None = None,
+             parent_run_id: str | None = None, label: str = "evaluate") -> dict:
+    """Distance to the data (FID, or fd_<dataset>) and NFE for each sampling method, with grids and a plot."""
+    dataset_uri = dataset_uri or image_dataset_uri(cfg)
+    with stage_run(cfg, label, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
+        with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
+            result = evaluate_checkpoint(cfg, checkpoint_uri, dataset_uri, methods, workdir=Path(tmp))
+            for row in result.rows:
+                mlflow.log_metrics({f"{result.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe,
+                                    f"seconds/{row.method}": row.seconds})
+            for path in result.files:
+                mlflow.log_artifact(str(path), "eval")
+        mlflow.set_tag("loomcfm.eval_uri", result.output_uri)
+    print(result.table())
+    return {"metric": result.metric, "eval_uri": result.output_uri, "checkpoint_uri": checkpoint_uri,
+            "rows": [vars(r) for r in result.rows]}
+
+
+def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None) -> dict:
+    """Generate reflow (noise seed, sample) pairs from a checkpoint with ``reflow.method``."""
+    with stage_run(cfg, "pairs", parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
+        uri, manifest = reflow.generate_pairs(cfg, checkpoint_uri)
+        count = manifest["splits"]["train"]["count"]
+        mlflow.set_tag("loomcfm.pairs_uri", uri)
+        mlflow.log_metric("num_pairs", count)
+    return {"pairs_uri": uri, "num_pairs": count, "method": cfg.reflow.method}
+
+
+def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, method: str, batch_size: int,
+           nrows: int) -> dict:
+    """PNG files and a grid from a checkpoint's EMA model (the reference's ``sample.py``)."""
+    from PIL import Image
+
+    device = default_device()
+    model = load_model(cfg, checkpoint_uri, device)
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    samples = generate(model, shape, method, sample_seeds(num_images, offset=cfg.train.seed << 32), batch_size,
+                       device)
+    store = storage_for(output)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, image in enumerate(to_uint8(samples.images).numpy()):
+            path = Path(tmp) / f"{i:05d}.png"
+            Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(path)
+            store.put(path, join(output, path.name))
+        grid = Path(tmp) / "grid.png"
+        save_grid(samples.images, grid, nrow=nrows)
+        store.put(grid, join(output, "grid.png"))
+    return {"output": output, "num_images": num_images, "method": method, "nfe": samples.nfe,
+            "grid": join(output, "grid.png")}
+
+
+def run(cfg: Config, tags: dict[str, str] | None = None) -> dict:
+    """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow → evaluate."""
+    with tracking.start_run(cfg, "pipeline", tags=tags) as parent:
+        tracking.log_config(cfg)
+        parent_id = parent.info.run_id
+        cached = cache(cfg, parent_id)
+        base = train(cfg, cached["dataset_uri"], parent_id)
+        base_eval = evaluate(cfg, base["checkpoint_uri"], cached["dataset_uri"], parent_run_id=parent_id)
+        generated = pairs(cfg, base["checkpoint_uri"], parent_id)
+        reflow_cfg = reflow.reflow_config(cfg, generated["pairs_uri"], base["checkpoint_uri"])
+        reflowed = train(reflow_cfg, generated["pairs_uri"], parent_id)
+        reflow_eval = evaluate(reflow_cfg, reflowed["checkpoint_uri"], cached["dataset_uri"],
+                               parent_run_id=parent_id, label="evaluate_reflow")
+        summary = _summary(base_eval, reflow_eval)
+        with tempfile.TemporaryDirectory() as tmp:
+            curves = {label: [MethodResult(**row) for row in result["rows"]]
+                      for label, result in (("base", base_eval), ("reflow", reflow_eval))}
+            mlflow.log_artifact(str(plot_fd_vs_nfe(curves, base_eval["metric"], Path(tmp) / "fd_vs_nfe.png")))
+            (Path(tmp) / "summary.md").write_text(summary + "\n")
+            mlflow.log_artifact(str(Path(tmp) / "summary.md"))
+    return {"parent_run_id": parent_id, "tracking_uri": tracking.tracking_uri(cfg), "dataset_uri":
+            cached["dataset_uri"], "base": base, "base_eval": base_eval, "pairs": generated, "reflow": reflowed,
+            "reflow_eval": reflow_eval, "summary": summary}
+
+
+def _summary(base_eval: dict, reflow_eval: dict) -> str:
+    metric = base_eval["metric"]
+    reflowed = {row["method"]: row for row in reflow_eval["rows"]}
+    lines = [f"| method | NFE base | {metric} base | NFE reflow | {metric} reflow |", "|---|---|---|---|---|"]
+    for row in base_eval["rows"]:
+        other = reflowed.get(row["method"])
+        tail = f"{other['nfe']:.1f} | {other['distance']:.3f}" if other else "- | -"
+        lines.append(f"| {row['method']} | {row['nfe']:.1f} | {row['distance']:.3f} | {tail} |")
+    return "\n".join(lines)

@@ -20,7 +20,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
+import mlflow.pytorch
 import requests
+import torch
 from mlflow.entities import LifecycleStage
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -178,3 +180,20 @@ def log_config(cfg: Config) -> None:
     mlflow.log_params(config_params(cfg))
     mlflow.log_text(cfg.to_yaml(), CONFIG_ARTIFACT)
 
+
+
+def register_model(cfg: Config, run_id: str, model: torch.nn.Module, alias: str) -> str:
+    """Log ``model`` to the run and register it as ``loomcfm-<name>`` with ``alias``; returns the version.
+
+    Pickle serialisation with explicit requirements: MLflow's default ``pt2`` export needs an input example
+    and takes seconds for what is a plain ``state_dict`` round trip here.
+    """
+    name = f"loomcfm-{cfg.name}"
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    with mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", registered_model_name=name,
+                                        serialization_format="pickle",
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "loomcfm"])
+    version = str(info.registered_model_version)
+    MlflowClient(tracking_uri(cfg)).set_registered_model_alias(name, alias, version)
+    return version

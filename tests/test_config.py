@@ -98,3 +98,9 @@ def test_resolution_must_fit_downsamplings():
 def test_flat_keys():
     flat = load_config().flat()
     assert flat["train.lr"] == load_config().train.lr and "coupling.num_seeds" in flat
+
+
+def test_text_fields_keep_digit_strings():
+    cfg = load_config("digits", ["eval.inception_sha256=00000000", "train.run_name=2024", "train.max_steps=7"])
+    assert cfg.eval.inception_sha256 == "00000000" and cfg.train.run_name == "2024" and cfg.train.max_steps == 7
+    assert load_config("digits", ["train.run_name=null"]).train.run_name is None

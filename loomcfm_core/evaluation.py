@@ -1,0 +1,127 @@
+"""The evaluate stage's work: sample with each method, score against the dataset, draw grids and a plot.
+
+Every method samples from the same noise seeds, so differences between rows are the solver's and the
+model's, not the noise's. Results are written to storage (``results.json``, ``results.md``, one grid per
+method, ``fd_vs_nfe.png``) so a KFP artifact or an MLflow run can point at them.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from loomcfm_core.checkpoint import load_ema_weights
+from loomcfm_core.config import Config
+from loomcfm_core.metrics import FeatureStats, feature_network, frechet_distance, reference_stats
+from loomcfm_core.models.unet import UNetModel
+from loomcfm_core.sampling import generate, sample_seeds, save_grid, to_uint8
+from loomcfm_core.storage import absolute, join, storage_for
+
+
+@dataclass
+class MethodResult:
+    method: str
+    nfe: float
+    distance: float
+    seconds: float
+
+
+@dataclass
+class Evaluation:
+    metric: str                 # "fid" or "fd_<dataset>"
+    rows: list[MethodResult]
+    output_uri: str
+    files: list[Path]           # local copies of what was written to output_uri (for MLflow artifacts)
+
+    def table(self) -> str:
+        lines = [f"| method | NFE | {self.metric} | seconds |", "|---|---|---|---|"]
+        lines += [f"| {r.method} | {r.nfe:.1f} | {r.distance:.3f} | {r.seconds:.1f} |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(cfg: Config, checkpoint_uri: str, device: torch.device) -> UNetModel:
+    """The EMA network of a checkpoint (ours or the reference implementation's), ready to sample."""
+    model = UNetModel.from_config(cfg.model, cfg.data.channels, cfg.data.resolution)
+    try:
+        model.load_state_dict(load_ema_weights(checkpoint_uri))
+    except RuntimeError as exc:
+        raise ValueError(f"{checkpoint_uri}: weights do not fit the configured model (check --config/model.*): "
+                         f"{str(exc).splitlines()[0]}") from exc
+    return model.to(device).eval()
+
+
+def output_uri_for(cfg: Config, checkpoint_uri: str) -> str:
+    """``<run>/eval/<checkpoint name>`` for our runs, ``<storage.root>/eval/<name>`` for outside checkpoints."""
+    run, sep, name = checkpoint_uri.rpartition("/checkpoints/")
+    stem = name.rsplit(".", 1)[0] if sep else checkpoint_uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return join(run, "eval", stem) if sep else join(absolute(cfg.storage.root), "eval", stem)
+
+
+def plot_fd_vs_nfe(curves: dict[str, list[MethodResult]], metric: str, path: Path) -> Path:
+    """One line per model: distance against NFE (log axis), each point labelled with its method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, rows in curves.items():
+        rows = sorted(rows, key=lambda r: r.nfe)
+        ax.plot([r.nfe for r in rows], [r.distance for r in rows], marker="o", label=label)
+        for r in rows:
+            ax.annotate(r.method, (r.nfe, r.distance), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel(metric.upper() if metric == "fid" else metric)
+    ax.set_title(f"{metric} vs NFE")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, methods: list[str] | None = None,
+             output_uri: str | None = None, workdir: Path | None = None,
+             device: torch.device | None = None) -> Evaluation:
+    """Score the checkpoint's EMA model with each method against the dataset's train statistics."""
+    device = device or default_device()
+    methods = methods or cfg.eval.methods
+    output_uri = output_uri or output_uri_for(cfg, checkpoint_uri)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="loomcfm-eval-"))
+    model = load_model(cfg, checkpoint_uri, device)
+    network = feature_network(cfg, dataset_uri, device)
+    reference = reference_stats(cfg, dataset_uri, network)
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    seeds = sample_seeds(cfg.eval.num_samples)
+    rows, files = [], []
+    for method in methods:
+        start = time.perf_counter()
+        samples = generate(model, shape, method, seeds, cfg.eval.batch_size, device, desc=f"eval {method}")
+        seconds = time.perf_counter() - start
+        stats = FeatureStats.of(network.features(to_uint8(samples.images), desc=f"features {method}"))
+        distance = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
+        rows.append(MethodResult(method, samples.nfe, distance, seconds))
+        grid = workdir / f"samples_{method}.png"
+        save_grid(samples.images[:64], grid, nrow=8)
+        files.append(grid)
+    evaluation = Evaluation(network.metric, rows, output_uri, files)
+    files.append(plot_fd_vs_nfe({cfg.name: rows}, network.metric, workdir / "fd_vs_nfe.png"))
+    (workdir / "results.json").write_text(json.dumps(
+        {"metric": network.metric, "checkpoint_uri": checkpoint_uri, "dataset_uri": dataset_uri,
+         "num_samples": cfg.eval.num_samples, "rows": [asdict(r) for r in rows]}, indent=2))
+    (workdir / "results.md").write_text(evaluation.table() + "\n")
+    files += [workdir / "results.md", workdir / "results.json"]
+    for path in files:  # results.json last: its presence means the evaluation is complete
+        storage_for(output_uri).put(path, join(output_uri, path.name))
+    return evaluation
