@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/loomcfm cache
+	$(BIN)/loomcfm run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/data_loading.py
+	for b in data_loading coupling step_overhead quality; do $(BIN)/python benchmarks/$$b.py || exit 1; done
