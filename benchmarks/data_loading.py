@@ -60,8 +60,8 @@ def main() -> None:
         t0 = time.perf_counter()
         make_imagefolder(folder, args.num_images, args.resolution)
         cfg = load_config("digits", [f"data.source=imagefolder:{folder}", "data.channels=3",
-                                     f"data.resolution={args.resolution}", f"storage.root={tmp}/store",
-                                     "data.name=bench"])
+                                     f"data.resolution={args.resolution}", "model.attn_resolutions=[]",
+                                     f"storage.root={tmp}/store", "data.name=bench"])
         t1 = time.perf_counter()
         uri = cache_dataset(cfg).uri
         t2 = time.perf_counter()

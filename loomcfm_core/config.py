@@ -182,6 +182,11 @@ class Config(_Section):
         if self.data.resolution % (2**downsamplings):
             raise ValueError(f"model.channel_mult has {downsamplings} downsamplings, which needs data.resolution "
                              f"divisible by {2**downsamplings}, got {self.data.resolution}")
+        sizes = [self.data.resolution // 2**level for level in range(downsamplings + 1)]
+        unreachable = [r for r in self.model.attn_resolutions if r not in sizes]
+        if unreachable:
+            raise ValueError(f"model.attn_resolutions {unreachable} are not feature-map sizes of this network "
+                             f"({sizes}); they are sizes, not the downsampling rates of ADM configs")
         return self
 
     def to_yaml(self) -> str:
@@ -308,9 +313,12 @@ def validate(tree: dict[str, Any], origin: str = "config") -> Config:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            message = err["msg"].removeprefix("Value error, ")
+            if not err["loc"]:  # cross-field checks name their keys in the message
+                lines.append(message)
+                continue
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-            lines.append(f"{key}: {err['msg']}{got}")
+            lines.append(f"{'.'.join(str(p) for p in err['loc'])}: {message}{got}")
         raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(lines)) from None
 
 

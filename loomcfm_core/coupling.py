@@ -7,9 +7,11 @@ survive into the next. Keeping the current pairing is always feasible, and pairs
 untouched, hence the table's total transport cost never increases and the seeds are only ever permuted.
 
 The table is ``int64 [num_points, K]``: small enough to live in memory on every rank (ImageNet with flips
-and K=2 is 41 MB) and to go into every checkpoint. With several ranks, every rank gathers the global batch,
-solves the same problem with the same inputs and applies the same update, so the tables stay identical
-without ever being communicated.
+and K=2 is 41 MB) and to go into every checkpoint. With several ranks, every rank gathers the global batch
+and regenerates its noise; rank 0 solves the assignment and broadcasts it (a few bytes), and every rank
+applies the same update, so the tables stay identical without ever being sent. (Solving on every rank
+would rely on bit-identical float cost matrices across GPUs; one differing rounding in a near-tie would
+split the tables.)
 
 Kinds (all but ``pairs`` draw noise from seeds, so the machinery is shared):
 
@@ -34,14 +36,15 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-Gather = Callable[[torch.Tensor], torch.Tensor]
+Gather = Callable[[torch.Tensor], torch.Tensor]  # all ranks' tensors concatenated in rank order
+Broadcast = Callable[[torch.Tensor], torch.Tensor]  # rank 0's tensor, on every rank
 KINDS = ("independent", "minibatch_ot", "fixed", "loom", "pairs")
 
 # splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 multiplication wraps).
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
 _MIX2 = 0x94D049BB133111EB - (1 << 64)
-_U24 = 2.0**-24
+_U23, _U24 = 2.0**-23, 2.0**-24
 
 
 def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -60,8 +63,8 @@ def noise_from_seeds(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal noise ``[len(seeds), *shape]``, a pure function of each seed, in one vectorised call.
 
-    Counter-based: element pair j of seed s comes from splitmix64(mix(s) + (j+1)·golden), split into two
-    24-bit uniforms and turned into two normals by Box–Muller. The integer stream is bit-identical on every
+    Counter-based: element pair j of seed s comes from splitmix64(mix(s) + (j+1)·golden), split into a
+    23-bit and a 24-bit uniform and turned into two normals by Box–Muller. The integer stream is bit-identical on every
     device, so a seed means the same noise on a CPU and on a GPU (up to the last ulp of log/cos/sin), and a
     whole batch is generated on the training device instead of one CPU generator per sample plus a copy.
     """
@@ -70,7 +73,7 @@ def noise_from_seeds(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.
     pairs = (numel + 1) // 2
     counters = torch.arange(1, pairs + 1, device=device, dtype=torch.int64) * _GOLDEN
     words = _mix64(_mix64(seeds.to(device=device, dtype=torch.int64))[:, None] + counters)
-    u1 = _shr(words, 40).to(torch.float32).add_(0.5).mul_(_U24)  # in (0, 1): log is finite
+    u1 = _shr(words, 41).to(torch.float32).add_(0.5).mul_(_U23)  # exactly in (0, 1): log is finite
     angle = (words & 0xFFFFFF).to(torch.float32).mul_(2 * math.pi * _U24)
     radius = u1.log_().mul_(-2.0).sqrt_()
     normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :numel]
@@ -102,8 +105,8 @@ class Coupling:
 
     kind = ""
 
-    def couple(self, x1: torch.Tensor, index: torch.Tensor,
-               gather: Gather | None = None) -> tuple[torch.Tensor, CouplingStats]:
+    def couple(self, x1: torch.Tensor, index: torch.Tensor, gather: Gather | None = None,
+               broadcast: Broadcast | None = None) -> tuple[torch.Tensor, CouplingStats]:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -122,7 +125,7 @@ class PairsCoupling(Coupling):
     def __init__(self, seeds: torch.Tensor, shape: tuple[int, ...], cost: str = "l2") -> None:
         self.seeds, self.shape, self.cost = seeds, tuple(shape), cost
 
-    def couple(self, x1, index, gather=None):
+    def couple(self, x1, index, gather=None, broadcast=None):
         x0 = noise_from_seeds(self.seeds[index.cpu()], self.shape, x1.device, x1.dtype)
         return x0, diagonal_stats(x1, x0, self.cost)
 
@@ -153,7 +156,7 @@ class SeedCoupling(Coupling):
         self.table = None if self.fresh else random_seeds(num_points * num_seeds, self.generator).view(
             num_points, num_seeds)
 
-    def couple(self, x1, index, gather=None):
+    def couple(self, x1, index, gather=None, broadcast=None):
         local = len(x1)
         total, mine = local * self.world_size, slice(self.rank * local, (self.rank + 1) * local)
         # Draw for the global batch on every rank, so the generators stay in step across ranks.
@@ -172,12 +175,18 @@ class SeedCoupling(Coupling):
         if not self.fresh:
             seeds = self.table[index_all, slots]
         x0_all = noise_from_seeds(seeds, self.shape, x1.device, x1.dtype)
-        costs = cost_matrix(x1_all, x0_all, self.cost)
-        _, assignment = linear_sum_assignment(costs)
-        identity = np.arange(total)
-        stats = CouplingStats(float(costs[identity, identity].mean()), float(costs[identity, assignment].mean()),
-                              int((assignment != identity).sum()))
-        perm = torch.from_numpy(assignment)
+        # Rank 0 decides; the assignment and its costs travel as one float64 vector (indices are exact).
+        decision = torch.empty(total + 2, dtype=torch.float64)
+        if self.rank == 0:
+            costs = cost_matrix(x1_all, x0_all, self.cost)
+            _, assignment = linear_sum_assignment(costs)
+            identity = np.arange(total)
+            decision[:total] = torch.from_numpy(assignment.astype(np.float64))
+            decision[total:] = torch.tensor([costs[identity, identity].mean(), costs[identity, assignment].mean()])
+        decision = (broadcast or (lambda t: t))(decision.to(x1.device)).cpu()
+        perm = decision[:total].long()
+        stats = CouplingStats(decision[total].item(), decision[total + 1].item(),
+                              int((perm != torch.arange(total)).sum()))
         if self.kind == "loom":
             if len(torch.unique(index_all)) != total:
                 raise ValueError("a LOOM minibatch must not repeat a data point (use a sampler without "

@@ -84,9 +84,16 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible: a crash leaves no empty file
+            os.fsync(fh.fileno())
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+    directory = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 class LocalStorage(Storage):
@@ -189,8 +196,8 @@ class S3Storage(Storage):
         out = []
         pages = self._call(uri, lambda: list(self.client.get_paginator("list_objects_v2")
                                              .paginate(Bucket=bucket, Prefix=prefix)))
-        for page in pages:
-            out += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", [])]
+        for page in pages:  # temporary keys of puts in flight (or abandoned) are not objects yet
+            out += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []) if ".tmp-" not in obj["Key"]]
         if not out and key and self.exists(uri):
             return [uri]
         return sorted(out)

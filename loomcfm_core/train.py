@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from loomcfm_core import tracking
-from loomcfm_core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from loomcfm_core.checkpoint import latest_checkpoint, load_checkpoint, load_ema_weights, save_checkpoint
 from loomcfm_core.config import Config, load_config_text
 from loomcfm_core.coupling import Coupling, make_coupling
 from loomcfm_core.data.dataset import ShardedDataset
@@ -60,13 +60,24 @@ def warmup_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's tensor in rank order (the identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts)
+
+
+def broadcast_from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank (the identity without a process group)."""
+    if _distributed():
+        dist.broadcast(tensor, src=0)
+    return tensor
 
 
 @dataclass
@@ -106,7 +117,7 @@ def build_state(cfg: Config, num_points: int, device: torch.device, rank: int = 
 def train_step(state: TrainState, x1: torch.Tensor, index: torch.Tensor) -> dict:
     """One LOOM-CFM step: couple, regress the straight-path velocity, clip, Adam, EMA."""
     cfg = state.cfg.train
-    x0, stats = state.coupling.couple(x1, index, gather=all_gather)
+    x0, stats = state.coupling.couple(x1, index, gather=all_gather, broadcast=broadcast_from_rank0)
     t = sample_t(len(x1), state.device, state.t_generator)
     with torch.autocast(device_type=state.device.type, dtype=torch.bfloat16,
                         enabled=cfg.bf16 and state.device.type == "cuda"):
@@ -125,20 +136,24 @@ def train_step(state: TrainState, x1: torch.Tensor, index: torch.Tensor) -> dict
 # ---- data order ------------------------------------------------------------------------------------------
 
 class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Per epoch, a permutation shared by all ranks cut into global batches; each rank takes its slice.
+    """Per epoch, a permutation of the images shared by all ranks, cut into global batches; each rank takes
+    its slice.
 
-    No point repeats within a global batch (LOOM writes each point's seed back once) and the last
-    incomplete batch is dropped, so every rank runs the same number of equal-sized steps. The order is a
-    function of (seed, epoch) alone, which makes a mid-epoch resume land on the same batches.
+    An epoch visits each of the N images once; with ``hflip`` each is flipped with probability 1/2, i.e.
+    served as data point ``i + N`` (the paper's protocol: a flipped image is its own point, yet an epoch is
+    N images). No point repeats within a global batch (LOOM writes each point's seed back once) and the
+    last incomplete batch is dropped, so every rank runs the same number of equal-sized steps. The order is
+    a function of (seed, epoch) alone, which makes a mid-epoch resume land on the same batches.
     """
 
-    def __init__(self, num_points: int, local_batch: int, rank: int, world_size: int, seed: int) -> None:
-        self.num_points, self.local_batch, self.rank, self.world_size = num_points, local_batch, rank, world_size
-        self.seed = seed
-        self.steps_per_epoch = num_points // (local_batch * world_size)
+    def __init__(self, num_images: int, local_batch: int, rank: int, world_size: int, seed: int,
+                 hflip: bool = False) -> None:
+        self.num_images, self.local_batch, self.rank, self.world_size = num_images, local_batch, rank, world_size
+        self.seed, self.hflip = seed, hflip
+        self.steps_per_epoch = num_images // (local_batch * world_size)
         if self.steps_per_epoch == 0:
             raise ValueError(f"train.batch_size={local_batch} x {world_size} workers exceeds the dataset's "
-                             f"{num_points} points")
+                             f"{num_images} images")
         self.epoch, self.skip = 0, 0
 
     def set_position(self, epoch: int, skip: int = 0) -> None:
@@ -148,7 +163,10 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return self.steps_per_epoch - self.skip
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_points)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.num_images)
+        if self.hflip:
+            order = order + self.num_images * rng.integers(0, 2, self.num_images)
         global_batch = self.local_batch * self.world_size
         for step in range(self.skip, self.steps_per_epoch):
             start = step * global_batch + self.rank * self.local_batch
@@ -191,27 +209,29 @@ def checkpoint_state(state: TrainState, rank_rngs: list[dict], mlflow_run_id: st
             "mlflow_run_id": mlflow_run_id}
 
 
-def restore(state: TrainState, ckpt: dict, rank: int) -> None:
+def restore(state: TrainState, ckpt: dict, rank: int, world_size: int) -> None:
+    """Continue from a checkpoint loaded onto the CPU (RNG states and the seed table must stay there)."""
     state.raw.load_state_dict(ckpt["model"])
     state.ema.model.load_state_dict(ckpt["ema"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.coupling.load_state_dict(ckpt["coupling"])
     state.step = ckpt["step"]
-    if len(ckpt["rng"]) > rank:
+    if len(ckpt["rng"]) != world_size:
+        log.warning("checkpoint was written by %d ranks, this run has %d: training continues, but not exactly "
+                    "as the original run would have (batch order and random streams differ)",
+                    len(ckpt["rng"]), world_size)
+    if rank < len(ckpt["rng"]):
         rng = ckpt["rng"][rank]
         torch.set_rng_state(rng["cpu"])
-        state.t_generator.set_state(rng["t"].to(state.t_generator.device) if state.device.type == "cuda"
-                                    else rng["t"])
+        state.t_generator.set_state(rng["t"])
         if "cuda" in rng and state.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], state.device)
-    else:
-        log.warning("checkpoint has RNG states for %d ranks, not rank %d: reseeded", len(ckpt["rng"]), rank)
 
 
 def initialise_from(state: TrainState, uri: str) -> None:
     """Start from another run's EMA weights (reflow starts from the LOOM model)."""
-    weights = load_checkpoint(uri, map_location=state.device)["ema"]
+    weights = load_ema_weights(uri)
     state.raw.load_state_dict(weights)
     state.ema.model.load_state_dict(weights)
 
@@ -236,21 +256,25 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
     """
     dataset = ShardedDataset(dataset_uri, "train", hflip=cfg.data.hflip, local_cache=cfg.data.local_cache)
     state = build_state(cfg, len(dataset), device, rank, world_size, dataset.pair_seeds)
-    sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, rank, world_size, cfg.train.seed)
+    sampler = GlobalBatchSampler(dataset.num_images, cfg.train.batch_size, rank, world_size, cfg.train.seed,
+                                 cfg.data.hflip)
     total_steps = cfg.train.max_steps or cfg.train.epochs * sampler.steps_per_epoch
 
     resume_uri, mlflow_run_id = latest_checkpoint(run_uri), None
     if resume_uri:
-        ckpt = load_checkpoint(resume_uri, map_location=device)
-        restore(state, ckpt, rank)
+        ckpt = load_checkpoint(resume_uri, map_location="cpu")
+        restore(state, ckpt, rank, world_size)
         mlflow_run_id = ckpt.get("mlflow_run_id")
         log.info("rank %d resumed from %s (step %d)", rank, resume_uri, state.step)
     elif cfg.train.init_from:
         initialise_from(state, cfg.train.init_from)
 
+    # The loader gets its own generator: each new iterator draws a seed from it, and drawing from the global
+    # one would shift the dropout stream after a resume.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                                          pin_memory=device.type == "cuda",
-                                         persistent_workers=cfg.data.num_workers > 0)
+                                         persistent_workers=cfg.data.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(cfg.train.seed))
     tracker = _Tracker(cfg, state, rank, sampler.steps_per_epoch, parent_run_id,
                        {"loomcfm.run_uri": run_uri, "loomcfm.dataset_uri": dataset_uri}, resume_uri, mlflow_run_id)
     last_ckpt = resume_uri
@@ -366,6 +390,17 @@ def with_absolute_paths(cfg: Config) -> Config:
     return cfg
 
 
+def _check_local_resources(cfg: Config, available: dict) -> None:
+    """On a local Ray nothing can scale up: fail now rather than wait forever for workers that cannot start."""
+    cpus = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    if cpus > available.get("CPU", 0):
+        raise ValueError(f"ray.num_workers={cfg.ray.num_workers} x ray.cpus_per_worker={cfg.ray.cpus_per_worker} "
+                         f"needs {cpus:g} CPUs, the local Ray has {available.get('CPU', 0):g}")
+    if cfg.ray.use_gpu and cfg.ray.num_workers > available.get("GPU", 0):
+        raise ValueError(f"ray.use_gpu with ray.num_workers={cfg.ray.num_workers} needs that many GPUs, the local "
+                         f"Ray has {available.get('GPU', 0):g}")
+
+
 def _ray_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -387,6 +422,8 @@ def train(cfg: Config, dataset_uri: str, parent_run_id: str | None = None) -> Tr
     run_uri = run_uri_for(cfg, dataset_uri)
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
+    if cfg.ray.address is None:
+        _check_local_resources(cfg, ray.cluster_resources())
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config_yaml": cfg.to_yaml(), "dataset_uri": dataset_uri, "run_uri": run_uri,

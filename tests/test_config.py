@@ -104,3 +104,8 @@ def test_text_fields_keep_digit_strings():
     cfg = load_config("digits", ["eval.inception_sha256=00000000", "train.run_name=2024", "train.max_steps=7"])
     assert cfg.eval.inception_sha256 == "00000000" and cfg.train.run_name == "2024" and cfg.train.max_steps == 7
     assert load_config("digits", ["train.run_name=null"]).train.run_name is None
+
+
+def test_attention_sizes_must_exist():
+    with pytest.raises(ConfigError, match=r"model.attn_resolutions \[2\] are not feature-map sizes"):
+        load_config("cifar10", ["model.attn_resolutions=[2]"])

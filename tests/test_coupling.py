@@ -31,6 +31,15 @@ class ThreadGather:
             return out
         return gather
 
+    def broadcast_for(self, rank):
+        def broadcast(tensor):
+            self.slots[rank] = tensor
+            self.barrier.wait()
+            out = self.slots[0].clone()
+            self.barrier.wait()
+            return out
+        return broadcast
+
 
 def run_ranks(couplings, batches, gather):
     """Each simulated rank couples its slice of every global batch, concurrently."""
@@ -40,7 +49,8 @@ def run_ranks(couplings, batches, gather):
     def work(rank):
         try:
             for data, index in batches[rank]:
-                results[rank].append(couplings[rank].couple(data, index, gather=gather.for_rank(rank)))
+                results[rank].append(couplings[rank].couple(data, index, gather=gather.for_rank(rank),
+                                                            broadcast=gather.broadcast_for(rank)))
         except Exception as exc:  # surfaced below
             errors.append(exc)
             gather.barrier.abort()

@@ -19,7 +19,7 @@ from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.train import GlobalBatchSampler, fit, warmup_lambda
 
 TINY = ["model.channels=32", "model.channel_mult=[1,2]", "model.attn_resolutions=[]", "train.batch_size=32",
-        "data.num_workers=0", "train.log_every=5", "train.warmup_steps=5"]
+        "data.num_workers=0", "train.log_every=5", "train.warmup_steps=5", "ray.cpus_per_worker=1"]
 
 
 def _cli(tmp_path, *overrides, **popen):
@@ -107,6 +107,25 @@ def test_global_batch_sampler_splits_without_repeats():
     assert list(ranks[0]) == []
     with pytest.raises(ValueError, match="exceeds the dataset"):
         GlobalBatchSampler(10, 4, 0, 3, seed=0)
+
+
+def test_flips_keep_an_epoch_at_n_images():
+    sampler = GlobalBatchSampler(1000, 100, 0, 1, seed=0, hflip=True)
+    assert sampler.steps_per_epoch == 10
+    epoch = [i for batch in sampler for i in batch]
+    assert len(epoch) == 1000 and sorted(i % 1000 for i in epoch) == list(range(1000)), "each image once"
+    flipped = sum(i >= 1000 for i in epoch)
+    assert 400 < flipped < 600, "flipped with probability 1/2 (as point i + N)"
+
+
+def test_local_resources_are_checked_before_starting():
+    from loomcfm_core.train import _check_local_resources
+
+    with pytest.raises(ValueError, match=r"ray.num_workers=2 x ray.cpus_per_worker=2.0 needs 4 CPUs"):
+        _check_local_resources(load_config("digits", ["ray.num_workers=2"]), {"CPU": 2.0})
+    with pytest.raises(ValueError, match="GPUs"):
+        _check_local_resources(load_config("digits", ["ray.use_gpu=true"]), {"CPU": 2.0})
+    _check_local_resources(load_config("digits"), {"CPU": 2.0})
 
 
 def test_warmup_then_constant():

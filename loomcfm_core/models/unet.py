@@ -136,7 +136,8 @@ class UNetModel(nn.Module):
         def attention(ch: int, size: int) -> list[nn.Module]:
             return [AttentionBlock(ch, num_head_channels)] if size in attn_resolutions else []
 
-        ch, size = model_channels, resolution
+        ch = input_ch = channel_mult[0] * model_channels
+        size = resolution
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
         skip_channels = [ch]
         for level, mult in enumerate(channel_mult):
@@ -163,7 +164,7 @@ class UNetModel(nn.Module):
                     size *= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(normalization(ch), nn.SiLU(),
-                                 zero_module(nn.Conv2d(model_channels, in_channels, 3, padding=1)))
+                                 zero_module(nn.Conv2d(input_ch, in_channels, 3, padding=1)))
 
     @classmethod
     def from_config(cls, model: ModelConfig, in_channels: int, resolution: int) -> UNetModel:

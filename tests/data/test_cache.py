@@ -28,7 +28,7 @@ def _images(n, c, res):
 def _cfg(tmp_path, source, channels=3, resolution=8, **extra):
     sets = [f"data.source={source}", f"data.channels={channels}", f"data.resolution={resolution}",
             "data.shard_size=4", f"storage.root={tmp_path / 'store'}", "data.name=t",
-            "model.channel_mult=[1]"] + [f"{k}={v}" for k, v in extra.items()]
+            "model.channel_mult=[1]", "model.attn_resolutions=[]"] + [f"{k}={v}" for k, v in extra.items()]
     return load_config("digits", sets)
 
 
@@ -256,7 +256,7 @@ def test_missing_dataset(tmp_path):
 
 def test_cli_reports_source_error(tmp_path, capsys):
     assert main(["cache", "--set", f"data.source=cifar10:{tmp_path}/none", "--set", "data.channels=3",
-                 "--set", "data.resolution=32"]) == 1
+                 "--set", "data.resolution=32", "--set", "model.attn_resolutions=[16]"]) == 1
     assert "is not a folder" in capsys.readouterr().err
     assert main(["cache", "--set", "train.lr=oops"]) == 2
     assert "train.lr" in capsys.readouterr().err
