@@ -1,0 +1,99 @@
+"""`loomcfm run` end to end on a small digits budget: every stage, and what MLflow holds afterwards."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from loomcfm_core.config import load_config
+from loomcfm_core.data.dataset import ShardedDataset
+from loomcfm_core.metrics import FeatureStats, dataset_images, feature_network, frechet_distance, reference_stats
+
+SMALL = ["train.max_steps=150", "reflow.max_steps=60", "reflow.num_pairs=512", "eval.num_samples=400",
+         "eval.methods=[euler-1,euler-4,dopri5-1]", "ray.cpus_per_worker=1", "train.checkpoint_every=100"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    args = [sys.executable, "-m", "loomcfm_core.cli", "run"]
+    for item in (*SMALL, f"storage.root={root}/store", f"tracking.local_dir={root}/runs"):
+        args += ["--set", item]
+    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root, proc.stdout
+
+
+def _runs(root):
+    client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("loomcfm-digits")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def test_run_prints_the_summary_and_the_mlflow_command(pipeline):
+    root, out = pipeline
+    assert "| method | NFE base | fd_digits base | NFE reflow | fd_digits reflow |" in out
+    assert f"mlflow ui --backend-store-uri sqlite:///{root / 'runs' / 'mlflow.db'}" in out
+
+
+def test_mlflow_holds_parent_stages_metrics_pictures_and_models(pipeline):
+    root, _ = pipeline
+    client, runs = _runs(root)
+    parent = [r for r in runs if r.data.tags.get("loomcfm.stage") == "pipeline"]
+    assert len(parent) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    stages = sorted(r.data.tags["loomcfm.stage"] for r in children)
+    assert stages == ["cache", "evaluate", "evaluate_reflow", "pairs", "train", "train"]
+    assert all(r.info.status == "FINISHED" for r in [*parent, *children])
+    for run in children:
+        if run.data.tags["loomcfm.stage"] == "train":
+            assert {"train/loss", "coupling/cost_before", "coupling/swaps"} <= set(run.data.metrics)
+        if run.data.tags["loomcfm.stage"].startswith("evaluate"):
+            assert {"fd_digits/euler-1", "nfe/euler-1", "fd_digits/dopri5-1"} <= set(run.data.metrics)
+            files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "eval")}
+            assert {"samples_euler-1.png", "samples_dopri5-1.png", "fd_vs_nfe.png", "results.json"} <= files
+    assert {"fd_vs_nfe.png", "summary.md", "config.yaml"} <= {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    model = client.get_registered_model("loomcfm-digits")
+    assert set(model.aliases) == {"base", "reflow"}
+    trains = {r.data.params["coupling.kind"]: r.info.run_id for r in children if r.data.tags["loomcfm.stage"] == "train"}
+    assert client.get_model_version_by_alias("loomcfm-digits", "base").run_id == trains["loom"]
+    assert client.get_model_version_by_alias("loomcfm-digits", "reflow").run_id == trains["pairs"]
+
+
+def _fd_of(images, network, reference):
+    stats = FeatureStats.of(network.features(images))
+    return frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
+
+
+def test_samples_land_between_real_and_noise_and_improve_with_nfe(pipeline):
+    root, _ = pipeline
+    cfg = load_config("digits", [f"storage.root={root}/store", f"data.local_cache={root}/node"])
+    dataset_uri = str(next(p for p in root.glob("store/datasets/digits-*") if "pairs" not in p.name))
+    network = feature_network(cfg, dataset_uri)
+    reference = reference_stats(cfg, dataset_uri, network)
+    real = _fd_of(dataset_images(dataset_uri, "val", cfg.data.local_cache), network, reference)
+    noise = _fd_of(torch.randint(0, 256, (400, 1, 8, 8), dtype=torch.uint8), network, reference)
+    results = sorted(root.glob("store/runs/*/eval/*/results.json"))
+    assert len(results) == 2
+    for path in results:
+        rows = {r["method"]: r for r in json.loads(path.read_text())["rows"]}
+        assert rows["euler-1"]["nfe"] == 1 and rows["euler-4"]["nfe"] == 4 and rows["dopri5-1"]["nfe"] > 4
+        assert real < rows["dopri5-1"]["distance"] < rows["euler-1"]["distance"] < noise, (real, rows, noise)
+
+
+def test_reflow_trained_on_the_generated_pairs(pipeline):
+    root, _ = pipeline
+    pairs_uri = next(root.glob("store/datasets/digits-pairs-*"))
+    pairs = ShardedDataset(str(pairs_uri))
+    assert len(pairs) == 512 and pairs.is_pairs and pairs.pair_seeds.unique().numel() == 512
+    client, runs = _runs(root)
+    trains = [r for r in runs if r.data.tags.get("loomcfm.stage") == "train"]
+    kinds = sorted(r.data.params["coupling.kind"] for r in trains)
+    assert kinds == ["loom", "pairs"]
+    reflow = next(r for r in trains if r.data.params["coupling.kind"] == "pairs")
+    assert reflow.data.params["data.uri"] == str(pairs_uri)
+    assert reflow.data.params["train.init_from"].endswith("step-00000150.pt")
