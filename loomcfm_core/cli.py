@@ -5,23 +5,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from loomcfm_core import stages
-from loomcfm_core.config import ConfigError, load_config, preset_names
+from loomcfm_core.config import Config, ConfigError, load_config, load_config_text, preset_names
 from loomcfm_core.data.sources import SourceError
 from loomcfm_core.metrics import MetricsError, fetch_inception_weights
 from loomcfm_core.sampling import parse_method
 from loomcfm_core.storage import StorageError
 
+CONFIG_ENV = "LOOMCFM_CONFIG_YAML"
+
 
 def _config_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=None, metavar="NAME|FILE",
-                        help=f"a preset ({', '.join(preset_names())}) or a YAML file; default: digits")
+                        help=f"a preset ({', '.join(preset_names())}) or a YAML file; default: the YAML text in "
+                        f"${CONFIG_ENV} (how Kubernetes Jobs and RayJobs pass it), else digits")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     return common
+
+
+def resolve_config(ref: str | None, overrides: list[str]) -> Config:
+    if ref is None and os.environ.get(CONFIG_ENV, "").strip():
+        return load_config_text(os.environ[CONFIG_ENV], overrides, origin=f"${CONFIG_ENV}")
+    return load_config(ref, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         digest = fetch_inception_weights(args.to)
         print(f"{args.to}\nsha256 {digest}\nset eval.inception_weights={args.to} (the .sha256 beside it is checked)")
         return 0
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_config(args.config, args.overrides)
     if args.command == "config":
         print(cfg.to_yaml(), end="")
         return 0

@@ -109,3 +109,17 @@ def test_text_fields_keep_digit_strings():
 def test_attention_sizes_must_exist():
     with pytest.raises(ConfigError, match=r"model.attn_resolutions \[2\] are not feature-map sizes"):
         load_config("cifar10", ["model.attn_resolutions=[2]"])
+
+
+def test_cli_reads_config_text_from_the_environment(monkeypatch, capsys):
+    from loomcfm_core.cli import main
+
+    monkeypatch.setenv("LOOMCFM_CONFIG_YAML", "extends: cifar10\nname: from-env\n")
+    assert main(["config", "show", "--set", "train.lr=1e-5"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["name"] == "from-env" and shown["train"]["lr"] == 1e-5 and shown["coupling"]["num_seeds"] == 6
+    assert main(["config", "show", "--config", "digits"]) == 0  # an explicit --config wins
+    assert yaml.safe_load(capsys.readouterr().out)["name"] == "digits"
+    monkeypatch.setenv("LOOMCFM_CONFIG_YAML", "train: {lr: -1}")
+    assert main(["config", "show"]) == 2
+    assert "$LOOMCFM_CONFIG_YAML" in capsys.readouterr().err
