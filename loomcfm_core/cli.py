@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from loomcfm_core import stages
 from loomcfm_core.config import Config, ConfigError, load_config, load_config_text, preset_names
@@ -44,19 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands.add_parser("show", parents=[common], help="print the resolved config as YAML")
     config_commands.add_parser("presets", help="list the shipped presets")
 
-    commands.add_parser("cache", parents=[common], help="cache the dataset as HDF5 shards under storage.root")
-    train = commands.add_parser("train", parents=[common], help="train on Ray Train (resumes a rerun)")
+    stage = argparse.ArgumentParser(add_help=False, parents=[common])
+    stage.add_argument("--parent-run-id", default=None, metavar="ID",
+                       help="record this stage as a child of that MLflow run (a pipeline's parent run)")
+    commands.add_parser("cache", parents=[stage], help="cache the dataset as HDF5 shards under storage.root")
+    train = commands.add_parser("train", parents=[stage], help="train on Ray Train (resumes a rerun)")
     train.add_argument("--dataset", default=None, metavar="URI",
                        help="cached dataset URI; default: data.uri, else this config's cache (built if missing)")
 
-    evaluate = commands.add_parser("evaluate", parents=[common], help="FID/FD vs NFE of a checkpoint")
+    evaluate = commands.add_parser("evaluate", parents=[stage], help="FID/FD vs NFE of a checkpoint")
     evaluate.add_argument("--ckpt", required=True, metavar="URI", help="checkpoint (ours or the reference's)")
     evaluate.add_argument("--dataset", default=None, metavar="URI", help="image dataset to compare with; "
                           "default: this config's cache")
     evaluate.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                           help="solver-steps strings, e.g. euler-4 midpoint-6 dopri5-1; default: eval.methods")
 
-    pairs = commands.add_parser("pairs", parents=[common], help="generate reflow (noise, sample) pairs")
+    pairs = commands.add_parser("pairs", parents=[stage], help="generate reflow (noise, sample) pairs")
     pairs.add_argument("--ckpt", required=True, metavar="URI", help="checkpoint to sample from")
 
     # The reference implementation's sample.py flags, kept so its users' commands work.
@@ -71,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("run", parents=[common], help="the whole pipeline: cache, train, evaluate, pairs, "
                         "reflow train, evaluate")
 
+    pipeline = commands.add_parser("pipeline", help="Kubeflow Pipelines: compile, run locally, submit")
+    pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
+    pipeline_commands.add_parser("compile", help="write pipelines/compiled/*.yaml (the files to upload in the KFP UI)")
+    run_opts = argparse.ArgumentParser(add_help=False, parents=[common])
+    run_opts.add_argument("--pipeline", choices=["full", "reflow"], default="full")
+    run_opts.add_argument("--checkpoint", default=None, metavar="URI", help="the reflow pipeline's starting checkpoint")
+    run_opts.add_argument("--launcher", choices=["local", "rayjob"], default="local",
+                          help="train in the step (local Ray) or as a KubeRay RayJob")
+    local = pipeline_commands.add_parser("run-local", parents=[run_opts], help="run with kfp.local (no cluster)")
+    local.add_argument("--pipeline-root", default="kfp-local", help="where kfp.local keeps step outputs")
+    submit = pipeline_commands.add_parser("submit", parents=[run_opts], help="create a run on a KFP endpoint")
+    submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
+    submit.add_argument("--experiment", default=None, help="KFP experiment name")
+
     weights = commands.add_parser("weights", help="feature-network weights for FID")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
     fetch = weights_commands.add_parser("fetch", help="download the TF-Inception weights once into storage "
@@ -83,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "config" and args.config_command == "presets":
         print("\n".join(preset_names()))
         return 0
+    if args.command == "pipeline":
+        return run_pipeline_command(args)
     if args.command == "weights":
         digest = fetch_inception_weights(args.to)
         print(f"{args.to}\nsha256 {digest}\nset eval.inception_weights={args.to} (the .sha256 beside it is checked)")
@@ -92,13 +112,13 @@ def run(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     if args.command == "cache":
-        result = stages.cache(cfg)
+        result = stages.cache(cfg, args.parent_run_id)
     elif args.command == "train":
-        result = stages.train(cfg, args.dataset)
+        result = stages.train(cfg, args.dataset, args.parent_run_id)
     elif args.command == "evaluate":
-        result = stages.evaluate(cfg, args.ckpt, args.dataset, args.methods)
+        result = stages.evaluate(cfg, args.ckpt, args.dataset, args.methods, args.parent_run_id)
     elif args.command == "pairs":
-        result = stages.pairs(cfg, args.ckpt)
+        result = stages.pairs(cfg, args.ckpt, args.parent_run_id)
     elif args.command == "sample":
         parse_method(args.method)
         result = stages.sample(cfg, args.ckpt, args.output, args.num_images, args.method,
@@ -109,6 +129,22 @@ def run(args: argparse.Namespace) -> int:
               f"  {mlflow_ui_command(result['tracking_uri'])}")
         return 0
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def run_pipeline_command(args: argparse.Namespace) -> int:
+    from pipelines import runner  # KFP's compiler is only needed here
+
+    if args.pipeline_command == "compile":
+        for path in runner.compile_all():
+            print(path)
+        return 0
+    pipeline_args = runner.arguments(args.pipeline, args.config, args.overrides, args.checkpoint, args.launcher)
+    if args.pipeline_command == "run-local":
+        runner.run_local(args.pipeline, pipeline_args, str(Path(args.pipeline_root).resolve()))
+        print(f"pipeline {args.pipeline} finished; step outputs under {args.pipeline_root}/")
+    else:
+        print(runner.submit(args.host, args.pipeline, pipeline_args, args.experiment))
     return 0
 
 

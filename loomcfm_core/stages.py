@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from loomcfm_core import reflow, tracking
+from loomcfm_core import IMAGE, kube, reflow, tracking
 from loomcfm_core import train as training
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset, read_manifest
@@ -74,14 +74,45 @@ def image_dataset_uri(cfg: Config) -> str:
 
 def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None) -> dict:
     """Train on Ray Train (resuming a rerun) and register the EMA model under the alias ``base`` or ``reflow``
-    (MLflow reserves ``latest``)."""
+    (MLflow reserves ``latest``). The summary is also committed to ``<run>/result.json``."""
     dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id)["dataset_uri"]
     result = training.train(cfg, dataset_uri, parent_run_id)
     model = load_model(cfg, result.checkpoint_uri, torch.device("cpu"))
     alias = "reflow" if cfg.coupling.kind == "pairs" else "base"
     version = tracking.register_model(cfg, result.metrics["mlflow_run_id"], model, alias)
-    return {**result.metrics, "run_uri": result.run_uri, "checkpoint_uri": result.checkpoint_uri,
-            "dataset_uri": dataset_uri, "model_version": version, "model_alias": alias}
+    summary = {**result.metrics, "run_uri": result.run_uri, "checkpoint_uri": result.checkpoint_uri,
+               "dataset_uri": dataset_uri, "model_version": version, "model_alias": alias}
+    training.write_result(result.run_uri, summary)
+    return summary
+
+
+def launch_train(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, launcher: str = "local",
+                 namespace: str = "loomcfm", keep_cluster: bool = False, pairs_uri: str = "",
+                 init_from: str = "") -> dict:
+    """The train (or, given ``pairs_uri``, reflow-train) stage, in-process on Ray or as a RayJob.
+
+    This is what the KFP train component calls: the choice of launcher is a parameter, not another pipeline.
+    """
+    if launcher not in ("local", "rayjob"):
+        raise ValueError(f"launcher must be 'local' or 'rayjob', got {launcher!r}")
+    if pairs_uri:
+        cfg, dataset_uri = reflow.reflow_config(cfg, pairs_uri, init_from), pairs_uri
+    if launcher == "rayjob":
+        return train_on_kubernetes(cfg, dataset_uri, parent_run_id, namespace, delete_after=not keep_cluster)
+    return train(cfg, dataset_uri, parent_run_id)
+
+
+def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, namespace: str = "loomcfm",
+                        delete_after: bool = True, poll_seconds: float = 10.0, api=None) -> dict:
+    """The train stage as a KubeRay RayJob (``loomcfm train`` on its head node); returns the same summary.
+
+    The config travels as resolved YAML text, so the RayJob trains exactly what this step validated; its
+    storage must be shared (``s3://``) for the summary to be read back here.
+    """
+    args = ["--dataset", dataset_uri] + (["--parent-run-id", parent_run_id] if parent_run_id else [])
+    body = kube.build_rayjob(kube.load_template(), kube.job_name(), cfg.to_yaml(), args, IMAGE, delete_after)
+    kube.run_rayjob(api or kube.custom_objects_api(), namespace, body, poll_seconds, delete_after=delete_after)
+    return training.read_result(training.run_uri_for(cfg, dataset_uri))
 
 
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, methods: list[str] | None = None,
@@ -99,7 +130,7 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, m
         mlflow.set_tag("loomcfm.eval_uri", result.output_uri)
     print(result.table())
     return {"metric": result.metric, "eval_uri": result.output_uri, "checkpoint_uri": checkpoint_uri,
-            "rows": [vars(r) for r in result.rows]}
+            "rows": [vars(r) for r in result.rows], "table": result.table()}
 
 
 def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None) -> dict:
@@ -135,6 +166,13 @@ def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, metho
             "grid": join(output, "grid.png")}
 
 
+def start_pipeline_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
+    """Open and close the parent MLflow run of a pipeline whose stages run elsewhere (KFP steps)."""
+    with tracking.start_run(cfg, "pipeline", tags=tags) as parent:
+        tracking.log_config(cfg)
+    return parent.info.run_id
+
+
 def run(cfg: Config, tags: dict[str, str] | None = None) -> dict:
     """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow → evaluate."""
     with tracking.start_run(cfg, "pipeline", tags=tags) as parent:
@@ -144,10 +182,10 @@ def run(cfg: Config, tags: dict[str, str] | None = None) -> dict:
         base = train(cfg, cached["dataset_uri"], parent_id)
         base_eval = evaluate(cfg, base["checkpoint_uri"], cached["dataset_uri"], parent_run_id=parent_id)
         generated = pairs(cfg, base["checkpoint_uri"], parent_id)
-        reflow_cfg = reflow.reflow_config(cfg, generated["pairs_uri"], base["checkpoint_uri"])
-        reflowed = train(reflow_cfg, generated["pairs_uri"], parent_id)
-        reflow_eval = evaluate(reflow_cfg, reflowed["checkpoint_uri"], cached["dataset_uri"],
-                               parent_run_id=parent_id, label="evaluate_reflow")
+        reflowed = launch_train(cfg, cached["dataset_uri"], parent_id, pairs_uri=generated["pairs_uri"],
+                                init_from=base["checkpoint_uri"])
+        reflow_eval = evaluate(cfg, reflowed["checkpoint_uri"], cached["dataset_uri"], parent_run_id=parent_id,
+                               label="evaluate_reflow")
         summary = _summary(base_eval, reflow_eval)
         with tempfile.TemporaryDirectory() as tmp:
             curves = {label: [MethodResult(**row) for row in result["rows"]]

@@ -299,8 +299,17 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
         summary = {**tracker.last, "step": state.step, "checkpoint_uri": last_ckpt, "table_hashes": hashes,
                    "mlflow_run_id": tracker.run_id}
         if rank == 0:
-            storage_for(run_uri).write_text(join(run_uri, RESULT_FILE), json.dumps(summary, indent=2))
+            write_result(run_uri, summary)
         return summary
+
+
+def write_result(run_uri: str, summary: dict) -> None:
+    storage_for(run_uri).write_text(join(run_uri, RESULT_FILE), json.dumps(summary, indent=2))
+
+
+def read_result(run_uri: str) -> dict:
+    """The summary a finished run committed (what another process — a pipeline step — reads back)."""
+    return json.loads(storage_for(run_uri).read_text(join(run_uri, RESULT_FILE)))
 
 
 def _save(state: TrainState, run_uri: str, rank: int, tracker: _Tracker) -> str:
@@ -438,5 +447,5 @@ def train(cfg: Config, dataset_uri: str, parent_run_id: str | None = None) -> Tr
     if result.error:
         raise result.error
     # Ray Train V2 keeps metrics only alongside Ray checkpoints; rank 0 commits its summary to storage instead.
-    metrics = json.loads(storage_for(run_uri).read_text(join(run_uri, RESULT_FILE)))
+    metrics = read_result(run_uri)
     return TrainResult(run_uri, metrics["checkpoint_uri"], metrics)

@@ -1,0 +1,28 @@
+"""What a KFP step reports besides its return values: numbers for the run's Metrics view, and small
+artifacts that point at the data in object storage, so the KFP UI shows lineage without copying it."""
+
+from __future__ import annotations
+
+import json
+from numbers import Number
+from pathlib import Path
+
+
+def log_numbers(metrics, numbers: dict) -> None:
+    """Every numeric entry of a stage's summary into an ``Output[Metrics]``."""
+    for key, value in numbers.items():
+        if isinstance(value, Number) and not isinstance(value, bool):
+            metrics.log_metric(key, float(value))
+
+
+def point_to(artifact, uri: str, **metadata) -> None:
+    """Make an ``Output[Artifact]`` a pointer: its metadata and a small JSON file name the storage URI."""
+    artifact.metadata.update({"uri": uri, **metadata})
+    Path(artifact.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(artifact.path).write_text(json.dumps({"uri": uri, **metadata}, indent=2))
+
+
+def report_table(markdown, evaluation: dict) -> None:
+    """The evaluation table (from ``stages.evaluate``) as an ``Output[Markdown]`` for the KFP UI."""
+    Path(markdown.path).write_text(f"**{evaluation['metric']}** vs NFE of `{evaluation['checkpoint_uri']}`\n\n"
+                                   f"{evaluation['table']}\n\ngrids and plot: `{evaluation['eval_uri']}`\n")

@@ -1,0 +1,135 @@
+"""Launch the train stage as a KubeRay ``RayJob`` and wait for it, from inside a pipeline step.
+
+The RayJob is the one ``k8s/jobs/train-rayjob.yaml`` ships (read from ``$LOOMCFM_K8S_DIR`` in the image,
+or the repository's ``k8s/``), with a name, the config text and the ``--set`` overrides filled in, so a
+pipeline run and a ``kubectl apply`` train the same way. The launcher polls ``status.jobStatus``, logs
+every change, raises with the job's own message when it fails, and deletes the RayJob (and so its
+cluster) afterwards unless told to keep it for debugging.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import re
+import shlex
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+TEMPLATE = "jobs/train-rayjob.yaml"
+HEAD_CONTAINER = "ray-head"
+CONFIG_ENV = "LOOMCFM_CONFIG_YAML"
+TERMINAL_OK = {"SUCCEEDED"}
+TERMINAL_FAILED = {"FAILED", "STOPPED"}
+log = logging.getLogger(__name__)
+
+
+class RayJobError(RuntimeError):
+    """The RayJob failed, was stopped, or did not finish in time; the message carries KubeRay's reason."""
+
+
+def k8s_dir() -> Path:
+    """``$LOOMCFM_K8S_DIR`` (the image copies k8s/ there), else the repository's ``k8s/``."""
+    return Path(os.environ.get("LOOMCFM_K8S_DIR") or Path(__file__).resolve().parents[1] / "k8s")
+
+
+def load_template() -> dict:
+    path = k8s_dir() / TEMPLATE
+    if not path.is_file():
+        raise RayJobError(f"RayJob template {path} not found (set LOOMCFM_K8S_DIR to the folder holding k8s/)")
+    return yaml.safe_load(path.read_text())
+
+
+def _containers(rayjob: dict) -> list[dict]:
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return [c for group in groups for c in group["template"]["spec"]["containers"]]
+
+
+def job_name(prefix: str = "loomcfm-train") -> str:
+    """A fresh DNS-1123 name: a retried pipeline step must not collide with its failed predecessor."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def build_rayjob(template: dict, name: str, config_yaml: str, args: list[str], image: str,
+                 shutdown_after: bool = True) -> dict:
+    """The template with this run's name, image, config text (env of the head, where the driver runs) and
+    ``loomcfm train`` arguments."""
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name):
+        raise ValueError(f"RayJob name {name!r} is not a DNS-1123 label")
+    job = copy.deepcopy(template)
+    job["metadata"]["name"] = name
+    job["metadata"].pop("namespace", None)
+    job["spec"]["entrypoint"] = shlex.join(["loomcfm", "train", *args])
+    job["spec"]["shutdownAfterJobFinishes"] = shutdown_after
+    for container in _containers(job):
+        container["image"] = image
+        if container["name"] == HEAD_CONTAINER:
+            env = [e for e in container.get("env", []) if e["name"] != CONFIG_ENV]
+            container["env"] = [*env, {"name": CONFIG_ENV, "value": config_yaml}]
+    if not any(c["name"] == HEAD_CONTAINER for c in _containers(job)):
+        raise RayJobError(f"template has no head container named {HEAD_CONTAINER!r}")
+    return job
+
+
+def custom_objects_api(host: str | None = None):
+    """A client for the cluster: in-cluster credentials in a pod, else kubeconfig, else ``host``."""
+    from kubernetes import client, config
+
+    if host:
+        configuration = client.Configuration()
+        configuration.host = host
+        return client.CustomObjectsApi(client.ApiClient(configuration))
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CustomObjectsApi()
+
+
+def run_rayjob(api, namespace: str, body: dict, poll_seconds: float = 10.0, timeout_seconds: float = 7 * 86400,
+               delete_after: bool = True) -> dict:
+    """Create the RayJob, wait for a terminal ``jobStatus``, and return its final status.
+
+    Raises :class:`RayJobError` with KubeRay's message on FAILED/STOPPED or after ``timeout_seconds``.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    name = body["metadata"]["name"]
+    try:
+        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    except ApiException as exc:
+        raise RayJobError(f"cannot create RayJob {namespace}/{name}: {exc.status} {exc.reason}: {exc.body}") from exc
+    log.info("created RayJob %s/%s: %s", namespace, name, body["spec"]["entrypoint"])
+    started, seen = time.monotonic(), None
+    try:
+        while True:
+            status = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status") or {}
+            job_status = status.get("jobStatus", "")
+            current = (status.get("jobDeploymentStatus", ""), job_status, status.get("message", ""))
+            if current != seen:
+                log.info("RayJob %s: deployment=%s job=%s %s (%.0f s)", name, current[0] or "-", current[1] or "-",
+                         current[2], time.monotonic() - started)
+                seen = current
+            if job_status in TERMINAL_OK:
+                return status
+            if job_status in TERMINAL_FAILED or status.get("jobDeploymentStatus") == "Failed":
+                raise RayJobError(f"RayJob {namespace}/{name} {job_status or 'deployment failed'}: "
+                                  f"{status.get('message') or status.get('reason') or 'no message'} "
+                                  f"(kubectl -n {namespace} logs -l job-name={name})")
+            if time.monotonic() - started > timeout_seconds:
+                raise RayJobError(f"RayJob {namespace}/{name} did not finish within {timeout_seconds:.0f} s "
+                                  f"(last status: {job_status or 'none'})")
+            time.sleep(poll_seconds)
+    finally:
+        if delete_after:
+            try:
+                api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+                log.info("deleted RayJob %s/%s", namespace, name)
+            except ApiException as exc:
+                log.warning("could not delete RayJob %s/%s: %s %s", namespace, name, exc.status, exc.reason)
