@@ -56,16 +56,31 @@ def job_name(prefix: str = "loomcfm-train") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+def _template_args(entrypoint: str) -> list[str]:
+    """The template's ``loomcfm train`` arguments minus ``--dataset``: the ``--set ray.*`` that match its
+    worker group stay, so the RayJob's training fits the cluster it brings up."""
+    tokens = shlex.split(entrypoint)
+    if tokens[:2] != ["loomcfm", "train"]:
+        raise RayJobError(f"template entrypoint must start with 'loomcfm train', got {entrypoint!r}")
+    kept, rest = [], iter(tokens[2:])
+    for token in rest:
+        if token == "--dataset":
+            next(rest, None)
+        elif not token.startswith("--dataset="):
+            kept.append(token)
+    return kept
+
+
 def build_rayjob(template: dict, name: str, config_yaml: str, args: list[str], image: str,
                  shutdown_after: bool = True) -> dict:
     """The template with this run's name, image, config text (env of the head, where the driver runs) and
-    ``loomcfm train`` arguments."""
+    ``loomcfm train`` arguments (after the template's own, so the cluster-shape ``--set``s still apply)."""
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name):
         raise ValueError(f"RayJob name {name!r} is not a DNS-1123 label")
     job = copy.deepcopy(template)
     job["metadata"]["name"] = name
     job["metadata"].pop("namespace", None)
-    job["spec"]["entrypoint"] = shlex.join(["loomcfm", "train", *args])
+    job["spec"]["entrypoint"] = shlex.join(["loomcfm", "train", *_template_args(job["spec"]["entrypoint"]), *args])
     job["spec"]["shutdownAfterJobFinishes"] = shutdown_after
     for container in _containers(job):
         container["image"] = image

@@ -1,0 +1,238 @@
+"""Kubeflow Pipelines: compiled packages up to date, real kfp.local runs, early config errors, and the
+RayJob launcher against a Kubernetes API stand-in served over HTTP (no cluster can run here)."""
+
+import json
+import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from loomcfm_core import IMAGE, kube, stages
+from loomcfm_core.config import ConfigError, load_config
+from loomcfm_core.train import run_uri_for, write_result
+from pipelines import runner
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TINY = ["train.max_steps=30", "reflow.max_steps=20", "reflow.num_pairs=256", "eval.num_samples=300",
+        "eval.methods=[euler-1,euler-4]", "ray.cpus_per_worker=1", "model.attn_resolutions=[]"]
+
+
+def test_compiled_packages_are_up_to_date(tmp_path):
+    fresh = runner.compile_all(tmp_path)
+    for path in fresh:
+        committed = runner.COMPILED / path.name
+        assert committed.is_file(), f"{committed} missing: run `loomcfm pipeline compile`"
+        assert committed.read_text() == path.read_text(), f"{committed} is stale: run `loomcfm pipeline compile`"
+    spec, platform = yaml.safe_load_all((runner.COMPILED / "loomcfm_pipeline.yaml").read_text())
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) >= {"config_yaml", "overrides", "launcher"}
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert all(e["secretAsEnv"][0]["keyToEnv"][0]["envVar"] == "AWS_ACCESS_KEY_ID" for e in executors.values())
+    images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
+    assert images == {IMAGE}
+
+
+def test_bad_overrides_fail_before_anything_runs(tmp_path, capfd):
+    with pytest.raises(ConfigError, match=r"train\.lrr: unknown config key"):
+        runner.arguments("full", "digits", ["train.lrr=1"], None)
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        runner.arguments("full", "digits", ["train.lr=-1"], None)
+    with pytest.raises(ValueError, match="--checkpoint"):
+        runner.arguments("reflow", "digits", [], None)
+    # inside the pipeline too (a run submitted from the UI): the first step fails, no stage starts
+    with pytest.raises(RuntimeError):
+        runner.run_local("full", {"config_yaml": "digits", "overrides": ["reflow.num_pairz=3"]}, str(tmp_path / "root"))
+    output = re.sub(r"\x1b\[[0-9;]*m", "", "".join(capfd.readouterr()))
+    assert "reflow.num_pairz: unknown config key" in output
+    assert "Task 'prepare' finished with status FAILURE" in output and "Executing task 'cache'" not in output
+    assert not (tmp_path / "loomcfm-data").exists() and not (tmp_path / "loomcfm-runs").exists()
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory):
+    """The full pipeline, then the reflow pipeline from its checkpoint with overrides, on kfp.local."""
+    root = tmp_path_factory.mktemp("kfp")
+    sets = [*TINY, f"storage.root={root}/store", f"tracking.local_dir={root}/runs"]
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        runner.run_local("full", runner.arguments("full", "digits", sets, None), str(root / "full"))
+        model = json.loads(next((root / "full").glob("*/train/model")).read_text())
+        reflow_sets = [*sets, "reflow.num_pairs=128", "reflow.method=euler-2", "reflow.max_steps=10"]
+        runner.run_local("reflow", runner.arguments("reflow", "digits", reflow_sets, model["uri"]),
+                         str(root / "reflow"))
+    finally:
+        os.chdir(cwd)
+    return root, model
+
+
+def _outputs(root, pipeline, step):
+    return json.loads(next((root / pipeline).glob(f"*/{step}/executor_output.json")).read_text())
+
+
+def test_full_pipeline_steps_and_lineage(local_runs):
+    root, model = local_runs
+    steps = {p.name for p in (root / "full").glob("*/*")}
+    assert steps == {"prepare", "cache", "train", "evaluate", "pairs", "train-2", "evaluate-2"}
+    assert model["uri"].endswith("step-00000030.pt") and Path(model["uri"]).is_file()
+    dataset = json.loads(next((root / "full").glob("*/cache/dataset")).read_text())
+    assert (Path(dataset["uri"]) / "manifest.json").is_file() and dataset["num_train"] == 1500
+    metrics = _outputs(root, "full", "evaluate")["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert {"fd_digits/euler-1", "nfe/euler-4"} <= set(metrics)
+    report = next((root / "full").glob("*/evaluate/report")).read_text()
+    assert "| euler-4 | 4.0 |" in report
+
+
+def test_mlflow_runs_of_the_pipelines(local_runs):
+    root, _ = local_runs
+    client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("loomcfm-digits").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("loomcfm.stage") == "pipeline"]
+    assert len(parents) == 2 and all(r.data.tags.get("kfp.run_id") for r in parents)
+    by_parent = {p.info.run_id: sorted(r.data.tags["loomcfm.stage"] for r in runs
+                                       if r.data.tags.get("mlflow.parentRunId") == p.info.run_id) for p in parents}
+    assert sorted(by_parent.values()) == [["cache", "evaluate", "evaluate_reflow", "pairs", "train", "train"],
+                                          ["cache", "evaluate_reflow", "pairs", "train"]]
+
+
+def test_reflow_pipeline_applied_its_overrides(local_runs):
+    root, model = local_runs
+    pairs = json.loads(next((root / "reflow").glob("*/pairs/dataset")).read_text())
+    assert pairs["num_pairs"] == 128 and pairs["method"] == "euler-2"
+    trained = json.loads(next((root / "reflow").glob("*/train/model")).read_text())
+    assert trained["uri"].endswith("step-00000010.pt") and trained["alias"] == "reflow"
+
+
+# ---- the RayJob launcher ---------------------------------------------------------------------------------
+
+def _rayjob_schema():
+    crd = yaml.safe_load((SHARED / "schemas" / "kuberay" / "ray.io_rayjobs.yaml").read_text())
+    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+
+
+def test_rayjob_matches_the_crd_schema():
+    cfg = load_config("cifar10", ["storage.root=s3://bucket/loomcfm"])
+    body = kube.build_rayjob(kube.load_template(), kube.job_name(), cfg.to_yaml(),
+                             ["--dataset", "s3://bucket/loomcfm/datasets/cifar10-x", "--parent-run-id", "abc"],
+                             "registry.example/loomcfm:9.9", shutdown_after=False)
+    jsonschema.validate(body, _rayjob_schema())
+    assert body["spec"]["entrypoint"].startswith("loomcfm train --set ray.address=auto")
+    assert body["spec"]["entrypoint"].endswith("--dataset s3://bucket/loomcfm/datasets/cifar10-x --parent-run-id abc")
+    head = body["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "LOOMCFM_CONFIG_YAML", "value": cfg.to_yaml()} in head["env"]
+    assert [e["name"] for e in head["env"]].count("LOOMCFM_CONFIG_YAML") == 1
+    assert all(c["image"] == "registry.example/loomcfm:9.9" for c in kube._containers(body))
+    assert body["spec"]["shutdownAfterJobFinishes"] is False
+    bad = dict(body, spec=dict(body["spec"], shutdownAfterJobFinishes="yes"))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, _rayjob_schema())
+
+
+class FakeKubeAPI(BaseHTTPRequestHandler):
+    """Enough of the Kubernetes API for RayJobs: create, get (status follows a script), delete."""
+
+    script: list = []
+    objects: dict = {}
+    deleted: list = []
+    refuse_create: int | None = None
+
+    def _send(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        cls = type(self)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if cls.refuse_create:
+            return self._send(cls.refuse_create, {"kind": "Status", "message": "rayjobs is forbidden", "code": 403})
+        assert self.path == "/apis/ray.io/v1/namespaces/ml/rayjobs", self.path
+        cls.objects[body["metadata"]["name"]] = body
+        self._send(201, body)
+
+    def do_GET(self):
+        cls = type(self)
+        name = self.path.rsplit("/", 1)[-1]
+        status = cls.script.pop(0) if len(cls.script) > 1 else cls.script[0]
+        self._send(200, {**cls.objects[name], "status": status})
+
+    def do_DELETE(self):
+        type(self).deleted.append(self.path.rsplit("/", 1)[-1])
+        self._send(200, {"kind": "Status", "status": "Success"})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def kube_api():
+    handler = type("Handler", (FakeKubeAPI,), {"script": [], "objects": {}, "deleted": [], "refuse_create": None})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield handler, kube.custom_objects_api(host=f"http://127.0.0.1:{server.server_port}")
+    server.shutdown()
+
+
+def _body():
+    return kube.build_rayjob(kube.load_template(), "loomcfm-train-test", "name: x", ["--dataset", "s3://b/d"], "img:1")
+
+
+def test_launcher_waits_for_success_and_cleans_up(kube_api, caplog):
+    handler, api = kube_api
+    caplog.set_level("INFO")
+    handler.script = [{}, {"jobDeploymentStatus": "Initializing"},
+                      {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+                      {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]
+    status = kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01)
+    assert status["jobStatus"] == "SUCCEEDED"
+    assert handler.objects["loomcfm-train-test"]["spec"]["entrypoint"].endswith("--dataset s3://b/d")
+    assert handler.deleted == ["loomcfm-train-test"]
+    assert "job=RUNNING" in caplog.text and "deployment=Initializing" in caplog.text
+
+
+def test_launcher_surfaces_the_failure_message(kube_api):
+    handler, api = kube_api
+    handler.script = [{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+                      {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED",
+                       "message": "Job entrypoint command failed with exit code 1"}]
+    with pytest.raises(kube.RayJobError, match="FAILED: Job entrypoint command failed with exit code 1"):
+        kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01)
+    assert handler.deleted == ["loomcfm-train-test"]
+
+
+def test_launcher_can_leave_the_cluster_and_times_out(kube_api):
+    handler, api = kube_api
+    handler.script = [{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}]
+    with pytest.raises(kube.RayJobError, match="did not finish within 0 s"):
+        kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01, timeout_seconds=0.05, delete_after=False)
+    assert handler.deleted == []
+
+
+def test_launcher_reports_a_refused_create(kube_api):
+    handler, api = kube_api
+    handler.refuse_create = 403
+    with pytest.raises(kube.RayJobError, match="cannot create RayJob ml/loomcfm-train-test: 403"):
+        kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01)
+
+
+def test_train_stage_on_kubernetes_reads_back_the_result(kube_api, tmp_path):
+    handler, api = kube_api
+    handler.script = [{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]
+    cfg = load_config("digits", [f"storage.root={tmp_path}/store"])
+    dataset_uri = f"{tmp_path}/store/datasets/digits-x"
+    expected = {"checkpoint_uri": "s3://b/ckpt.pt", "run_uri": run_uri_for(cfg, dataset_uri), "step": 7}
+    write_result(expected["run_uri"], expected)  # what the RayJob's `loomcfm train` commits when it finishes
+    out = stages.train_on_kubernetes(cfg, dataset_uri, "parent-1", namespace="ml", poll_seconds=0.01, api=api)
+    assert out == expected
+    (created,) = handler.objects.values()
+    assert created["spec"]["entrypoint"].endswith(f"--dataset {dataset_uri} --parent-run-id parent-1")
+    head = created["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert next(e["value"] for e in head["env"] if e["name"] == "LOOMCFM_CONFIG_YAML") == cfg.to_yaml()
