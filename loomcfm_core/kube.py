@@ -46,9 +46,12 @@ def load_template() -> dict:
 
 
 def _containers(rayjob: dict) -> list[dict]:
+    """Every container the RayJob runs: head, workers and the submitter that calls ``ray job submit``."""
     cluster = rayjob["spec"]["rayClusterSpec"]
-    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
-    return [c for group in groups for c in group["template"]["spec"]["containers"]]
+    templates = [g["template"] for g in (cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", []))]
+    if "submitterPodTemplate" in rayjob["spec"]:
+        templates.append(rayjob["spec"]["submitterPodTemplate"])
+    return [c for template in templates for c in template["spec"]["containers"]]
 
 
 def job_name(prefix: str = "loomcfm-train") -> str:
