@@ -46,7 +46,9 @@ def main() -> None:
             start = time.perf_counter()
             summary = fit(cfg, dataset_uri, f"{tmp}/store/runs/quality-{kind}", torch.device("cpu"))
             minutes[kind] = (time.perf_counter() - start) / 60
-            results[kind] = evaluate(cfg, summary["checkpoint_uri"], dataset_uri, args.methods).rows
+            workdir = Path(tmp) / f"eval-{kind}"
+            workdir.mkdir()
+            results[kind] = evaluate(cfg, summary["checkpoint_uri"], dataset_uri, workdir, args.methods).rows
             model = load_model(cfg, summary["checkpoint_uri"], torch.device("cpu"))
             shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
             curvature[kind] = path_curvature(model, noise_from_seeds(sample_seeds(500), shape))

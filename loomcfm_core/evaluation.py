@@ -8,7 +8,6 @@ method, ``fd_vs_nfe.png``) so a KFP artifact or an MLflow run can point at them.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,14 +90,16 @@ def plot_fd_vs_nfe(curves: dict[str, list[MethodResult]], metric: str, path: Pat
     return path
 
 
-def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, methods: list[str] | None = None,
-             output_uri: str | None = None, workdir: Path | None = None,
-             device: torch.device | None = None) -> Evaluation:
-    """Score the checkpoint's EMA model with each method against the dataset's train statistics."""
+def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, methods: list[str] | None = None,
+             output_uri: str | None = None, device: torch.device | None = None) -> Evaluation:
+    """Score the checkpoint's EMA model with each method against the dataset's train statistics.
+
+    Grids, plot and tables are written to ``workdir`` (kept for the caller, e.g. to log them to MLflow)
+    and uploaded to ``output_uri``.
+    """
     device = device or default_device()
     methods = methods or cfg.eval.methods
     output_uri = output_uri or output_uri_for(cfg, checkpoint_uri)
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="loomcfm-eval-"))
     model = load_model(cfg, checkpoint_uri, device)
     network = feature_network(cfg, dataset_uri, device)
     reference = reference_stats(cfg, dataset_uri, network)

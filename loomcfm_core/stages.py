@@ -121,7 +121,7 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, m
     dataset_uri = dataset_uri or image_dataset_uri(cfg)
     with stage_run(cfg, label, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
-            result = evaluate_checkpoint(cfg, checkpoint_uri, dataset_uri, methods, workdir=Path(tmp))
+            result = evaluate_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
             for row in result.rows:
                 mlflow.log_metrics({f"{result.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe,
                                     f"seconds/{row.method}": row.seconds})
