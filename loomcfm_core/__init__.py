@@ -2,6 +2,11 @@
 
 import os
 
+# A pipeline should not phone home: Ray's usage statistics and MLflow's telemetry are on by default and
+# would reach the internet from every run. An explicit setting by the user still wins.
+for _var, _off in (("RAY_USAGE_STATS_ENABLED", "0"), ("MLFLOW_DISABLE_TELEMETRY", "true")):
+    os.environ.setdefault(_var, _off)
+
 __version__ = "0.1.0"
 
 # The one image every KFP step and Ray pod runs (docker/ builds it; k8s/ and the KFP components use it).

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import yaml
 
@@ -123,3 +125,9 @@ def test_cli_reads_config_text_from_the_environment(monkeypatch, capsys):
     monkeypatch.setenv("LOOMCFM_CONFIG_YAML", "train: {lr: -1}")
     assert main(["config", "show"]) == 2
     assert "$LOOMCFM_CONFIG_YAML" in capsys.readouterr().err
+
+
+def test_no_usage_statistics_leave_the_machine():
+    import loomcfm_core  # noqa: F401 - importing the package is what sets the defaults
+
+    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0" and os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
