@@ -50,7 +50,7 @@ def main() -> None:
             workdir.mkdir()
             results[kind] = evaluate(cfg, summary["checkpoint_uri"], dataset_uri, workdir, args.methods).rows
             model = load_model(cfg, summary["checkpoint_uri"], torch.device("cpu"))
-            shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+            shape = cfg.data.shape
             curvature[kind] = path_curvature(model, noise_from_seeds(sample_seeds(500), shape))
         plot = plot_fd_vs_nfe(results, "fd_digits", Path(args.plot))
 

@@ -56,7 +56,7 @@ def noise_rows(device: torch.device, repeats: int) -> list[tuple[str, float]]:
 
 def step_rows(preset: str, device: torch.device, steps: int, bf16: bool) -> dict:
     cfg = load_config(preset, [f"train.bf16={str(bf16).lower()}"])
-    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    shape = cfg.data.shape
     batch, num_points = cfg.train.batch_size, 50_000
     x1 = torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
     index = torch.arange(batch)

@@ -14,9 +14,8 @@ from loomcfm_core.config import Config, ConfigError, load_config, load_config_te
 from loomcfm_core.data.sources import SourceError
 from loomcfm_core.metrics import MetricsError, fetch_inception_weights
 from loomcfm_core.sampling import parse_method
+from loomcfm_core.kube import CONFIG_ENV, RayJobError
 from loomcfm_core.storage import StorageError
-
-CONFIG_ENV = "LOOMCFM_CONFIG_YAML"
 
 
 def _config_options() -> argparse.ArgumentParser:
@@ -27,6 +26,13 @@ def _config_options() -> argparse.ArgumentParser:
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     return common
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def resolve_config(ref: str | None, overrides: list[str]) -> Config:
@@ -67,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", parents=[common], help="write sampled PNGs and a grid")
     sample.add_argument("--ckpt", required=True, help="Path to the model checkpoint.")
     sample.add_argument("--output", required=True, help="Path to the output directory to write images to.")
-    sample.add_argument("--num_images", type=int, required=True, help="Number of images to generate.")
+    sample.add_argument("--num_images", type=_positive, required=True, help="Number of images to generate.")
     sample.add_argument("--nrows", type=int, default=8, help="nrows in make_grid.")
     sample.add_argument("--method", required=True, help="Generation method of format solver-steps.")
     sample.add_argument("--batch_size", type=int, default=None, help="Batch size (default: sample.batch_size).")
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"loomcfm: config error: {exc}", file=sys.stderr)
         return 2
-    except (SourceError, StorageError, MetricsError, ValueError) as exc:
+    except (SourceError, StorageError, MetricsError, RayJobError, ValueError, OSError) as exc:
         print(f"loomcfm: error: {exc}", file=sys.stderr)
         return 1
 

@@ -46,6 +46,11 @@ class DataConfig(_Section):
     local_cache: str = Field("~/.cache/loomcfm", description="node-local folder for copies of remote shards")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        return (self.channels, self.resolution, self.resolution)
+
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:

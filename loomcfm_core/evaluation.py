@@ -103,7 +103,7 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, 
     model = load_model(cfg, checkpoint_uri, device)
     network = feature_network(cfg, dataset_uri, device)
     reference = reference_stats(cfg, dataset_uri, network)
-    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    shape = cfg.data.shape
     seeds = sample_seeds(cfg.eval.num_samples)
     rows, files = [], []
     for method in methods:

@@ -26,6 +26,7 @@ HEAD_CONTAINER = "ray-head"
 CONFIG_ENV = "LOOMCFM_CONFIG_YAML"
 TERMINAL_OK = {"SUCCEEDED"}
 TERMINAL_FAILED = {"FAILED", "STOPPED"}
+MAX_POLL_FAILURES = 10
 log = logging.getLogger(__name__)
 
 
@@ -124,10 +125,20 @@ def run_rayjob(api, namespace: str, body: dict, poll_seconds: float = 10.0, time
     except ApiException as exc:
         raise RayJobError(f"cannot create RayJob {namespace}/{name}: {exc.status} {exc.reason}: {exc.body}") from exc
     log.info("created RayJob %s/%s: %s", namespace, name, body["spec"]["entrypoint"])
-    started, seen = time.monotonic(), None
+    started, seen, failures = time.monotonic(), None, 0
     try:
         while True:
-            status = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status") or {}
+            try:
+                status = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name).get("status") or {}
+                failures = 0
+            except ApiException as exc:  # an API-server hiccup must not end (and delete) a days-long training
+                failures += 1
+                if failures > MAX_POLL_FAILURES:
+                    raise RayJobError(f"cannot read RayJob {namespace}/{name} ({failures} failures in a row): "
+                                      f"{exc.status} {exc.reason}") from exc
+                log.warning("reading RayJob %s failed (%s %s), retrying", name, exc.status, exc.reason)
+                time.sleep(poll_seconds * min(2**failures, 30))
+                continue
             job_status = status.get("jobStatus", "")
             current = (status.get("jobDeploymentStatus", ""), job_status, status.get("message", ""))
             if current != seen:

@@ -237,11 +237,10 @@ def feature_network(cfg: Config, dataset_uri: str, device: torch.device | str = 
 
 # ---- reference statistics --------------------------------------------------------------------------------
 
-def dataset_images(dataset_uri: str, split: str, local_cache: str, limit: int | None = None) -> torch.Tensor:
-    """The stored uint8 images of a split (the first ``limit``), without flips."""
+def dataset_images(dataset_uri: str, split: str, local_cache: str) -> torch.Tensor:
+    """The stored uint8 images of a split, without flips."""
     dataset = ShardedDataset(dataset_uri, split, local_cache=local_cache)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    return torch.stack([torch.from_numpy(np.ascontiguousarray(dataset.read(i)[0])) for i in range(count)])
+    return torch.stack([torch.from_numpy(np.ascontiguousarray(dataset.read(i)[0])) for i in range(len(dataset))])
 
 
 def reference_stats(cfg: Config, dataset_uri: str, network: FeatureNetwork) -> FeatureStats:

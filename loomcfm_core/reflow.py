@@ -42,7 +42,7 @@ def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None
         return uri, existing
     device = device or default_device()
     model = load_model(cfg, checkpoint_uri, device)
-    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    shape = cfg.data.shape
     seeds = sample_seeds(cfg.reflow.num_pairs, offset=PAIR_SEED_OFFSET)
     nfes = []
 

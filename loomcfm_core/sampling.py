@@ -61,8 +61,7 @@ def solve(model: nn.Module, x0: torch.Tensor, method: str) -> tuple[torch.Tensor
 
 @dataclass
 class Samples:
-    images: torch.Tensor  # [n, C, H, W] float in about [-1, 1], on the CPU
-    seeds: torch.Tensor   # int64 [n]: noise i is noise_from_seeds(seeds[i])
+    images: torch.Tensor  # [n, C, H, W] float in about [-1, 1], on the CPU; image i from noise of seeds[i]
     nfe: float            # mean network evaluations per batch
 
 
@@ -82,7 +81,7 @@ def generate(model: nn.Module, shape: tuple[int, ...], method: str, seeds: torch
         x1, nfe = solve(model, x0, method)
         outputs.append(x1.float().cpu())
         nfes.append(nfe)
-    return Samples(torch.cat(outputs), seeds, sum(nfes) / len(nfes))
+    return Samples(torch.cat(outputs), sum(nfes) / len(nfes))
 
 
 @torch.no_grad()

@@ -22,10 +22,10 @@ from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset, read_manifest
 from loomcfm_core.evaluation import MethodResult, default_device, evaluate as evaluate_checkpoint
 from loomcfm_core.evaluation import load_model, plot_fd_vs_nfe
-from loomcfm_core.metrics import MetricsError, feature_network, reference_stats, train_dataset_classifier
+from loomcfm_core.metrics import feature_network, reference_stats, train_dataset_classifier
 from loomcfm_core.metrics import classifier_uri
 from loomcfm_core.sampling import generate, sample_seeds, save_grid, to_uint8
-from loomcfm_core.storage import join, storage_for
+from loomcfm_core.storage import is_remote, join, storage_for
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +52,23 @@ def cache(cfg: Config, parent_run_id: str | None = None) -> dict:
         splits = result.manifest["splits"]
         out = {"dataset_uri": result.uri, "created": result.created,
                "num_train": splits["train"]["count"], "num_val": splits["val"]["count"]}
-        if _uses_classifier(cfg) and not storage_for(result.uri).exists(classifier_uri(result.uri)):
-            out.update(train_dataset_classifier(result.uri, cfg.data.local_cache, cfg.train.seed))
-        try:
+        if _uses_classifier(cfg):
+            if not storage_for(result.uri).exists(classifier_uri(result.uri)):
+                out.update(train_dataset_classifier(result.uri, cfg.data.local_cache, cfg.train.seed))
             reference_stats(cfg, result.uri, feature_network(cfg, result.uri))
-        except MetricsError as exc:
-            log.info("reference statistics deferred to the first evaluation: %s", exc)
+        # Inception statistics of a large train split are left to the first evaluation, which has a GPU.
         mlflow.set_tag("loomcfm.dataset_uri", result.uri)
         mlflow.log_metrics({k: float(v) for k, v in out.items() if k.startswith(("num_", "classifier_"))})
     return out
 
 
-def image_dataset_uri(cfg: Config) -> str:
-    """The cached image dataset of a config: ``data.uri`` when it holds images, else the source's cache."""
+def image_dataset_uri(cfg: Config, parent_run_id: str | None = None) -> str:
+    """The cached image dataset of a config: ``data.uri`` when it holds images, else the cache stage's."""
     if cfg.data.uri:
         manifest = read_manifest(cfg.data.uri)
         if manifest is not None and manifest.get("kind", "images") == "images":
             return cfg.data.uri
-    return cache_dataset(cfg).uri
+    return cache(cfg, parent_run_id)["dataset_uri"]
 
 
 def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None) -> dict:
@@ -95,6 +94,11 @@ def launch_train(cfg: Config, dataset_uri: str, parent_run_id: str | None = None
     """
     if launcher not in ("local", "rayjob"):
         raise ValueError(f"launcher must be 'local' or 'rayjob', got {launcher!r}")
+    if launcher == "rayjob" and not is_remote(cfg.storage.root):
+        raise ValueError(f"launcher=rayjob needs storage.root on shared storage (s3://...), got "
+                         f"{cfg.storage.root!r}: the cluster's checkpoints would be unreachable from this step")
+    if pairs_uri and not init_from:
+        raise ValueError("reflow training from pairs_uri needs init_from (the checkpoint that generated them)")
     if pairs_uri:
         cfg, dataset_uri = reflow.reflow_config(cfg, pairs_uri, init_from), pairs_uri
     if launcher == "rayjob":
@@ -118,7 +122,7 @@ def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, methods: list[str] | None = None,
              parent_run_id: str | None = None, label: str = "evaluate") -> dict:
     """Distance to the data (FID, or fd_<dataset>) and NFE for each sampling method, with grids and a plot."""
-    dataset_uri = dataset_uri or image_dataset_uri(cfg)
+    dataset_uri = dataset_uri or image_dataset_uri(cfg, parent_run_id)
     with stage_run(cfg, label, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
             result = evaluate_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
@@ -150,7 +154,7 @@ def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, metho
 
     device = default_device()
     model = load_model(cfg, checkpoint_uri, device)
-    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    shape = cfg.data.shape
     samples = generate(model, shape, method, sample_seeds(num_images, offset=cfg.train.seed << 32), batch_size,
                        device)
     store = storage_for(output)

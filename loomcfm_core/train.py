@@ -106,7 +106,7 @@ def build_state(cfg: Config, num_points: int, device: torch.device, rank: int = 
     optimizer = torch.optim.Adam(raw.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
                                  weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.train.warmup_steps))
-    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    shape = cfg.data.shape
     coupling = make_coupling(cfg.coupling.kind, num_points, cfg.coupling.num_seeds, shape, cfg.coupling.cost,
                              seed=cfg.train.seed, rank=rank, world_size=world_size, pair_seeds=pair_seeds)
     t_generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank + 1)

@@ -140,6 +140,7 @@ class FakeKubeAPI(BaseHTTPRequestHandler):
     objects: dict = {}
     deleted: list = []
     refuse_create: int | None = None
+    failing_gets = 0
 
     def _send(self, code, body):
         data = json.dumps(body).encode()
@@ -160,6 +161,9 @@ class FakeKubeAPI(BaseHTTPRequestHandler):
 
     def do_GET(self):
         cls = type(self)
+        if cls.failing_gets:
+            cls.failing_gets -= 1
+            return self._send(503, {"kind": "Status", "message": "etcd leader changed", "code": 503})
         name = self.path.rsplit("/", 1)[-1]
         status = cls.script.pop(0) if len(cls.script) > 1 else cls.script[0]
         self._send(200, {**cls.objects[name], "status": status})
@@ -174,7 +178,8 @@ class FakeKubeAPI(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def kube_api():
-    handler = type("Handler", (FakeKubeAPI,), {"script": [], "objects": {}, "deleted": [], "refuse_create": None})
+    handler = type("Handler", (FakeKubeAPI,), {"script": [], "objects": {}, "deleted": [], "refuse_create": None,
+                                               "failing_gets": 0})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield handler, kube.custom_objects_api(host=f"http://127.0.0.1:{server.server_port}")
@@ -236,3 +241,24 @@ def test_train_stage_on_kubernetes_reads_back_the_result(kube_api, tmp_path):
     assert created["spec"]["entrypoint"].endswith(f"--dataset {dataset_uri} --parent-run-id parent-1")
     head = created["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert next(e["value"] for e in head["env"] if e["name"] == "LOOMCFM_CONFIG_YAML") == cfg.to_yaml()
+
+
+def test_launcher_rides_out_api_server_hiccups(kube_api, monkeypatch):
+    handler, api = kube_api
+    monkeypatch.setattr(kube.time, "sleep", lambda seconds: None)
+    handler.failing_gets = 3
+    handler.script = [{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]
+    assert kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01)["jobStatus"] == "SUCCEEDED"
+    handler.failing_gets = kube.MAX_POLL_FAILURES + 1
+    with pytest.raises(kube.RayJobError, match="cannot read RayJob ml/loomcfm-train-test .*503"):
+        kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01)
+
+
+def test_launch_train_rejects_what_cannot_work(tmp_path):
+    cfg = load_config("digits", [f"storage.root={tmp_path}/store"])
+    with pytest.raises(ValueError, match=r"launcher=rayjob needs storage.root on shared storage \(s3://"):
+        stages.launch_train(cfg, "s3://b/d", launcher="rayjob")
+    with pytest.raises(ValueError, match="needs init_from"):
+        stages.launch_train(cfg, "s3://b/d", pairs_uri="s3://b/pairs")
+    with pytest.raises(ValueError, match="launcher must be"):
+        stages.launch_train(cfg, "s3://b/d", launcher="slurm")

@@ -53,7 +53,7 @@ class Source:
     def __init__(self, data: DataConfig, argument: str) -> None:
         self.data = data
         self.argument = argument
-        self.shape = (data.channels, data.resolution, data.resolution)
+        self.shape = data.shape
 
     @property
     def description(self) -> str:
