@@ -17,5 +17,5 @@ def on_cluster(task: PipelineTask, s3_secret: str, env_config_map: str) -> Pipel
 
 
 def with_gpu(task: PipelineTask, accelerator_type: str, accelerator_limit: int) -> PipelineTask:
-    """Sampling-heavy steps (evaluate, pairs) ask for accelerators; a limit of 0 runs them on CPU."""
+    """Accelerators for a step (evaluate and pairs; training when it runs in the step); 0 means CPU only."""
     return task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_limit)

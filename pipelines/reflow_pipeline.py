@@ -11,7 +11,8 @@ from pipelines.common import on_cluster, with_gpu
 def reflow_pipeline(checkpoint_uri: str, config_yaml: str = "digits", overrides: list = [],
                     launcher: str = "local", namespace: str = "loomcfm", keep_cluster: bool = False,
                     s3_secret: str = "loomcfm-s3", env_config_map: str = "loomcfm-env",
-                    accelerator_type: str = "nvidia.com/gpu", accelerator_limit: int = 1):
+                    accelerator_type: str = "nvidia.com/gpu", accelerator_limit: int = 1,
+                    train_accelerator_limit: int = 0):
     """``overrides`` set the pairs (``reflow.method``, ``reflow.num_pairs``) and the reflow training
     (``reflow.lr``, ``reflow.epochs``, ``reflow.batch_size``, ...)."""
     prepared = on_cluster(prepare(config_yaml=config_yaml, overrides=overrides,
@@ -22,10 +23,11 @@ def reflow_pipeline(checkpoint_uri: str, config_yaml: str = "digits", overrides:
     generated = with_gpu(on_cluster(pairs(config_yaml=config, overrides=[], checkpoint_uri=checkpoint_uri,
                                           parent_run_id=parent), s3_secret, env_config_map),
                          accelerator_type, accelerator_limit)
-    reflowed = on_cluster(train(config_yaml=config, overrides=[], dataset_uri=cached.outputs["Output"],
-                                parent_run_id=parent, launcher=launcher, namespace=namespace,
-                                keep_cluster=keep_cluster, pairs_uri=generated.outputs["Output"],
-                                init_from=checkpoint_uri), s3_secret, env_config_map).set_caching_options(False)
+    reflowed = train(config_yaml=config, overrides=[], dataset_uri=cached.outputs["Output"], parent_run_id=parent,
+                     launcher=launcher, namespace=namespace, keep_cluster=keep_cluster,
+                     pairs_uri=generated.outputs["Output"], init_from=checkpoint_uri)
+    with_gpu(on_cluster(reflowed, s3_secret, env_config_map), accelerator_type,
+             train_accelerator_limit).set_caching_options(False)
     with_gpu(on_cluster(evaluate(config_yaml=config, overrides=[], checkpoint_uri=reflowed.outputs["checkpoint_uri"],
                                  dataset_uri=cached.outputs["Output"], parent_run_id=parent,
                                  label="evaluate_reflow"), s3_secret, env_config_map),
