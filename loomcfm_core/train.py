@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -183,7 +182,7 @@ def _rng_state(state: TrainState) -> dict:
 
 
 def _gather_objects(obj) -> list:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -320,7 +319,7 @@ def _save(state: TrainState, run_uri: str, rank: int, tracker: _Tracker) -> str:
         uri = save_checkpoint(checkpoint_state(state, rngs, tracker.run_id), run_uri, state.step,
                               state.cfg.train.keep_checkpoints)
         tracker.checkpoint_saved(uri)
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()  # nobody resumes or finishes before the checkpoint is committed
     return uri
 
@@ -363,7 +362,7 @@ class _Tracker:
             return
         means = torch.tensor([float(self.sums[k]) / self.count for k in self.sums], dtype=torch.float64,
                              device=self.state.device)  # NCCL reduces device tensors only
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             dist.all_reduce(means)
             means /= dist.get_world_size()
         elapsed = time.perf_counter() - self.started

@@ -16,7 +16,7 @@ from loomcfm_core.data import cache as cache_module
 from loomcfm_core.data.cache import cache_dataset, read_manifest
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.data.sources import SourceError
-from loomcfm_core.storage import StorageError, join
+from loomcfm_core.storage import StorageError
 
 RNG = np.random.default_rng(0)
 
