@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from loomcfm_core.errors import CheckpointError
 from loomcfm_core.storage import join, storage_for
 
 FORMAT = "loomcfm-ckpt-v1"
@@ -61,7 +62,7 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint from any storage URI (remote ones through a temporary local copy)."""
     state = _read(uri, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{uri}: not a loomcfm checkpoint (expected format {FORMAT!r})")
+        raise CheckpointError(f"{uri}: not a loomcfm checkpoint (expected format {FORMAT!r})")
     return state
 
 
@@ -82,5 +83,5 @@ def load_ema_weights(uri: str, map_location: str | torch.device = "cpu") -> dict
                 weights[key.removeprefix("backbone.")] = value
         if weights:
             return weights
-    raise ValueError(f"{uri}: neither a loomcfm checkpoint nor a reference LOOM-CFM checkpoint "
+    raise CheckpointError(f"{uri}: neither a loomcfm checkpoint nor a reference LOOM-CFM checkpoint "
                      "(expected a dict with 'ema', or 'model' holding 'backbone.*' weights)")

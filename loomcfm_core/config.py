@@ -13,18 +13,19 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# The allowed values are defined by the modules that implement them; the config only checks against them.
+from loomcfm_core.coupling import COSTS, KINDS
+from loomcfm_core.data.sources import check_source, source_forms
+from loomcfm_core.errors import ConfigError
+from loomcfm_core.sampling import check_method
 
 PRESETS_PACKAGE = "loomcfm_core.presets"
 DEFAULT_PRESET = "digits"
-SOURCE_KINDS = ("builtin", "imagefolder", "cifar10", "imagenet32", "hdf5")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the dotted key and what is expected."""
 
 
 class _Section(BaseModel):
@@ -33,8 +34,8 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     name: str = Field("digits", pattern=r"^[A-Za-z0-9_.-]+$", description="dataset name, used in the cache URI")
-    source: str = Field("builtin:digits", description="builtin:digits | imagefolder:<dir> | cifar10:<dir> | "
-                        "imagenet32:<dir> | hdf5:<dir>")
+    source: Annotated[str, AfterValidator(check_source)] = Field("builtin:digits",
+                                                                 description=" | ".join(source_forms()))
     channels: Literal[1, 3, 4] = 1
     resolution: int = Field(8, ge=4, le=1024, description="images are H=W=resolution")
     resize: bool = Field(False, description="imagefolder: resize images to resolution instead of rejecting "
@@ -50,16 +51,6 @@ class DataConfig(_Section):
     def shape(self) -> tuple[int, int, int]:
         """(C, H, W) of one image."""
         return (self.channels, self.resolution, self.resolution)
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, value: str) -> str:
-        kind, sep, arg = value.partition(":")
-        if not sep or kind not in SOURCE_KINDS or not arg:
-            raise ValueError(f"expected one of {', '.join(k + ':<arg>' for k in SOURCE_KINDS)}, got {value!r}")
-        if kind == "builtin" and arg != "digits":
-            raise ValueError(f"the only built-in dataset is 'builtin:digits', got {value!r}")
-        return value
 
 
 class ModelConfig(_Section):
@@ -79,9 +70,9 @@ class ModelConfig(_Section):
 
 
 class CouplingConfig(_Section):
-    kind: Literal["independent", "minibatch_ot", "loom", "fixed", "pairs"] = "loom"
+    kind: Literal[KINDS] = "loom"
     num_seeds: int = Field(4, ge=1, description="K: noise seeds owned by every data point")
-    cost: Literal["l2", "sqeuclidean"] = "l2"
+    cost: Literal[COSTS] = "l2"
 
 
 class TrainConfig(_Section):
@@ -113,15 +104,19 @@ class TrainConfig(_Section):
         return value
 
 
+# A sampling method string, ``<solver>-<steps>`` with a solver :mod:`loomcfm_core.sampling` implements.
+Method = Annotated[str, AfterValidator(check_method)]
+
+
 class SampleConfig(_Section):
-    method: str = Field("euler-4", pattern=r"^(euler|midpoint|rk4|dopri5)-[1-9][0-9]*$")
+    method: Method = Field("euler-4", description="<solver>-<steps>, e.g. euler-4 or dopri5-1")
     num_images: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=1)
     nrows: int = Field(8, ge=1)
 
 
 class EvalConfig(_Section):
-    methods: list[str] = Field(["euler-1", "euler-2", "euler-4", "euler-8", "dopri5-1"], min_length=1)
+    methods: list[Method] = Field(["euler-1", "euler-2", "euler-4", "euler-8", "dopri5-1"], min_length=1)
     num_samples: int = Field(2000, ge=2)
     batch_size: int = Field(500, ge=1)
     feature_network: Literal["auto", "inception", "classifier"] = Field(
@@ -131,16 +126,9 @@ class EvalConfig(_Section):
     inception_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$", description="expected sha256 "
                                          "(or a prefix); default: the .sha256 file beside the weights")
 
-    @field_validator("methods")
-    @classmethod
-    def _method_strings(cls, value: list[str]) -> list[str]:
-        for method in value:
-            SampleConfig(method=method)
-        return value
-
 
 class ReflowConfig(_Section):
-    method: str = Field("dopri5-1", pattern=r"^(euler|midpoint|rk4|dopri5)-[1-9][0-9]*$")
+    method: Method = Field("dopri5-1", description="the solver that generates the pairs, <solver>-<steps>")
     num_pairs: int = Field(5000, ge=1)
     batch_size: int = Field(256, ge=1, description="training batch per worker for the reflow stage")
     lr: float = Field(2e-5, gt=0.0)
@@ -236,16 +224,26 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
     return tree
 
 
+def config_text(ref: str | None = None) -> str:
+    """What ``--config`` names, as text :func:`load_config_text` takes in any process: a preset's name as it
+    is (every process ships the presets), a file's contents (the file is on this machine only); anything else
+    is a :class:`ConfigError` listing the presets."""
+    ref = ref or DEFAULT_PRESET
+    if ref in preset_names():
+        return ref
+    if Path(ref).is_file():
+        return Path(ref).read_text()
+    raise ConfigError(f"config {ref!r} is neither a preset ({', '.join(preset_names())}) nor a file")
+
+
 def _load_tree(ref: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a preset name or a YAML file, resolving ``extends:`` chains."""
     if ref in seen:
         raise ConfigError(f"extends: cycle {' -> '.join(seen + (ref,))}")
     if ref in preset_names():
         text = resources.files(PRESETS_PACKAGE).joinpath(f"{ref}.yaml").read_text()
-    elif Path(ref).is_file():
-        text = Path(ref).read_text()
     else:
-        raise ConfigError(f"config {ref!r} is neither a preset ({', '.join(preset_names())}) nor a file")
+        text = config_text(ref)  # a file, or the error that lists the presets
     return _resolve_extends(_read_yaml(text, ref), ref, seen + (ref,))
 
 

@@ -36,9 +36,13 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from loomcfm_core.errors import CheckpointError, UsageError
+
 Gather = Callable[[torch.Tensor], torch.Tensor]  # all ranks' tensors concatenated in rank order
 Broadcast = Callable[[torch.Tensor], torch.Tensor]  # rank 0's tensor, on every rank
-KINDS = ("independent", "minibatch_ot", "fixed", "loom", "pairs")
+SEED_KINDS = ("independent", "minibatch_ot", "fixed", "loom")  # the kinds SeedCoupling implements
+KINDS = (*SEED_KINDS, "pairs")  # coupling.kind
+COSTS = ("l2", "sqeuclidean")  # coupling.cost: the distance, or its square
 
 # splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 multiplication wraps).
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
@@ -114,7 +118,7 @@ class Coupling:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != self.kind:
-            raise ValueError(f"checkpoint holds a {state.get('kind')!r} coupling, this run uses {self.kind!r}")
+            raise CheckpointError(f"checkpoint holds a {state.get('kind')!r} coupling, this run uses {self.kind!r}")
 
 
 class PairsCoupling(Coupling):
@@ -146,8 +150,8 @@ class SeedCoupling(Coupling):
 
     def __init__(self, kind: str, num_points: int, num_seeds: int, shape: tuple[int, ...], cost: str = "l2",
                  seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        if kind not in ("independent", "minibatch_ot", "fixed", "loom"):
-            raise ValueError(f"SeedCoupling kind must be independent, minibatch_ot, fixed or loom, got {kind!r}")
+        if kind not in SEED_KINDS:
+            raise UsageError(f"SeedCoupling kind must be one of {', '.join(SEED_KINDS)}, got {kind!r}")
         self.kind, self.shape, self.cost = kind, tuple(shape), cost
         self.rank, self.world_size = rank, world_size
         self.fresh = kind in ("independent", "minibatch_ot")
@@ -189,7 +193,7 @@ class SeedCoupling(Coupling):
                               int((perm != torch.arange(total)).sum()))
         if self.kind == "loom":
             if len(torch.unique(index_all)) != total:
-                raise ValueError("a LOOM minibatch must not repeat a data point (use a sampler without "
+                raise UsageError("a LOOM minibatch must not repeat a data point (use a sampler without "
                                  "replacement that drops the last incomplete batch)")
             self.table[index_all, slots] = seeds[perm]
         return x0_all[perm.to(x1.device)][mine], stats
@@ -211,7 +215,7 @@ class SeedCoupling(Coupling):
         super().load_state_dict(state)
         if not self.fresh:
             if state["table"].shape != self.table.shape:
-                raise ValueError(f"checkpoint coupling table has shape {tuple(state['table'].shape)}, this run "
+                raise CheckpointError(f"checkpoint coupling table has shape {tuple(state['table'].shape)}, this run "
                                  f"needs {tuple(self.table.shape)} (num_points, num_seeds)")
             self.table = state["table"].clone()
         self.generator.set_state(state["generator"])
@@ -222,9 +226,9 @@ def make_coupling(kind: str, num_points: int, num_seeds: int, shape: tuple[int, 
                   pair_seeds: torch.Tensor | None = None) -> Coupling:
     if kind == "pairs":
         if pair_seeds is None:
-            raise ValueError("coupling.kind=pairs needs a dataset of (noise seed, target) pairs: point data.uri "
+            raise UsageError("coupling.kind=pairs needs a dataset of (noise seed, target) pairs: point data.uri "
                              "at the output of `loomcfm pairs`")
         return PairsCoupling(pair_seeds, shape, cost)
     if pair_seeds is not None:
-        raise ValueError(f"the dataset holds reflow pairs; train it with coupling.kind=pairs, not {kind!r}")
+        raise UsageError(f"the dataset holds reflow pairs; train it with coupling.kind=pairs, not {kind!r}")
     return SeedCoupling(kind, num_points, num_seeds, shape, cost, seed, rank, world_size)

@@ -1,8 +1,8 @@
 """Launch the train stage as a KubeRay ``RayJob`` and wait for it, from inside a pipeline step.
 
-The RayJob is the one ``k8s/jobs/train-rayjob.yaml`` ships (read from ``$LOOMCFM_K8S_DIR`` in the image,
-or the repository's ``k8s/``), with a name, the config text and the ``--set`` overrides filled in, so a
-pipeline run and a ``kubectl apply`` train the same way. The launcher polls ``status.jobStatus``, logs
+The RayJob is the template shipped inside the package (``loomcfm_core/templates/train-rayjob.yaml``, of which
+``k8s/jobs/train-rayjob.yaml`` is a tested byte copy), with a name, the config text and the ``--set``
+overrides filled in, so a pipeline run and a ``kubectl apply`` train the same way. The launcher polls ``status.jobStatus``, logs
 every change, raises with the job's own message when it fails, and deletes the RayJob (and so its
 cluster) afterwards unless told to keep it for debugging.
 """
@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import re
 import shlex
 import time
 import uuid
-from pathlib import Path
+from importlib import resources
 
 import yaml
 
+from loomcfm_core.errors import RayJobError, UsageError
+
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
-TEMPLATE = "jobs/train-rayjob.yaml"
+TEMPLATE = "train-rayjob.yaml"  # in the package loomcfm_core.templates
 HEAD_CONTAINER = "ray-head"
 CONFIG_ENV = "LOOMCFM_CONFIG_YAML"
 TERMINAL_OK = {"SUCCEEDED"}
@@ -30,20 +31,9 @@ MAX_POLL_FAILURES = 10
 log = logging.getLogger(__name__)
 
 
-class RayJobError(RuntimeError):
-    """The RayJob failed, was stopped, or did not finish in time; the message carries KubeRay's reason."""
-
-
-def k8s_dir() -> Path:
-    """``$LOOMCFM_K8S_DIR`` (the image copies k8s/ there), else the repository's ``k8s/``."""
-    return Path(os.environ.get("LOOMCFM_K8S_DIR") or Path(__file__).resolve().parents[1] / "k8s")
-
-
 def load_template() -> dict:
-    path = k8s_dir() / TEMPLATE
-    if not path.is_file():
-        raise RayJobError(f"RayJob template {path} not found (set LOOMCFM_K8S_DIR to the folder holding k8s/)")
-    return yaml.safe_load(path.read_text())
+    """The training RayJob as shipped with the package (wherever it is installed: the image, a laptop)."""
+    return yaml.safe_load(resources.files("loomcfm_core.templates").joinpath(TEMPLATE).read_text())
 
 
 def _containers(rayjob: dict) -> list[dict]:
@@ -80,7 +70,7 @@ def build_rayjob(template: dict, name: str, config_yaml: str, args: list[str], i
     """The template with this run's name, image, config text (env of the head, where the driver runs) and
     ``loomcfm train`` arguments (after the template's own, so the cluster-shape ``--set``s still apply)."""
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name):
-        raise ValueError(f"RayJob name {name!r} is not a DNS-1123 label")
+        raise UsageError(f"RayJob name {name!r} is not a DNS-1123 label")
     job = copy.deepcopy(template)
     job["metadata"]["name"] = name
     job["metadata"].pop("namespace", None)

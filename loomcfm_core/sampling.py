@@ -17,6 +17,7 @@ from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
 from loomcfm_core.coupling import noise_from_seeds
+from loomcfm_core.errors import UsageError
 
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 ADAPTIVE_TOLERANCE = 1e-5
@@ -26,9 +27,15 @@ _METHOD = re.compile(rf"^({'|'.join(SOLVERS)})-([1-9][0-9]*)$")
 def parse_method(method: str) -> tuple[str, int]:
     match = _METHOD.match(method)
     if not match:
-        raise ValueError(f"sampling method {method!r}: expected <solver>-<steps> with solver one of "
+        raise UsageError(f"sampling method {method!r}: expected <solver>-<steps> with solver one of "
                          f"{', '.join(SOLVERS)}, e.g. euler-4 or dopri5-1")
     return match.group(1), int(match.group(2))
+
+
+def check_method(method: str) -> str:
+    """``method`` when :func:`parse_method` takes it (what the config checks method strings with)."""
+    parse_method(method)
+    return method
 
 
 class CountingField(nn.Module):

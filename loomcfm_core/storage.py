@@ -17,12 +17,10 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
+from loomcfm_core.errors import StorageError
+
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 S3_MAX_ATTEMPTS = 8
-
-
-class StorageError(RuntimeError):
-    """A storage operation that cannot succeed; the message says which URI and why."""
 
 
 def join(uri: str, *parts: str) -> str:

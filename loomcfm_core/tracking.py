@@ -28,15 +28,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core.config import Config
+from loomcfm_core.errors import TrackingError
 
 STAGE_TAG = "loomcfm.stage"
 CONFIG_ARTIFACT = "config.yaml"
 log = logging.getLogger(__name__)
 SERVER_SCHEMES = ("http", "https")
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message names the URI or experiment and what to fix."""
 
 
 def _local_dir(cfg: Config) -> Path:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from kfp import compiler
 
-from loomcfm_core.config import ConfigError, load_config_text, preset_names
+from loomcfm_core.config import config_text, load_config_text
+from loomcfm_core.errors import UsageError
 from pipelines.loomcfm_pipeline import loomcfm_pipeline
 from pipelines.reflow_pipeline import reflow_pipeline
 
@@ -28,22 +29,16 @@ def arguments(pipeline: str, config: str | None, overrides: list[str], checkpoin
               launcher: str = "local") -> dict:
     """Pipeline arguments, validated here first so a typo fails before anything is submitted or run."""
     if pipeline not in PIPELINES:
-        raise ValueError(f"--pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
-    config = config or "digits"
-    if config in preset_names():
-        config_yaml = config
-    elif Path(config).is_file():
-        config_yaml = Path(config).read_text()
-    else:
-        raise ConfigError(f"--config {config!r} is neither a preset ({', '.join(preset_names())}) nor a file")
+        raise UsageError(f"--pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
+    config_yaml = config_text(config)
     load_config_text(config_yaml, overrides)  # the validation the pipeline's prepare step repeats
     args = {"config_yaml": config_yaml, "overrides": list(overrides), "launcher": launcher}
     if pipeline == "reflow":
         if not checkpoint:
-            raise ValueError("the reflow pipeline needs --checkpoint URI (a trained model's checkpoint)")
+            raise UsageError("the reflow pipeline needs --checkpoint URI (a trained model's checkpoint)")
         args["checkpoint_uri"] = checkpoint
     elif checkpoint:
-        raise ValueError("--checkpoint is for --pipeline reflow")
+        raise UsageError("--checkpoint is for --pipeline reflow")
     return args
 
 

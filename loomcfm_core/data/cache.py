@@ -25,21 +25,15 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from loomcfm_core.checksums import sha256_file
 from loomcfm_core.config import Config, DataConfig
 from loomcfm_core.data.sources import SPLITS, Source, open_source
-from loomcfm_core.storage import StorageError, absolute, join, storage_for
+from loomcfm_core.errors import StorageError
+from loomcfm_core.storage import absolute, join, storage_for
 
 FORMAT = "loomcfm-hdf5-v1"
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
-
-
-def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cache_key(data: DataConfig, source: Source) -> str:
@@ -137,7 +131,9 @@ def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], 
 
 
 @dataclass
-class CacheResult:
+class CachedDataset:
+    """A cached dataset; ``created`` is false when the same inputs were already cached."""
+
     uri: str
     manifest: dict
     created: bool
@@ -147,7 +143,7 @@ def dataset_uri(cfg: Config, key: str) -> str:
     return join(absolute(cfg.storage.root), "datasets", f"{cfg.data.name}-{key}")
 
 
-def cache_dataset(cfg: Config) -> CacheResult:
+def cache_dataset(cfg: Config) -> CachedDataset:
     """Cache ``cfg.data.source`` under the storage root; a no-op when the same inputs are already cached."""
     source = open_source(cfg.data)
     key = cache_key(cfg.data, source)
@@ -156,11 +152,11 @@ def cache_dataset(cfg: Config) -> CacheResult:
     if existing is not None and existing.get("config_hash") == key:
         log.info("dataset already cached at %s (%s): nothing to do", uri,
                  ", ".join(f"{s}={v['count']}" for s, v in existing["splits"].items()))
-        return CacheResult(uri, existing, created=False)
+        return CachedDataset(uri, existing, created=False)
     splits = {s: ({"images": images, "labels": labels} for images, labels in source.batches(s)) for s in SPLITS}
     manifest = {"name": cfg.data.name, "source": source.description, "config_hash": key, "kind": "images",
                 "shape": list(source.shape), "arrays": {"images": "uint8", "labels": "int64"}}
     manifest = write_dataset(uri, splits, cfg.data.shard_size, manifest,
                              totals={s: source.count(s) for s in SPLITS})
     log.info("cached %s at %s", source.description, uri)
-    return CacheResult(uri, manifest, created=True)
+    return CachedDataset(uri, manifest, created=True)

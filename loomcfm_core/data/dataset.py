@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from loomcfm_core.data.cache import read_manifest, sha256_file
-from loomcfm_core.storage import StorageError, is_remote, join, storage_for, to_local_path
+from loomcfm_core.checksums import fetch_verified
+from loomcfm_core.data.cache import read_manifest
+from loomcfm_core.errors import StorageError, UsageError
+from loomcfm_core.storage import is_remote, join, to_local_path
 
 
 def local_shards(uri: str, manifest: dict, split: str, local_cache: str) -> list[Path]:
@@ -31,14 +33,8 @@ def local_shards(uri: str, manifest: dict, split: str, local_cache: str) -> list
             paths.append(to_local_path(remote))
             continue
         local = Path(local_cache).expanduser() / "datasets" / uri.rstrip("/").rsplit("/", 1)[-1] / shard["path"]
-        if not (local.is_file() and sha256_file(local) == shard["sha256"]):
-            storage_for(remote).get(remote, local)
-            actual = sha256_file(local)
-            if actual != shard["sha256"]:
-                local.unlink()
-                raise StorageError(f"{remote}: checksum mismatch (manifest {shard['sha256'][:12]}..., "
-                                   f"downloaded {actual[:12]}...); the dataset is corrupt, re-run `loomcfm cache`")
-        paths.append(local)
+        paths.append(fetch_verified(remote, local, shard["sha256"],
+                                    hint="the dataset is corrupt, re-run `loomcfm cache`"))
     return paths
 
 
@@ -57,7 +53,7 @@ class ShardedDataset(Dataset):
                                "(run `loomcfm cache` first)")
         self.is_pairs = manifest.get("kind") == "pairs"
         if self.is_pairs and hflip:
-            raise ValueError(f"{uri} holds reflow pairs, whose noise is fixed per target: set data.hflip=false")
+            raise UsageError(f"{uri} holds reflow pairs, whose noise is fixed per target: set data.hflip=false")
         self.uri, self.manifest, self.hflip = uri, manifest, hflip
         self.array = "target" if self.is_pairs else "images"
         self.paths = local_shards(uri, manifest, split, local_cache)

@@ -14,11 +14,15 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
-from loomcfm_core.config import DataConfig
+from loomcfm_core.errors import SourceError
+
+if TYPE_CHECKING:  # the config validates data.source with check_source: only annotations go the other way
+    from loomcfm_core.config import DataConfig
 
 SPLITS = ("train", "val")
 BATCH = 1024
@@ -26,10 +30,6 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".
 DIGITS_VAL_SIZE = 297
 
 Batch = tuple[np.ndarray, np.ndarray]
-
-
-class SourceError(ValueError):
-    """An input that cannot be cached; the message names the file and what was expected."""
 
 
 def _natural_key(path: Path) -> list:
@@ -49,6 +49,7 @@ class Source:
     """What the cache needs from a dataset: an identity, per-split counts and a stream of batches."""
 
     kind = ""
+    form = "<dir>"  # what follows ``kind:`` in data.source
 
     def __init__(self, data: DataConfig, argument: str) -> None:
         self.data = data
@@ -82,6 +83,7 @@ class DigitsSource(Source):
     """scikit-learn's bundled 8x8 digits: ships with the package, so nothing is downloaded."""
 
     kind = "builtin"
+    form = "digits"
 
     def __init__(self, data: DataConfig, argument: str) -> None:
         super().__init__(data, argument)
@@ -324,6 +326,23 @@ class HDF5Source(Source):
 SOURCES: dict[str, type[Source]] = {
     cls.kind: cls for cls in (DigitsSource, Cifar10Source, ImageNetBatchesSource, ImageFolderSource, HDF5Source)
 }
+
+
+def source_forms() -> list[str]:
+    """The ``data.source`` strings this module reads, e.g. ``cifar10:<dir>``."""
+    return [f"{kind}:{cls.form}" for kind, cls in SOURCES.items()]
+
+
+def check_source(source: str) -> str:
+    """``source`` when it names a kind this module reads with an argument it takes (what the config checks
+    ``data.source`` with); raises :class:`SourceError` listing the forms otherwise."""
+    kind, sep, argument = source.partition(":")
+    cls = SOURCES.get(kind) if sep and argument else None
+    if cls is None:
+        raise SourceError(f"expected one of {', '.join(source_forms())}, got {source!r}")
+    if cls.form != Source.form and argument != cls.form:
+        raise SourceError(f"the only {kind} dataset is '{kind}:{cls.form}', got {source!r}")
+    return source
 
 
 def open_source(data: DataConfig) -> Source:

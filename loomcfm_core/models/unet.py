@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loomcfm_core.config import ModelConfig
+from loomcfm_core.errors import UsageError
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -82,7 +83,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_head_channels: int) -> None:
         super().__init__()
         if channels % num_head_channels:
-            raise ValueError(f"attention channels {channels} not divisible by num_head_channels {num_head_channels}")
+            raise UsageError(f"attention channels {channels} not divisible by num_head_channels {num_head_channels}")
         self.num_heads = channels // num_head_channels
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)

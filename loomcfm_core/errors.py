@@ -1,0 +1,51 @@
+"""Every error loomcfm raises on purpose, under one base class.
+
+A front door (the CLI, a KFP step) catches :class:`LoomcfmError` and shows its message, which names the
+dotted config key, file or URI at fault and what is expected; anything else escaping is a bug and keeps its
+traceback. Each class also keeps the built-in base that callers and tests already catch it by
+(``ValueError`` for bad input, ``RuntimeError`` for a service or state that cannot be used).
+"""
+
+from __future__ import annotations
+
+
+class LoomcfmError(Exception):
+    """The base of every deliberate loomcfm error: its message is meant for the user, without a traceback."""
+
+
+class ConfigError(LoomcfmError, ValueError):
+    """A config that cannot be used; the message names the dotted key and what is expected."""
+
+
+class UsageError(LoomcfmError, ValueError):
+    """Arguments or inputs a function cannot work with (a method string, a launcher, a batch larger than
+    the dataset); the message names them and what is expected."""
+
+
+class StorageError(LoomcfmError, RuntimeError):
+    """A storage operation that cannot succeed; the message says which URI and why."""
+
+
+class SourceError(LoomcfmError, ValueError):
+    """An input that cannot be cached; the message names the file and what was expected."""
+
+
+class CheckpointError(LoomcfmError, ValueError):
+    """A file that is not a usable checkpoint for this run: not one of ours or the reference's, or weights
+    and state that do not fit the configured model and coupling."""
+
+
+class MetricsError(LoomcfmError, RuntimeError):
+    """A feature network or reference statistics that cannot be used; says which file and what to do."""
+
+
+class TrackingError(LoomcfmError, RuntimeError):
+    """The tracking store cannot be used; the message names the URI or experiment and what to fix."""
+
+
+class RayJobError(LoomcfmError, RuntimeError):
+    """The RayJob failed, was stopped, or did not finish in time; the message carries KubeRay's reason."""
+
+
+class TrainingError(LoomcfmError, RuntimeError):
+    """Training reached a state it must not continue from (ranks whose coupling tables diverged)."""

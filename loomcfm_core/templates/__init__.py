@@ -1,0 +1,1 @@
+"""Kubernetes objects the package launches itself, shipped as package data (``train-rayjob.yaml``)."""
