@@ -20,9 +20,10 @@ import torch
 from loomcfm_core import stages
 from loomcfm_core.config import load_config
 from loomcfm_core.coupling import noise_from_seeds
-from loomcfm_core.evaluation import evaluate, load_model, plot_fd_vs_nfe
+from loomcfm_core.evaluation import evaluate, plot_fd_vs_nfe
+from loomcfm_core.models.loading import load_model
 from loomcfm_core.sampling import path_curvature, sample_seeds
-from loomcfm_core.train import fit
+from loomcfm_core.training.loop import fit
 
 KINDS = ("independent", "minibatch_ot", "loom")
 
@@ -38,7 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = load_config("digits", [f"storage.root={tmp}/store", f"tracking.local_dir={tmp}/runs",
                                       *args.overrides])
-        dataset_uri = stages.cache(base)["dataset_uri"]
+        dataset_uri = stages.cache(base).dataset_uri
         results, curvature, minutes = {}, {}, {}
         for kind in KINDS:
             cfg = load_config("digits", [f"storage.root={tmp}/store", f"tracking.local_dir={tmp}/runs",
@@ -48,8 +49,8 @@ def main() -> None:
             minutes[kind] = (time.perf_counter() - start) / 60
             workdir = Path(tmp) / f"eval-{kind}"
             workdir.mkdir()
-            results[kind] = evaluate(cfg, summary["checkpoint_uri"], dataset_uri, workdir, args.methods).rows
-            model = load_model(cfg, summary["checkpoint_uri"], torch.device("cpu"))
+            results[kind] = evaluate(cfg, summary.checkpoint_uri, dataset_uri, workdir, args.methods).rows
+            model = load_model(cfg, summary.checkpoint_uri, torch.device("cpu"))
             shape = cfg.data.shape
             curvature[kind] = path_curvature(model, noise_from_seeds(sample_seeds(500), shape))
         plot = plot_fd_vs_nfe(results, "fd_digits", Path(args.plot))

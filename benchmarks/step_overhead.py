@@ -21,7 +21,7 @@ import torch
 
 from loomcfm_core.config import load_config
 from loomcfm_core.coupling import noise_from_seeds, random_seeds
-from loomcfm_core.train import build_state, train_step
+from loomcfm_core.training.step import build_state, train_step
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:

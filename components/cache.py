@@ -10,11 +10,13 @@ from loomcfm_core import IMAGE
 def cache(config_yaml: str, overrides: list, parent_run_id: str, metrics: Output[Metrics],
           dataset: Output[Dataset]) -> str:
     """Returns the dataset URI; ``dataset`` points at it for lineage."""
+    from dataclasses import asdict
+
     from loomcfm_core import stages
     from loomcfm_core.config import load_config_text
     from loomcfm_core.kfp_io import log_numbers, point_to
 
     out = stages.cache(load_config_text(config_yaml, overrides), parent_run_id or None)
-    log_numbers(metrics, out)
-    point_to(dataset, out["dataset_uri"], num_train=out["num_train"], num_val=out["num_val"])
-    return out["dataset_uri"]
+    log_numbers(metrics, asdict(out))
+    point_to(dataset, out.dataset_uri, num_train=out.num_train, num_val=out.num_val)
+    return out.dataset_uri

@@ -16,7 +16,7 @@ def evaluate(config_yaml: str, overrides: list, checkpoint_uri: str, dataset_uri
 
     out = stages.evaluate(load_config_text(config_yaml, overrides), checkpoint_uri, dataset_uri or None,
                           parent_run_id=parent_run_id or None, label=label)
-    for row in out["rows"]:
-        log_numbers(metrics, {f"{out['metric']}/{row['method']}": row["distance"], f"nfe/{row['method']}": row["nfe"]})
+    for row in out.rows:
+        log_numbers(metrics, {f"{out.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe})
     report_table(report, out)
-    return out["eval_uri"]
+    return out.eval_uri

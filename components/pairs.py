@@ -15,6 +15,6 @@ def pairs(config_yaml: str, overrides: list, checkpoint_uri: str, parent_run_id:
     from loomcfm_core.kfp_io import log_numbers, point_to
 
     out = stages.pairs(load_config_text(config_yaml, overrides), checkpoint_uri, parent_run_id or None)
-    log_numbers(metrics, out)
-    point_to(dataset, out["pairs_uri"], method=out["method"], num_pairs=out["num_pairs"])
-    return out["pairs_uri"]
+    log_numbers(metrics, {"num_pairs": out.num_pairs})
+    point_to(dataset, out.pairs_uri, method=out.method, num_pairs=out.num_pairs)
+    return out.pairs_uri

@@ -22,7 +22,7 @@ def train(config_yaml: str, overrides: list, dataset_uri: str, parent_run_id: st
 
     out = stages.launch_train(load_config_text(config_yaml, overrides), dataset_uri, parent_run_id or None,
                               launcher, namespace, keep_cluster, pairs_uri, init_from)
-    log_numbers(metrics, out)
-    point_to(model, out["checkpoint_uri"], run_uri=out["run_uri"], mlflow_run_id=out.get("mlflow_run_id"),
-             registered_version=out.get("model_version"), alias=out.get("model_alias"))
-    return namedtuple("Trained", ["checkpoint_uri", "run_uri"])(out["checkpoint_uri"], out["run_uri"])
+    log_numbers(metrics, {**out.metrics, "step": out.step})
+    point_to(model, out.checkpoint_uri, run_uri=out.run_uri, mlflow_run_id=out.mlflow_run_id,
+             registered_version=out.model_version, alias=out.model_alias)
+    return namedtuple("Trained", ["checkpoint_uri", "run_uri"])(out.checkpoint_uri, out.run_uri)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -10,12 +11,11 @@ import sys
 from pathlib import Path
 
 from loomcfm_core import stages
-from loomcfm_core.config import Config, ConfigError, load_config, load_config_text, preset_names
-from loomcfm_core.data.sources import SourceError
-from loomcfm_core.metrics import MetricsError, fetch_inception_weights
+from loomcfm_core.config import Config, load_config, load_config_text, preset_names
+from loomcfm_core.errors import ConfigError, LoomcfmError
+from loomcfm_core.feature_store import fetch_inception_weights
+from loomcfm_core.kube import CONFIG_ENV
 from loomcfm_core.sampling import parse_method
-from loomcfm_core.kube import CONFIG_ENV, RayJobError
-from loomcfm_core.storage import StorageError
 
 
 def _config_options() -> argparse.ArgumentParser:
@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--ckpt", required=True, help="Path to the model checkpoint.")
     sample.add_argument("--output", required=True, help="Path to the output directory to write images to.")
     sample.add_argument("--num_images", type=_positive, required=True, help="Number of images to generate.")
-    sample.add_argument("--nrows", type=int, default=8, help="nrows in make_grid.")
+    sample.add_argument("--nrows", type=_positive, default=8, help="nrows in make_grid.")
     sample.add_argument("--method", required=True, help="Generation method of format solver-steps.")
-    sample.add_argument("--batch_size", type=int, default=None, help="Batch size (default: sample.batch_size).")
+    sample.add_argument("--batch_size", type=_positive, default=None, help="Batch size (default: sample.batch_size).")
 
     commands.add_parser("run", parents=[common], help="the whole pipeline: cache, train, evaluate, pairs, "
                         "reflow train, evaluate")
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_opts = argparse.ArgumentParser(add_help=False, parents=[common])
     run_opts.add_argument("--pipeline", choices=["full", "reflow"], default="full")
     run_opts.add_argument("--checkpoint", default=None, metavar="URI", help="the reflow pipeline's starting checkpoint")
-    run_opts.add_argument("--launcher", choices=["local", "rayjob"], default="local",
+    run_opts.add_argument("--launcher", choices=stages.LAUNCHERS, default="local",
                           help="train in the step (local Ray) or as a KubeRay RayJob")
     local = pipeline_commands.add_parser("run-local", parents=[run_opts], help="run with kfp.local (no cluster)")
     local.add_argument("--pipeline-root", default="kfp-local", help="where kfp.local keeps step outputs")
@@ -131,10 +131,10 @@ def run(args: argparse.Namespace) -> int:
                                args.batch_size or cfg.sample.batch_size, args.nrows)
     else:
         result = stages.run(cfg)
-        print(f"\n{result['summary']}\n\nBrowse the runs (parent run {result['parent_run_id']}):\n"
-              f"  {mlflow_ui_command(result['tracking_uri'])}")
+        print(f"\n{result.summary}\n\nBrowse the runs (parent run {result.parent_run_id}):\n"
+              f"  {mlflow_ui_command(result.tracking_uri)}")
         return 0
-    print(json.dumps(result, indent=2))
+    print(json.dumps(dataclasses.asdict(result), indent=2))
     return 0
 
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"loomcfm: config error: {exc}", file=sys.stderr)
         return 2
-    except (SourceError, StorageError, MetricsError, RayJobError, ValueError, OSError) as exc:
+    except (LoomcfmError, OSError) as exc:  # a deliberate error, or the machine's (disk full, permissions)
         print(f"loomcfm: error: {exc}", file=sys.stderr)
         return 1
 

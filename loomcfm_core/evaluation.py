@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from loomcfm_core.checkpoint import load_ema_weights
 from loomcfm_core.config import Config
 from loomcfm_core.metrics import FeatureStats, feature_network, frechet_distance, reference_stats
-from loomcfm_core.models.unet import UNetModel
+from loomcfm_core.models.loading import default_device, load_model
 from loomcfm_core.sampling import generate, sample_seeds, save_grid, to_uint8
 from loomcfm_core.storage import absolute, join, storage_for
 
@@ -41,21 +40,6 @@ class Evaluation:
         lines = [f"| method | NFE | {self.metric} | seconds |", "|---|---|---|---|"]
         lines += [f"| {r.method} | {r.nfe:.1f} | {r.distance:.3f} | {r.seconds:.1f} |" for r in self.rows]
         return "\n".join(lines)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_model(cfg: Config, checkpoint_uri: str, device: torch.device) -> UNetModel:
-    """The EMA network of a checkpoint (ours or the reference implementation's), ready to sample."""
-    model = UNetModel.from_config(cfg.model, cfg.data.channels, cfg.data.resolution)
-    try:
-        model.load_state_dict(load_ema_weights(checkpoint_uri))
-    except RuntimeError as exc:
-        raise ValueError(f"{checkpoint_uri}: weights do not fit the configured model (check --config/model.*): "
-                         f"{str(exc).splitlines()[0]}") from exc
-    return model.to(device).eval()
 
 
 def output_uri_for(cfg: Config, checkpoint_uri: str) -> str:

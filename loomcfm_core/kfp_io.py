@@ -7,6 +7,8 @@ import json
 from numbers import Number
 from pathlib import Path
 
+from loomcfm_core.results import EvalResult
+
 
 def log_numbers(metrics, numbers: dict) -> None:
     """Every numeric entry of a stage's summary into an ``Output[Metrics]``."""
@@ -22,7 +24,7 @@ def point_to(artifact, uri: str, **metadata) -> None:
     Path(artifact.path).write_text(json.dumps({"uri": uri, **metadata}, indent=2))
 
 
-def report_table(markdown, evaluation: dict) -> None:
+def report_table(markdown, evaluation: EvalResult) -> None:
     """The evaluation table (from ``stages.evaluate``) as an ``Output[Markdown]`` for the KFP UI."""
-    Path(markdown.path).write_text(f"**{evaluation['metric']}** vs NFE of `{evaluation['checkpoint_uri']}`\n\n"
-                                   f"{evaluation['table']}\n\ngrids and plot: `{evaluation['eval_uri']}`\n")
+    Path(markdown.path).write_text(f"**{evaluation.metric}** vs NFE of `{evaluation.checkpoint_uri}`\n\n"
+                                   f"{evaluation.table}\n\ngrids and plot: `{evaluation.eval_uri}`\n")

@@ -18,7 +18,7 @@ import torch
 
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import read_manifest, write_dataset
-from loomcfm_core.evaluation import default_device, load_model
+from loomcfm_core.models.loading import default_device, load_model
 from loomcfm_core.sampling import generate, sample_seeds
 from loomcfm_core.storage import absolute, join
 

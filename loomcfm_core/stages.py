@@ -7,7 +7,6 @@ pipeline runs it — with the config, its metrics and its pictures.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,17 +16,21 @@ import mlflow
 import torch
 
 from loomcfm_core import IMAGE, kube, reflow, tracking
-from loomcfm_core import train as training
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset, read_manifest
-from loomcfm_core.evaluation import MethodResult, default_device, evaluate as evaluate_checkpoint
-from loomcfm_core.evaluation import load_model, plot_fd_vs_nfe
-from loomcfm_core.metrics import feature_network, reference_stats, train_dataset_classifier
-from loomcfm_core.metrics import classifier_uri
+from loomcfm_core.errors import UsageError
+from loomcfm_core.evaluation import evaluate as evaluate_checkpoint
+from loomcfm_core.evaluation import plot_fd_vs_nfe
+from loomcfm_core.feature_store import classifier_uri, train_dataset_classifier
+from loomcfm_core.metrics import feature_network, feature_network_kind, reference_stats
+from loomcfm_core.models.loading import default_device, load_model
+from loomcfm_core.results import CacheResult, EvalResult, PairsResult, RunResult, SampleResult, TrainResult
 from loomcfm_core.sampling import generate, sample_seeds, save_grid, to_uint8
 from loomcfm_core.storage import is_remote, join, storage_for
+from loomcfm_core.training.launch import run_on_ray
+from loomcfm_core.training.loop import run_uri_for
 
-log = logging.getLogger(__name__)
+LAUNCHERS = ("local", "rayjob")
 
 
 @contextmanager
@@ -39,27 +42,24 @@ def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None,
         yield run
 
 
-def _uses_classifier(cfg: Config) -> bool:
-    kind = cfg.eval.feature_network
-    return kind == "classifier" or (kind == "auto" and cfg.data.source == "builtin:digits")
-
-
-def cache(cfg: Config, parent_run_id: str | None = None) -> dict:
+def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
     """Cache ``cfg.data.source`` as HDF5 shards (a no-op when already cached), with what evaluation needs
     beside it: the digits classifier and the reference feature statistics of the train split."""
     with stage_run(cfg, "cache", parent_run_id):
-        result = cache_dataset(cfg)
-        splits = result.manifest["splits"]
-        out = {"dataset_uri": result.uri, "created": result.created,
-               "num_train": splits["train"]["count"], "num_val": splits["val"]["count"]}
-        if _uses_classifier(cfg):
-            if not storage_for(result.uri).exists(classifier_uri(result.uri)):
-                out.update(train_dataset_classifier(result.uri, cfg.data.local_cache, cfg.train.seed))
-            reference_stats(cfg, result.uri, feature_network(cfg, result.uri))
+        cached = cache_dataset(cfg)
+        splits = cached.manifest["splits"]
+        result = CacheResult(cached.uri, cached.created, splits["train"]["count"], splits["val"]["count"])
+        if feature_network_kind(cfg) == "classifier":
+            if not storage_for(cached.uri).exists(classifier_uri(cached.uri)):
+                result.classifier_val_accuracy = train_dataset_classifier(cached.uri, cfg.data.local_cache,
+                                                                          cfg.train.seed)
+            reference_stats(cfg, cached.uri, feature_network(cfg, cached.uri))
         # Inception statistics of a large train split are left to the first evaluation, which has a GPU.
-        mlflow.set_tag("loomcfm.dataset_uri", result.uri)
-        mlflow.log_metrics({k: float(v) for k, v in out.items() if k.startswith(("num_", "classifier_"))})
-    return out
+        mlflow.set_tag("loomcfm.dataset_uri", cached.uri)
+        numbers = {"num_train": result.num_train, "num_val": result.num_val,
+                   "classifier_val_accuracy": result.classifier_val_accuracy}
+        mlflow.log_metrics({k: float(v) for k, v in numbers.items() if v is not None})
+    return result
 
 
 def image_dataset_uri(cfg: Config, parent_run_id: str | None = None) -> str:
@@ -68,37 +68,37 @@ def image_dataset_uri(cfg: Config, parent_run_id: str | None = None) -> str:
         manifest = read_manifest(cfg.data.uri)
         if manifest is not None and manifest.get("kind", "images") == "images":
             return cfg.data.uri
-    return cache(cfg, parent_run_id)["dataset_uri"]
+    return cache(cfg, parent_run_id).dataset_uri
 
 
-def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None) -> dict:
+def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None) -> TrainResult:
     """Train on Ray Train (resuming a rerun) and register the EMA model under the alias ``base`` or ``reflow``
-    (MLflow reserves ``latest``). The summary is also committed to ``<run>/result.json``."""
-    dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id)["dataset_uri"]
-    result = training.train(cfg, dataset_uri, parent_run_id)
-    model = load_model(cfg, result.checkpoint_uri, torch.device("cpu"))
+    (MLflow reserves ``latest``). The run's ``result.json`` (written by training) gets the registration
+    beside it, so a launcher in another process reads the same result back."""
+    dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id).dataset_uri
+    summary = run_on_ray(cfg, dataset_uri, parent_run_id)
+    model = load_model(cfg, summary.checkpoint_uri, torch.device("cpu"))
     alias = "reflow" if cfg.coupling.kind == "pairs" else "base"
-    version = tracking.register_model(cfg, result.metrics["mlflow_run_id"], model, alias)
-    summary = {**result.metrics, "run_uri": result.run_uri, "checkpoint_uri": result.checkpoint_uri,
-               "dataset_uri": dataset_uri, "model_version": version, "model_alias": alias}
-    training.write_result(result.run_uri, summary)
-    return summary
+    version = tracking.register_model(cfg, summary.mlflow_run_id, model, alias)
+    result = TrainResult(**vars(summary), model_version=version, model_alias=alias)
+    result.commit_registration()
+    return result
 
 
 def launch_train(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, launcher: str = "local",
                  namespace: str = "loomcfm", keep_cluster: bool = False, pairs_uri: str = "",
-                 init_from: str = "") -> dict:
+                 init_from: str = "") -> TrainResult:
     """The train (or, given ``pairs_uri``, reflow-train) stage, in-process on Ray or as a RayJob.
 
     This is what the KFP train component calls: the choice of launcher is a parameter, not another pipeline.
     """
-    if launcher not in ("local", "rayjob"):
-        raise ValueError(f"launcher must be 'local' or 'rayjob', got {launcher!r}")
+    if launcher not in LAUNCHERS:
+        raise UsageError(f"launcher must be one of {', '.join(map(repr, LAUNCHERS))}, got {launcher!r}")
     if launcher == "rayjob" and not is_remote(cfg.storage.root):
-        raise ValueError(f"launcher=rayjob needs storage.root on shared storage (s3://...), got "
+        raise UsageError(f"launcher=rayjob needs storage.root on shared storage (s3://...), got "
                          f"{cfg.storage.root!r}: the cluster's checkpoints would be unreachable from this step")
     if pairs_uri and not init_from:
-        raise ValueError("reflow training from pairs_uri needs init_from (the checkpoint that generated them)")
+        raise UsageError("reflow training from pairs_uri needs init_from (the checkpoint that generated them)")
     if pairs_uri:
         cfg, dataset_uri = reflow.reflow_config(cfg, pairs_uri, init_from), pairs_uri
     if launcher == "rayjob":
@@ -107,48 +107,47 @@ def launch_train(cfg: Config, dataset_uri: str, parent_run_id: str | None = None
 
 
 def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, namespace: str = "loomcfm",
-                        delete_after: bool = True, poll_seconds: float = 10.0, api=None) -> dict:
-    """The train stage as a KubeRay RayJob (``loomcfm train`` on its head node); returns the same summary.
+                        delete_after: bool = True, poll_seconds: float = 10.0, api=None) -> TrainResult:
+    """The train stage as a KubeRay RayJob (``loomcfm train`` on its head node); returns the same result.
 
     The config travels as resolved YAML text, so the RayJob trains exactly what this step validated; its
-    storage must be shared (``s3://``) for the summary to be read back here.
+    storage must be shared (``s3://``) for the result to be read back here.
     """
     args = ["--dataset", dataset_uri] + (["--parent-run-id", parent_run_id] if parent_run_id else [])
     body = kube.build_rayjob(kube.load_template(), kube.job_name(), cfg.to_yaml(), args, IMAGE, delete_after)
     kube.run_rayjob(api or kube.custom_objects_api(), namespace, body, poll_seconds, delete_after=delete_after)
-    return training.read_result(training.run_uri_for(cfg, dataset_uri))
+    return TrainResult.read(run_uri_for(cfg, dataset_uri))
 
 
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, methods: list[str] | None = None,
-             parent_run_id: str | None = None, label: str = "evaluate") -> dict:
+             parent_run_id: str | None = None, label: str = "evaluate") -> EvalResult:
     """Distance to the data (FID, or fd_<dataset>) and NFE for each sampling method, with grids and a plot."""
     dataset_uri = dataset_uri or image_dataset_uri(cfg, parent_run_id)
     with stage_run(cfg, label, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
-            result = evaluate_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
-            for row in result.rows:
-                mlflow.log_metrics({f"{result.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe,
+            evaluation = evaluate_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
+            for row in evaluation.rows:
+                mlflow.log_metrics({f"{evaluation.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe,
                                     f"seconds/{row.method}": row.seconds})
-            for path in result.files:
+            for path in evaluation.files:
                 mlflow.log_artifact(str(path), "eval")
-        mlflow.set_tag("loomcfm.eval_uri", result.output_uri)
-    print(result.table())
-    return {"metric": result.metric, "eval_uri": result.output_uri, "checkpoint_uri": checkpoint_uri,
-            "rows": [vars(r) for r in result.rows], "table": result.table()}
+        mlflow.set_tag("loomcfm.eval_uri", evaluation.output_uri)
+    print(evaluation.table())
+    return EvalResult(evaluation.metric, evaluation.output_uri, checkpoint_uri, evaluation.rows, evaluation.table())
 
 
-def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None) -> dict:
+def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None) -> PairsResult:
     """Generate reflow (noise seed, sample) pairs from a checkpoint with ``reflow.method``."""
     with stage_run(cfg, "pairs", parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         uri, manifest = reflow.generate_pairs(cfg, checkpoint_uri)
         count = manifest["splits"]["train"]["count"]
         mlflow.set_tag("loomcfm.pairs_uri", uri)
         mlflow.log_metric("num_pairs", count)
-    return {"pairs_uri": uri, "num_pairs": count, "method": cfg.reflow.method}
+    return PairsResult(uri, count, cfg.reflow.method)
 
 
 def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, method: str, batch_size: int,
-           nrows: int) -> dict:
+           nrows: int) -> SampleResult:
     """PNG files and a grid from a checkpoint's EMA model (the reference's ``sample.py``)."""
     from PIL import Image
 
@@ -166,8 +165,7 @@ def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, metho
         grid = Path(tmp) / "grid.png"
         save_grid(samples.images, grid, nrow=nrows)
         store.put(grid, join(output, "grid.png"))
-    return {"output": output, "num_images": num_images, "method": method, "nfe": samples.nfe,
-            "grid": join(output, "grid.png")}
+    return SampleResult(output, num_images, method, samples.nfe, join(output, "grid.png"))
 
 
 def start_pipeline_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
@@ -177,37 +175,35 @@ def start_pipeline_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
     return parent.info.run_id
 
 
-def run(cfg: Config, tags: dict[str, str] | None = None) -> dict:
+def run(cfg: Config, tags: dict[str, str] | None = None) -> RunResult:
     """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow → evaluate."""
     with tracking.start_run(cfg, "pipeline", tags=tags) as parent:
         tracking.log_config(cfg)
         parent_id = parent.info.run_id
         cached = cache(cfg, parent_id)
-        base = train(cfg, cached["dataset_uri"], parent_id)
-        base_eval = evaluate(cfg, base["checkpoint_uri"], cached["dataset_uri"], parent_run_id=parent_id)
-        generated = pairs(cfg, base["checkpoint_uri"], parent_id)
-        reflowed = launch_train(cfg, cached["dataset_uri"], parent_id, pairs_uri=generated["pairs_uri"],
-                                init_from=base["checkpoint_uri"])
-        reflow_eval = evaluate(cfg, reflowed["checkpoint_uri"], cached["dataset_uri"], parent_run_id=parent_id,
+        base = train(cfg, cached.dataset_uri, parent_id)
+        base_eval = evaluate(cfg, base.checkpoint_uri, cached.dataset_uri, parent_run_id=parent_id)
+        generated = pairs(cfg, base.checkpoint_uri, parent_id)
+        reflowed = launch_train(cfg, cached.dataset_uri, parent_id, pairs_uri=generated.pairs_uri,
+                                init_from=base.checkpoint_uri)
+        reflow_eval = evaluate(cfg, reflowed.checkpoint_uri, cached.dataset_uri, parent_run_id=parent_id,
                                label="evaluate_reflow")
         summary = _summary(base_eval, reflow_eval)
         with tempfile.TemporaryDirectory() as tmp:
-            curves = {label: [MethodResult(**row) for row in result["rows"]]
-                      for label, result in (("base", base_eval), ("reflow", reflow_eval))}
-            mlflow.log_artifact(str(plot_fd_vs_nfe(curves, base_eval["metric"], Path(tmp) / "fd_vs_nfe.png")))
+            curves = {"base": base_eval.rows, "reflow": reflow_eval.rows}
+            mlflow.log_artifact(str(plot_fd_vs_nfe(curves, base_eval.metric, Path(tmp) / "fd_vs_nfe.png")))
             (Path(tmp) / "summary.md").write_text(summary + "\n")
             mlflow.log_artifact(str(Path(tmp) / "summary.md"))
-    return {"parent_run_id": parent_id, "tracking_uri": tracking.tracking_uri(cfg), "dataset_uri":
-            cached["dataset_uri"], "base": base, "base_eval": base_eval, "pairs": generated, "reflow": reflowed,
-            "reflow_eval": reflow_eval, "summary": summary}
+    return RunResult(parent_id, tracking.tracking_uri(cfg), cached.dataset_uri, base, base_eval, generated, reflowed,
+                     reflow_eval, summary)
 
 
-def _summary(base_eval: dict, reflow_eval: dict) -> str:
-    metric = base_eval["metric"]
-    reflowed = {row["method"]: row for row in reflow_eval["rows"]}
+def _summary(base_eval: EvalResult, reflow_eval: EvalResult) -> str:
+    metric = base_eval.metric
+    reflowed = {row.method: row for row in reflow_eval.rows}
     lines = [f"| method | NFE base | {metric} base | NFE reflow | {metric} reflow |", "|---|---|---|---|---|"]
-    for row in base_eval["rows"]:
-        other = reflowed.get(row["method"])
-        tail = f"{other['nfe']:.1f} | {other['distance']:.3f}" if other else "- | -"
-        lines.append(f"| {row['method']} | {row['nfe']:.1f} | {row['distance']:.3f} | {tail} |")
+    for row in base_eval.rows:
+        other = reflowed.get(row.method)
+        tail = f"{other.nfe:.1f} | {other.distance:.3f}" if other else "- | -"
+        lines.append(f"| {row.method} | {row.nfe:.1f} | {row.distance:.3f} | {tail} |")
     return "\n".join(lines)

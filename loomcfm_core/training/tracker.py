@@ -1,0 +1,79 @@
+"""Rank 0's MLflow run for the train stage: params once, interval-averaged metrics, checkpoint URIs.
+
+Every rank calls :meth:`Tracker.step_done` (the interval means are averaged across ranks, a collective), but
+only rank 0 opens the run and logs, so a multi-worker training is one MLflow run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import mlflow
+import torch
+
+from loomcfm_core import tracking
+from loomcfm_core.config import Config
+from loomcfm_core.training.distributed import mean_across_ranks
+from loomcfm_core.training.step import TrainState
+
+
+class Tracker:
+    """Logs a training run; ``last`` holds the most recently logged interval's means.
+
+    Args:
+        tags: set on a new run (the run and dataset URIs).
+        resumed_from: the checkpoint a resumed run continues from (the config is then already logged).
+        run_id: the MLflow run a resumed training keeps logging into, from its checkpoint.
+    """
+
+    def __init__(self, cfg: Config, state: TrainState, rank: int, steps_per_epoch: int, parent_run_id: str | None,
+                 tags: dict[str, str], resumed_from: str | None, run_id: str | None) -> None:
+        self.cfg, self.state, self.rank, self.steps_per_epoch = cfg, state, rank, steps_per_epoch
+        self.parent_run_id, self.tags, self.resumed_from, self.run_id = parent_run_id, tags, resumed_from, run_id
+        self.last: dict[str, float] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = {"loss": 0.0, "grad_norm": 0.0, "cost_before": 0.0, "cost_after": 0.0, "swaps": 0.0}
+        self.count, self.images, self.started = 0, 0, time.perf_counter()
+
+    def __enter__(self) -> Tracker:
+        if self.rank == 0:
+            self._run = tracking.start_run(self.cfg, "train", parent_run_id=self.parent_run_id, tags=self.tags,
+                                           run_id=self.run_id)
+            self.run_id = self._run.__enter__().info.run_id
+            if self.resumed_from is None:
+                tracking.log_config(self.cfg)
+            else:
+                mlflow.set_tag("loomcfm.resumed_from", self.resumed_from)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.rank == 0:
+            self._run.__exit__(*exc)
+
+    def step_done(self, metrics: dict, global_images: int) -> None:
+        """Add a step's metrics; every ``train.log_every`` steps, log the interval's means across ranks."""
+        for key in self.sums:  # tensors stay on the device: no host sync until a log step
+            self.sums[key] = self.sums[key] + metrics[key]
+        self.count += 1
+        self.images += global_images
+        if self.state.step % self.cfg.train.log_every:
+            return
+        means = mean_across_ranks(torch.tensor([float(self.sums[k]) / self.count for k in self.sums],
+                                               dtype=torch.float64, device=self.state.device))
+        elapsed = time.perf_counter() - self.started
+        loss, grad_norm, before, after, swaps = means.cpu().tolist()
+        self.last = {"train/loss": loss, "train/grad_norm": grad_norm, "coupling/cost_before": before,
+                     "coupling/cost_after": after, "coupling/swaps": swaps,
+                     "throughput/images_per_s": self.images / elapsed,
+                     "train/lr": self.state.scheduler.get_last_lr()[0],
+                     "train/epoch": self.state.step / self.steps_per_epoch}
+        if self.rank == 0:
+            mlflow.log_metrics(self.last, step=self.state.step)
+        self._reset()
+
+    def checkpoint_saved(self, uri: str) -> None:
+        """Point the run at its newest checkpoint (rank 0, which writes checkpoints)."""
+        mlflow.set_tag("loomcfm.latest_checkpoint", uri)
+        mlflow.log_metric("checkpoint/step", self.state.step, step=self.state.step)
