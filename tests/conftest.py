@@ -13,8 +13,19 @@ import uuid
 from pathlib import Path
 from typing import NamedTuple
 
+from unittest import mock
+
 import boto3
 import pytest
+import torch
+
+from loomcfm_core.config import load_config
+from loomcfm_core.data.cache import cache_dataset
+from loomcfm_core.training.loop import fit
+
+# A digits network small enough to train a few steps of on a CPU in a test, as ``--set`` overrides.
+SMALL = ["model.channels=32", "model.channel_mult=[1,2]", "model.attn_resolutions=[]", "train.max_steps=3",
+         "train.batch_size=16"]
 
 
 def free_port() -> int:
@@ -33,6 +44,34 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
                 return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+
+
+@pytest.fixture()
+def checkpoint(tmp_path) -> str:
+    """The last checkpoint of a 3-step digits training with the ``SMALL`` network."""
+    cfg = load_config("digits", [*SMALL, f"storage.root={tmp_path}/store"])
+    return fit(cfg, cache_dataset(cfg).uri, f"{tmp_path}/store/runs/s", torch.device("cpu")).checkpoint_uri
+
+
+@pytest.fixture()
+def random_inception(tmp_path):
+    """TF-Inception weights from a seeded, randomly initialised network (the real ones cannot be downloaded)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(0)
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path / "weights" / "pt_inception-2015-12-05.pth"
+    path.parent.mkdir()
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def inception_cfg(tmp_path, weights, *extra):
+    """A digits config scoring with Inception ``weights`` (batches of 4), node-local copies under tmp_path."""
+    return load_config("digits", [f"eval.inception_weights={weights}", "eval.feature_network=inception",
+                                  f"data.local_cache={tmp_path / 'node'}", "eval.batch_size=4", *extra])
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,13 @@
-"""`loomcfm sample` with the reference's flags, from our checkpoints and from the reference's format."""
+"""The command line: `loomcfm sample` with the reference's flags, and one line (no traceback) for an error."""
 
-import pytest
+import subprocess
+import sys
+
 import torch
 from PIL import Image
 
-from loomcfm_core.checkpoint import load_checkpoint
 from loomcfm_core.cli import main
-from loomcfm_core.config import load_config
-from loomcfm_core.data.cache import cache_dataset
-from loomcfm_core.evaluation import load_model
-from loomcfm_core.train import fit
-
-SMALL = ["model.channels=32", "model.channel_mult=[1,2]", "model.attn_resolutions=[]", "train.max_steps=3",
-         "train.batch_size=16"]
-
-
-@pytest.fixture()
-def checkpoint(tmp_path):
-    cfg = load_config("digits", [*SMALL, f"storage.root={tmp_path}/store"])
-    return fit(cfg, cache_dataset(cfg).uri, f"{tmp_path}/store/runs/s", torch.device("cpu"))["checkpoint_uri"]
+from tests.conftest import SMALL, free_port
 
 
 def _sets():
@@ -36,17 +25,6 @@ def test_sample_writes_pngs_and_a_grid(tmp_path, checkpoint, capsys):
     assert '"nfe": 4.0' in capsys.readouterr().out
 
 
-def test_reference_checkpoints_load_with_their_prefixes(tmp_path, checkpoint):
-    cfg = load_config("digits", SMALL)
-    ema = load_checkpoint(checkpoint)["ema"]
-    reference = {"model": {f"module.backbone.{k}": v for k, v in ema.items()}, "optimizer": {}, "step": 3}
-    path = tmp_path / "latest.pth"
-    torch.save(reference, path)
-    ours, theirs = load_model(cfg, checkpoint, torch.device("cpu")), load_model(cfg, str(path), torch.device("cpu"))
-    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
-        assert torch.equal(a, b), name
-
-
 def test_sample_rejects_bad_input(tmp_path, checkpoint, capsys):
     assert main(["sample", "--ckpt", checkpoint, "--output", str(tmp_path), "--num_images", "2",
                  "--method", "euler", *_sets()]) == 1
@@ -58,3 +36,19 @@ def test_sample_rejects_bad_input(tmp_path, checkpoint, capsys):
     assert main(["sample", "--ckpt", str(tmp_path / "junk.pt"), "--output", str(tmp_path), "--num_images", "2",
                  "--method", "euler-1", *_sets()]) == 1
     assert "neither a loomcfm checkpoint nor a reference" in capsys.readouterr().err
+
+
+def test_unreachable_tracking_server_is_one_line_naming_the_uri(tmp_path):
+    """An MLflow server that is down ends the command with one line that names it, not a traceback."""
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    proc = subprocess.run([sys.executable, "-m", "loomcfm_core.cli", "cache", "--set", f"tracking.uri={uri}",
+                           "--set", f"storage.root={tmp_path / 'store'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("loomcfm:")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
+    assert errors[0].startswith(f"loomcfm: error: cannot reach the MLflow tracking server at {uri};"), errors[0]
+    assert not (tmp_path / "store").exists(), "no stage work starts without the tracking server"

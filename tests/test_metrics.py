@@ -1,18 +1,19 @@
 """Fréchet distance, the Inception feature path with a test-made weights file, and the digits classifier."""
 
-from unittest import mock
-
 import numpy as np
 import pytest
 import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
 
+from loomcfm_core.checksums import sha256_file
 from loomcfm_core.config import load_config
-from loomcfm_core.data.cache import cache_dataset, sha256_file
-from loomcfm_core.metrics import (ClassifierFeatures, FeatureStats, InceptionFeatures, MetricsError,
-                                  dataset_images, feature_network, frechet_distance, inception_weights,
-                                  load_classifier, reference_stats, train_dataset_classifier)
+from loomcfm_core.data.cache import cache_dataset
+from loomcfm_core.errors import MetricsError
+from loomcfm_core.feature_store import load_classifier, train_dataset_classifier
+from loomcfm_core.metrics import (ClassifierFeatures, FeatureStats, InceptionFeatures, dataset_images,
+                                  feature_network, feature_network_kind, frechet_distance, reference_stats)
 from loomcfm_core.storage import storage_for
+from tests.conftest import inception_cfg
 
 
 def _random_stats(rng, dim):
@@ -36,28 +37,8 @@ def test_stats_round_trip():
     np.testing.assert_array_equal(back.sigma, stats.sigma) and back.count == 50
 
 
-@pytest.fixture()
-def random_inception(tmp_path):
-    """TF-Inception weights from a seeded, randomly initialised network (the real ones cannot be downloaded)."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    torch.manual_seed(0)
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path / "weights" / "pt_inception-2015-12-05.pth"
-    path.parent.mkdir()
-    torch.save(net.state_dict(), path)
-    return path
-
-
-def _inception_cfg(tmp_path, weights, *extra):
-    return load_config("digits", [f"eval.inception_weights={weights}", "eval.feature_network=inception",
-                                  f"data.local_cache={tmp_path / 'node'}", "eval.batch_size=4", *extra])
-
-
 def test_inception_features_load_resize_and_batch(tmp_path, random_inception):
-    cfg = _inception_cfg(tmp_path, random_inception, f"eval.inception_sha256={sha256_file(random_inception)}")
+    cfg = inception_cfg(tmp_path, random_inception, f"eval.inception_sha256={sha256_file(random_inception)}")
     network = feature_network(cfg, "unused")
     assert isinstance(network, InceptionFeatures) and network.metric == "fid"
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
@@ -69,41 +50,17 @@ def test_inception_features_load_resize_and_batch(tmp_path, random_inception):
     np.testing.assert_allclose(gray, network.features(images[:2, :1].expand(-1, 3, -1, -1)), rtol=1e-5)
 
 
-def test_inception_weights_from_s3_with_sidecar_hash(tmp_path, random_inception, s3_bucket):
-    uri = f"s3://{s3_bucket}/weights/inception.pth"
-    store = storage_for(uri)
-    store.put(random_inception, uri)
-    store.write_text(uri + ".sha256", f"{sha256_file(random_inception)}  test\n")
-    local = inception_weights(_inception_cfg(tmp_path, uri))
-    assert sha256_file(local) == sha256_file(random_inception)
-
-
-def test_missing_weights_fail_clearly(tmp_path):
-    with pytest.raises(MetricsError, match="eval.inception_weights is not set"):
-        inception_weights(load_config("digits"))
-    with pytest.raises(MetricsError, match=r"nope\.pth: file not found.*weights fetch"):
-        inception_weights(_inception_cfg(tmp_path, tmp_path / "nope.pth", "eval.inception_sha256=abcdef12"))
-
-
-def test_wrong_hash_fails_clearly(tmp_path, random_inception):
-    with pytest.raises(MetricsError, match="does not match the expected 00000000"):
-        inception_weights(_inception_cfg(tmp_path, random_inception, "eval.inception_sha256=00000000"))
-    with pytest.raises(MetricsError, match="no hash to check it against"):
-        inception_weights(_inception_cfg(tmp_path, random_inception))
-    assert not list((tmp_path / "node" / "weights").glob("*.pth")), "a rejected copy is not kept"
-
-
 def test_not_inception_weights(tmp_path):
     bogus = tmp_path / "bogus.pth"
     torch.save({"x": torch.zeros(1)}, bogus)
     with pytest.raises(MetricsError, match="not TF-Inception weights"):
-        feature_network(_inception_cfg(tmp_path, bogus, f"eval.inception_sha256={sha256_file(bogus)}"), "unused")
+        feature_network(inception_cfg(tmp_path, bogus, f"eval.inception_sha256={sha256_file(bogus)}"), "unused")
 
 
 def test_fd_digits_separates_real_from_noise(tmp_path):
     cfg = load_config("digits", [f"storage.root={tmp_path}/store"])
     uri = cache_dataset(cfg).uri
-    accuracy = train_dataset_classifier(uri, cfg.data.local_cache)["classifier_val_accuracy"]
+    accuracy = train_dataset_classifier(uri, cfg.data.local_cache)
     assert accuracy > 0.9
     network = feature_network(cfg, uri)
     assert isinstance(network, ClassifierFeatures) and network.metric == "fd_digits"
@@ -119,3 +76,10 @@ def test_fd_digits_separates_real_from_noise(tmp_path):
     noise = fd(torch.randint(0, 256, (297, 1, 8, 8), dtype=torch.uint8))
     assert held_out * 10 < noise, (held_out, noise)
     assert load_classifier(uri).head.out_features == 10
+
+
+def test_auto_feature_network_is_the_classifier_for_builtin_digits_only():
+    assert feature_network_kind(load_config("digits")) == "classifier"
+    assert feature_network_kind(load_config("cifar10")) == "inception"
+    assert feature_network_kind(load_config("digits", ["eval.feature_network=inception"])) == "inception"
+    assert feature_network_kind(load_config("cifar10", ["eval.feature_network=classifier"])) == "classifier"

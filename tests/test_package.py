@@ -1,0 +1,174 @@
+"""The shape of the package itself: it imports without its front doors, its modules stay small, its import
+graph has no cycle, and every error it raises on purpose is a LoomcfmError."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import loomcfm_core
+from loomcfm_core import errors
+
+PACKAGE = Path(loomcfm_core.__file__).resolve().parent
+MAX_LINES = 350
+
+
+def modules() -> dict[str, Path]:
+    """Dotted name -> file of every module under loomcfm_core (packages by their __init__)."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def test_every_module_imports_without_the_front_doors():
+    """components/ and pipelines/ are front doors over the library; the library never needs them."""
+    script = textwrap.dedent("""
+        import importlib, pkgutil, sys
+
+        class FrontDoors:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("components", "pipelines"):
+                    raise ImportError(f"{name} is a front door, not importable here")
+
+        sys.meta_path.insert(0, FrontDoors())
+        try:
+            import pipelines.runner
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("the blocker does not block")
+        import loomcfm_core
+        names = [m.name for m in pkgutil.walk_packages(loomcfm_core.__path__, "loomcfm_core.")]
+        for name in names:
+            importlib.import_module(name)
+        assert not {"components", "pipelines"} & {n.split(".")[0] for n in sys.modules}
+        print(len(names))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert int(proc.stdout.split()[-1]) == len(modules()) - 1, "every module was imported (all but the package)"
+
+
+def test_no_module_is_over_the_hard_cap():
+    lengths = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    assert not {n: length for n, length in lengths.items() if length > MAX_LINES}, lengths
+
+
+def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return True
+    return False
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the loomcfm_core modules it imports, at module level or inside functions alike (an import
+    inside a function is still a dependency); imports under ``if TYPE_CHECKING:`` never run and are left
+    out. Importing ``a.b.c`` runs the packages ``a`` and ``a.b`` first, so those are edges too."""
+    known = modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in known.items():
+        tree = ast.parse(path.read_text())
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or _type_checking_only(node, parents):
+                continue
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+                continue
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names}
+        edges = set()
+        for target in targets:
+            parts = target.split(".")
+            edges |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & known.keys()
+        edges.discard(name)
+        graph[name] = edges - {p for p in edges if name.startswith(p + ".")}  # a module's own packages
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_import_graph_has_no_cycle():
+    graph = import_graph()
+    # the graph sees real edges, function-level ones included
+    assert {"loomcfm_core.training.launch", "loomcfm_core.results"} <= graph["loomcfm_core.stages"]
+    assert "loomcfm_core.sampling" in graph["loomcfm_core.config"]
+    assert "loomcfm_core.config" not in graph["loomcfm_core.data.sources"], "annotations only (TYPE_CHECKING)"
+    assert "loomcfm_core.evaluation" not in graph["loomcfm_core.reflow"]
+    assert "loomcfm_core.reflow" not in graph["loomcfm_core.evaluation"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+
+
+ALLOWED_BUILTINS = {
+    "NotImplementedError": "an abstract method",
+    "IndexError": "the sequence protocol (a Dataset index out of range)",
+}
+VALIDATORS = {"field_validator", "model_validator"}  # pydantic turns their ValueErrors into our ConfigError
+
+
+def _raised_class(node: ast.Raise) -> str | None:
+    exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+    name = exc.attr if isinstance(exc, ast.Attribute) else exc.id if isinstance(exc, ast.Name) else None
+    return name if name and name[0].isupper() else None  # lower case: re-raising a caught exception
+
+
+def test_every_deliberate_error_is_a_loomcfm_error():
+    ours = {n for n, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, errors.LoomcfmError)}
+    assert {"ConfigError", "StorageError", "SourceError", "CheckpointError", "MetricsError", "TrackingError",
+            "RayJobError", "UsageError"} <= ours
+    problems = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text())
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and name != "loomcfm_core.errors":
+                bases = {ast.unparse(b) for b in node.bases}
+                if any(b.endswith(("Error", "Exception")) for b in bases):
+                    problems.append(f"{name}:{node.lineno}: error class {node.name} outside errors.py")
+            if not isinstance(node, ast.Raise) or node.exc is None:
+                continue
+            raised = _raised_class(node)
+            if raised is None or raised in ours or raised in ALLOWED_BUILTINS or raised == "ArgumentTypeError":
+                continue
+            scope = node
+            while scope in parents and not isinstance(scope, ast.FunctionDef):
+                scope = parents[scope]
+            decorators = {ast.unparse(d).split("(")[0] for d in getattr(scope, "decorator_list", [])}
+            if raised == "ValueError" and decorators & VALIDATORS:
+                continue
+            kind = "a built-in" if isinstance(getattr(builtins, raised, None), type) else "not a LoomcfmError"
+            problems.append(f"{name}:{node.lineno}: raises {raised} ({kind})")
+    assert not problems, "\n".join(problems)
