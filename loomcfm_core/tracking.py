@@ -69,7 +69,8 @@ def artifact_location(cfg: Config) -> str | None:
 
 
 def experiment_name(cfg: Config) -> str:
-    """``tracking.experiment``, else one experiment per config name (DESIGN §7)."""
+    """``tracking.experiment``, else one experiment per config name (``loomcfm-<name>``), so runs of one
+    config compare side by side and different configs do not mix."""
     return cfg.tracking.experiment or f"loomcfm-{cfg.name}"
 
 
