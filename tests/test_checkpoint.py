@@ -12,7 +12,7 @@ def _state(step: int) -> dict:
     return {"step": step, "ema": {"w": torch.full((2, 3), float(step))}, "rng": [{"cpu": torch.get_rng_state()}]}
 
 
-def test_round_trip(tmp_path):
+def test_checkpoint_round_trip(tmp_path):
     run = str(tmp_path / "run")
     uri = save_checkpoint(_state(7), run, step=7, keep=3)
     assert uri == f"{run}/checkpoints/step-00000007.pt"
