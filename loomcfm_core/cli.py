@@ -14,7 +14,7 @@ from loomcfm_core import stages
 from loomcfm_core.config import Config, load_config, load_config_text, preset_names
 from loomcfm_core.errors import ConfigError, LoomcfmError
 from loomcfm_core.feature_store import fetch_inception_weights
-from loomcfm_core.kube import CONFIG_ENV
+from loomcfm_core.kube.rayjob import CONFIG_ENV
 from loomcfm_core.sampling import parse_method
 
 
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", parents=[stage], help="train on Ray Train (resumes a rerun)")
     train.add_argument("--dataset", default=None, metavar="URI",
                        help="cached dataset URI; default: data.uri, else this config's cache (built if missing)")
+    train.add_argument("--launcher", choices=stages.LAUNCHERS, default="local",
+                       help="local: Ray on this machine; rayjob: a KubeRay RayJob on the cluster of your kubeconfig, "
+                       "shaped by the kube.* settings")
 
     evaluate = commands.add_parser("evaluate", parents=[stage], help="FID/FD vs NFE of a checkpoint")
     evaluate.add_argument("--ckpt", required=True, metavar="URI", help="checkpoint (ours or the reference's)")
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "cache":
         result = stages.cache(cfg, args.parent_run_id)
     elif args.command == "train":
-        result = stages.train(cfg, args.dataset, args.parent_run_id)
+        result = stages.launch_train(cfg, args.dataset, args.parent_run_id, launcher=args.launcher)
     elif args.command == "evaluate":
         result = stages.evaluate(cfg, args.ckpt, args.dataset, args.methods, args.parent_run_id)
     elif args.command == "pairs":

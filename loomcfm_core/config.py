@@ -22,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from loomcfm_core.coupling import COSTS, KINDS
 from loomcfm_core.data.sources import check_source, source_forms
 from loomcfm_core.errors import ConfigError
+from loomcfm_core.kube.settings import KubeConfig
 from loomcfm_core.sampling import check_method
 
 PRESETS_PACKAGE = "loomcfm_core.presets"
@@ -168,6 +169,7 @@ class Config(_Section):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+    kube: KubeConfig = KubeConfig()
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> Config:

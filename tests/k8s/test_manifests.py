@@ -38,8 +38,10 @@ JOBS_PLATFORM = {"jobs": "base", "overlays/cpu/jobs": "overlays/cpu", "overlays/
 INPUTS = {"dataset_uri": "s3://loomcfm/loomcfm/datasets/digits-0123456789ab",
           "checkpoint_uri": "s3://loomcfm/loomcfm/runs/digits-0123456789ab/checkpoints/step-00000400.pt",
           "pairs_uri": "s3://loomcfm/loomcfm/datasets/digits-pairs-ba9876543210"}
-# RBAC: all the pipeline's launcher may do (loomcfm_core/kube.py creates, watches and deletes RayJobs).
-ALLOWED_RULES = {("ray.io", "rayjobs"): {"create", "get", "list", "watch", "delete"}, ("", "pods/log"): {"get"}}
+# RBAC: all the pipeline's launcher may do (loomcfm_core/kube/launcher.py creates, adopts, watches and deletes
+# RayJobs; loomcfm_core/kube/logs.py lists the submitter pods and reads their logs).
+ALLOWED_RULES = {("ray.io", "rayjobs"): {"create", "get", "list", "watch", "delete"}, ("", "pods"): {"get", "list"},
+                 ("", "pods/log"): {"get"}}
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                       "projected", "secret"}
 CREDENTIAL_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|KEY_ID|PRIVATE_KEY|CREDENTIAL)", re.I)
