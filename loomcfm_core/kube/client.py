@@ -50,13 +50,15 @@ class KubeApi:
 
 def connect(namespace: str) -> KubeApi:
     """In a pod, its service account (a KFP step); elsewhere ``$KUBECONFIG`` or ``~/.kube/config`` (a laptop)."""
+    import os
+
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        try:
-            config.load_kube_config()
+        try:  # $KUBECONFIG read now (the client reads it once, at import), ':'-separated files merged as kubectl does
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
         except (config.ConfigException, OSError) as exc:
             raise RayJobError(f"no Kubernetes credentials: not in a pod, and no usable kubeconfig ($KUBECONFIG "
                               f"or ~/.kube/config): {exc}") from exc

@@ -67,11 +67,11 @@ def _clip(message: str, limit: int = MESSAGE_CHARS) -> str:
 class Launcher:
     """One RayJob's launch and watch; see the module docstring. The keyword arguments tune the waits."""
 
-    def __init__(self, api: KubeApi, kube: KubeConfig, patience_s: float = 300.0, teardown_s: float = TEARDOWN_S,
-                 margin_s: float = MARGIN_S, gone_wait_s: float = 300.0):
+    def __init__(self, api: KubeApi, kube: KubeConfig, patience_s: float = 300.0, retry_base_s: float = 1.0,
+                 teardown_s: float = TEARDOWN_S, margin_s: float = MARGIN_S, gone_wait_s: float = 300.0):
         self.api, self.kube = api, kube
         self.stop = threading.Event()
-        self.patience = Patience(patience_s, self.stop)
+        self.patience = Patience(patience_s, self.stop, base_s=retry_base_s)
         self.bound = time_bound(kube, teardown_s, margin_s)
         self.teardown_s, self.margin_s, self.gone_wait_s = teardown_s, margin_s, gone_wait_s
 

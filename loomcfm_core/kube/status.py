@@ -62,9 +62,11 @@ class Observation:
         return state + detail + (f" reason={self.reason}" if self.reason else "")
 
 
-def first_line(text: str, limit: int = 300) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= limit else line[:limit] + "..."
+def gist(text: str, limit: int = 300) -> str:
+    """The first line of a KubeRay message (what failed) and, for a longer one, its last (often the why)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    short = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+    return short if len(short) <= limit else short[:limit] + "..."
 
 
 class Progress:
@@ -80,13 +82,13 @@ class Progress:
     def update(self, now: Observation) -> None:
         before = self.last
         if now.reason and now.deployment in ("Retrying", *FAILED_STATES):
-            self.failure = f"{now.reason}: {first_line(now.message)}"
+            self.failure = f"{now.reason}: {gist(now.message)}"
         new_attempt = before is not None and (now.failed > before.failed or (
             bool(now.job_id and before.job_id) and now.job_id != before.job_id))
         elapsed = self.clock() - self.started
         if new_attempt and not now.ended:
             log.warning("RayJob %s: attempt %d/%d started after %.0f s; the previous one failed (%s)", self.name,
-                        now.attempt, self.attempts, elapsed, self.failure or "reason not seen")
+                        now.attempt, self.attempts, elapsed, self.failure or "KubeRay retried between two reads: kubectl describe rayjob shows why")
         key = (now.deployment, now.job, now.failed, now.reason)
         if before is None or key != (before.deployment, before.job, before.failed, before.reason):
             log.info("RayJob %s: %s (attempt %d/%d, %.0f s)", self.name, now.summary(), max(now.attempt, 1),
