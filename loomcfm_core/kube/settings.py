@@ -62,8 +62,9 @@ def parse_selector(text: str) -> dict[str, str]:
 
 def as_overrides(**values: object) -> list[str]:
     """``kube.<key>=<value>`` overrides (values as JSON, which the YAML of an override reads back exactly: an
-    empty string stays empty, ``"2"`` stays text) from keyword arguments, e.g. a pipeline's parameters."""
-    return [f"kube.{key}={json.dumps(value)}" for key, value in values.items()]
+    empty string stays empty, ``"2"`` stays text) from keyword arguments, e.g. a pipeline's parameters; a
+    None leaves the config's value."""
+    return [f"kube.{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
 
 
 class KubeConfig(BaseModel):

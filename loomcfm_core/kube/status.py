@@ -87,8 +87,9 @@ class Progress:
             bool(now.job_id and before.job_id) and now.job_id != before.job_id))
         elapsed = self.clock() - self.started
         if new_attempt and not now.ended:
+            why = self.failure or "KubeRay retried between two reads: kubectl describe rayjob shows why"
             log.warning("RayJob %s: attempt %d/%d started after %.0f s; the previous one failed (%s)", self.name,
-                        now.attempt, self.attempts, elapsed, self.failure or "KubeRay retried between two reads: kubectl describe rayjob shows why")
+                        now.attempt, self.attempts, elapsed, why)
         key = (now.deployment, now.job, now.failed, now.reason)
         if before is None or key != (before.deployment, before.job, before.failed, before.reason):
             log.info("RayJob %s: %s (attempt %d/%d, %.0f s)", self.name, now.summary(), max(now.attempt, 1),

@@ -94,7 +94,8 @@ def _legacy(spec: dict) -> str | None:
                 "deletion policy fields of DeletionStrategy")
     for which, policy in (("OnSuccess", on_success), ("OnFailure", on_failure)):
         if policy.get("policy") is None:
-            return f"the DeletionPolicyType field of DeletionStrategy.{which} cannot be unset when DeletionStrategy is enabled"
+            return (f"the DeletionPolicyType field of DeletionStrategy.{which} cannot be unset when DeletionStrategy "
+                    "is enabled")
     success, failure = on_success["policy"], on_failure["policy"]
     if selector:
         for policy, when in ((success, "success"), (failure, "failure")):
@@ -127,7 +128,8 @@ def _deletion_configuration(spec: dict, gate: bool) -> str | None:
         return _legacy(spec)
     if rules:
         return _deletion_rules(spec)
-    return SPEC + "DeletionStrategy requires either BOTH onSuccess and onFailure, OR the deletionRules field (cannot be empty)"
+    return SPEC + ("DeletionStrategy requires either BOTH onSuccess and onFailure, OR the deletionRules field (cannot "
+                   "be empty)")
 
 
 def _cluster_spec(cluster: dict, gate: bool) -> str | None:
@@ -163,7 +165,8 @@ def _cluster_spec(cluster: dict, gate: bool) -> str | None:
                 return f"invalid label value for key '{key}' in {name} group: '{value}'"
     if not gate and any(g.get("suspend") for g in cluster.get("workerGroupSpecs", [])):
         suspended = next(g for g in cluster["workerGroupSpecs"] if g.get("suspend"))
-        return f"worker group {suspended['groupName']} can be suspended only when the RayJobDeletionPolicy feature gate is enabled"
+        return (f"worker group {suspended['groupName']} can be suspended only when the RayJobDeletionPolicy feature "
+                "gate is enabled")
     return None
 
 

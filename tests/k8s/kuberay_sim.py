@@ -223,7 +223,8 @@ class KubeRaySimulator:
     def _clusters_and_runs(self) -> None:
         for cluster in self._all("rayclusters"):  # the RayCluster controller, as far as readiness goes
             age = (now() - parse_time(cluster["metadata"]["creationTimestamp"])).total_seconds()
-            if self.ready_after is not None and age >= self.ready_after and cluster.get("status", {}).get("state") != "ready":
+            ready = cluster.get("status", {}).get("state") == "ready"
+            if self.ready_after is not None and age >= self.ready_after and not ready:
                 cluster["status"] = {"state": "ready", "readyWorkerReplicas": sum(
                     g.get("replicas", 0) for g in cluster["spec"].get("workerGroupSpecs", []))}
                 self._write(lambda c=cluster: self.store.update("rayclusters", c["metadata"]["namespace"], c, True))

@@ -67,7 +67,8 @@ def test_kuberays_validation_rules_and_messages(valid):
         assert validate_rayjob(body) == message
     gated = _with(valid, **no_shutdown, deletionStrategy={"deletionRules": [_rule("DeleteCluster", jobStatus="FAILED")]})
     assert validate_rayjob(gated) is None
-    assert validate_rayjob(gated, gate=False) == "RayJobDeletionPolicy feature gate must be enabled to use DeletionStrategy"
+    gate_off = validate_rayjob(gated, gate=False)
+    assert gate_off == "RayJobDeletionPolicy feature gate must be enabled to use DeletionStrategy"
     workers = copy.deepcopy(valid)
     workers["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplicas=3, maxReplicas=2)
     assert validate_rayjob(workers) == SPEC + "worker group workers has minReplicas 3 greater than maxReplicas 2"

@@ -27,7 +27,7 @@ from loomcfm_core.errors import RayJobError
 from loomcfm_core.kube.client import connect
 from loomcfm_core.kube.launcher import run_rayjob
 from loomcfm_core.kube.rayjob import (CONFIG_ENV, RUN_KEY_LABEL, RunIdentity, build_rayjob, cluster_config,
-                                      load_template)
+                                      containers, load_template)
 from loomcfm_core.training.loop import run_uri_for
 from tests.k8s.apiserver import ApiServer, admit
 from tests.k8s.kuberay_rules import validate_metadata, validate_rayjob
@@ -323,13 +323,15 @@ def test_rayjob_names_are_stable_dns1035_labels_kuberay_accepts():
 
 def test_four_workers_with_two_gpus_each_make_eight_ray_train_workers(cluster):
     cfg = _cfg("kube.ray_workers=4", "kube.gpus_per_worker=2", "kube.worker_cpu=16", "kube.worker_memory=64Gi",
-               "kube.gpu_node_selector=nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3", "kube.image=registry.corp/ml/loomcfm:1.2")
+               "kube.gpu_node_selector=nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3",
+               "kube.image=registry.corp/ml/loomcfm:1.2")
     body = _body(cfg)
     (group,) = body["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
     pod = group["template"]["spec"]
     limits = pod["containers"][0]["resources"]["limits"]
-    assert limits == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2"} == pod["containers"][0]["resources"]["requests"]
+    assert limits == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2"}
+    assert pod["containers"][0]["resources"]["requests"] == limits
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     head = body["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -337,8 +339,7 @@ def test_four_workers_with_two_gpus_each_make_eight_ray_train_workers(cluster):
     assert trained.ray.num_workers == 8 and trained.ray.use_gpu is True and trained.ray.address == "auto"
     assert trained.ray.cpus_per_worker == 8.0 and trained == cluster_config(cfg)
     assert trained.model_dump(exclude={"ray"}) == cfg.model_dump(exclude={"ray"}), "only ray.* is derived"
-    images = {c["image"] for g in (body["spec"]["rayClusterSpec"]["headGroupSpec"], group) for c in
-              g["template"]["spec"]["containers"]} | {body["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"]}
+    images = {c["image"] for c in containers(body)}
     assert images == {"registry.corp/ml/loomcfm:1.2"}
     admit("RayJob", json.loads(json.dumps(body)), strict=True)
     assert validate_rayjob(body) is None
