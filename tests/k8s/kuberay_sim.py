@@ -189,6 +189,7 @@ class KubeRaySimulator:
         self.history: dict[str, list[str]] = {}  # RayJob name -> every jobDeploymentStatus written
         self.stopping = threading.Event()
         self.paused = threading.Event()  # set: the operator is down
+        self._idle = threading.Event()  # the loop has seen `paused`
         self.errors: list[str] = []
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -202,9 +203,16 @@ class KubeRaySimulator:
         for run in self.runs.values():
             run.attempt.kill()
 
+    def pause(self) -> None:
+        """Take the operator down; returns once no reconcile is under way."""
+        self._idle.clear()
+        self.paused.set()
+        assert self._idle.wait(timeout=60), "the simulator's loop did not pause"
+
     def _loop(self) -> None:
         while not self.stopping.wait(self.tick_s):
             if self.paused.is_set():
+                self._idle.set()
                 continue
             try:
                 self._clusters_and_runs()

@@ -253,7 +253,7 @@ def test_a_rayjob_deleted_by_someone_else_ends_the_wait(cluster):
 
 
 def test_the_launchers_time_bound_when_kuberay_is_not_running(cluster):
-    cluster.sim.paused.set()  # the operator is down: nothing ever advances the RayJob
+    cluster.sim.pause()  # the operator is down: nothing ever advances the RayJob
     with pytest.raises(RayJobError, match=r"did not end within 3 s = 1 attempt\(s\) x kube.active_deadline_s=1 \+ 0 "
                        r"retries x 1 s \+ 2 s; KubeRay should have ended it: is its operator running"):
         _launch(_cfg("kube.active_deadline_s=1", "kube.backoff_limit=0"))
@@ -273,7 +273,7 @@ def test_an_earlier_tries_failed_rayjob_is_replaced_and_one_being_deleted_is_wai
     # one being deleted (the operator is slow to remove its finalizer): wait, then create
     body = _body(kept, identity)
     _launch(kept, body)
-    cluster.sim.paused.set()
+    cluster.sim.pause()
     cluster.store.delete("rayjobs", NS, body["metadata"]["name"])
     threading.Timer(0.5, cluster.sim.paused.clear).start()
     _launch(_cfg(), body)
@@ -397,12 +397,12 @@ def test_sigterm_deletes_the_rayjob_from_the_cli_launcher(cluster):
     proc = subprocess.Popen(cmd, env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         out = _terminate_when_running(cluster, proc)
+        assert "loomcfm: error: terminated while watching RayJob ml/loomcfm-train-" in out
+        assert "deleted it: KubeRay stops the Ray job and removes its cluster" in out
+        cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS), "the RayJob to go (finalizer removed)")
+        assert [r.status for r in cluster.sim.runs.values()] == ["STOPPED"], "the finalizer stopped the Ray job"
     finally:
         hold.set()
-    assert "loomcfm: error: terminated while watching RayJob ml/loomcfm-train-" in out
-    assert "deleted it: KubeRay stops the Ray job and removes its cluster" in out
-    cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS), "the RayJob to go (finalizer removed)")
-    assert [r.status for r in cluster.sim.runs.values()] == ["STOPPED"]
 
 
 def test_sigterm_with_leave_keeps_the_rayjob_and_the_retried_step_adopts_it(cluster):
