@@ -94,9 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="train in the step (local Ray) or as a KubeRay RayJob")
     local = pipeline_commands.add_parser("run-local", parents=[run_opts], help="run with kfp.local (no cluster)")
     local.add_argument("--pipeline-root", default="kfp-local", help="where kfp.local keeps step outputs")
-    submit = pipeline_commands.add_parser("submit", parents=[run_opts], help="create a run on a KFP endpoint")
+    local.add_argument("--cache", action="store_true", help="reuse steps whose inputs match an earlier run under "
+                       "the same --pipeline-root (as KFP caching does on a cluster)")
+    submit = pipeline_commands.add_parser("submit", parents=[run_opts], help="upload the pipeline as a version "
+                                          "(<package version>-g<git commit>) and run it on a KFP endpoint; "
+                                          "--config defaults to the cluster preset")
     submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-    submit.add_argument("--experiment", default=None, help="KFP experiment name")
+    submit.add_argument("--experiment", default=None, help="KFP experiment name (default: the pipeline's name)")
+    submit.add_argument("--schedule", default=None, metavar="CRON", help="a recurring run instead: six fields, "
+                        "seconds first, e.g. '0 0 2 * * *' (02:00 daily), or @daily / @every 6h")
+    submit.add_argument("--service-account", default=None, help="Kubernetes service account of the run's pods "
+                        "(default: the KFP server's)")
 
     weights = commands.add_parser("weights", help="feature-network weights for FID")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
@@ -148,12 +156,15 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
         for path in runner.compile_all():
             print(path)
         return 0
-    pipeline_args = runner.arguments(args.pipeline, args.config, args.overrides, args.checkpoint, args.launcher)
-    if args.pipeline_command == "run-local":
-        runner.run_local(args.pipeline, pipeline_args, str(Path(args.pipeline_root).resolve()))
+    local = args.pipeline_command == "run-local"
+    config = args.config or (None if local else "cluster")
+    pipeline_args = runner.arguments(args.pipeline, config, args.overrides, args.checkpoint, args.launcher)
+    if local:
+        runner.run_local(args.pipeline, pipeline_args, str(Path(args.pipeline_root).resolve()), args.cache)
         print(f"pipeline {args.pipeline} finished; step outputs under {args.pipeline_root}/")
     else:
-        print(runner.submit(args.host, args.pipeline, pipeline_args, args.experiment))
+        print(runner.submit(args.host, args.pipeline, pipeline_args, args.experiment, args.schedule,
+                            args.service_account))
     return 0
 
 

@@ -19,6 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The allowed values are defined by the modules that implement them; the config only checks against them.
+from loomcfm_core.config_env import expand_env
 from loomcfm_core.coupling import COSTS, KINDS
 from loomcfm_core.data.sources import check_source, source_forms
 from loomcfm_core.errors import ConfigError
@@ -314,7 +315,7 @@ def _suggest(key: str, known: dict[str, Any]) -> str:
 
 def validate(tree: dict[str, Any], origin: str = "config") -> Config:
     try:
-        return Config.model_validate(tree)
+        return Config.model_validate(expand_env(tree))
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

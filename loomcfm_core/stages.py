@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from loomcfm_core import reflow, tracking
+from loomcfm_core import kfp_env, reflow, tracking
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset, read_manifest
 from loomcfm_core.errors import UsageError
@@ -182,16 +182,20 @@ def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, metho
     return SampleResult(output, num_images, method, samples.nfe, join(output, "grid.png"))
 
 
-def start_pipeline_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
-    """Open and close the parent MLflow run of a pipeline whose stages run elsewhere (KFP steps)."""
-    with tracking.start_run(cfg, "pipeline", tags=tags) as parent:
+def start_pipeline_run(cfg: Config) -> str:
+    """Open and close the parent MLflow run of a pipeline whose stages run elsewhere (KFP steps), tagged with
+    the KFP run id the later steps find it by (:func:`loomcfm_core.kfp_env.pipeline_parent`); first, fail
+    when the config keeps data or runs on a KFP pod's own disk (:func:`loomcfm_core.kfp_env.check_shared`)."""
+    kfp_env.check_shared(cfg)
+    tags = {tracking.KFP_RUN_TAG: run_id} if (run_id := kfp_env.kfp_run_id()) else None
+    with tracking.start_run(cfg, tracking.PIPELINE_STAGE, tags=tags) as parent:
         tracking.log_config(cfg)
     return parent.info.run_id
 
 
 def run(cfg: Config, tags: dict[str, str] | None = None) -> RunResult:
     """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow → evaluate."""
-    with tracking.start_run(cfg, "pipeline", tags=tags) as parent:
+    with tracking.start_run(cfg, tracking.PIPELINE_STAGE, tags=tags) as parent:
         tracking.log_config(cfg)
         parent_id = parent.info.run_id
         cached = cache(cfg, parent_id)

@@ -31,6 +31,8 @@ from loomcfm_core.config import Config
 from loomcfm_core.errors import TrackingError
 
 STAGE_TAG = "loomcfm.stage"
+KFP_RUN_TAG = "kfp.run_id"  # on a pipeline's parent run: the KFP run it belongs to
+PIPELINE_STAGE = "pipeline"
 CONFIG_ARTIFACT = "config.yaml"
 log = logging.getLogger(__name__)
 SERVER_SCHEMES = ("http", "https")
@@ -93,6 +95,10 @@ def _name_unreachable_server(uri: str) -> Iterator[None]:
         if _is_connection_failure(exc):
             raise TrackingError(f"cannot reach the MLflow tracking server at {uri}; is it running and is "
                                 f"tracking.uri right? ({exc.message})") from exc
+        if exc.error_code == "UNAUTHENTICATED":
+            raise TrackingError(f"the MLflow tracking server at {uri} refused the credentials: set "
+                                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (on a cluster: the "
+                                "Secret loomcfm-mlflow)") from exc
         raise
 
 
@@ -154,6 +160,23 @@ def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None,
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=True, parent_run_id=parent_run_id,
                           tags={STAGE_TAG: run_name, **(tags or {})}) as run:
         yield run
+
+
+def find_pipeline_run(cfg: Config, kfp_run_id: str) -> str | None:
+    """The parent run a pipeline's first step opened for the KFP run ``kfp_run_id``, or None.
+
+    Steps find their parent this way at run time instead of taking its id as an input, because every input
+    is part of KFP's cache key and a per-run id would keep deterministic steps from ever being reused.
+    """
+    uri = tracking_uri(cfg)
+    query = f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}' and tags.`{STAGE_TAG}` = '{PIPELINE_STAGE}'"
+    with _name_unreachable_server(uri):
+        runs = MlflowClient(uri).search_runs([experiment_id(cfg)], query, max_results=1,
+                                             order_by=["attributes.start_time DESC"])
+    if not runs:
+        log.warning("no MLflow parent run for KFP run %s in %s; this step's run has no parent", kfp_run_id, uri)
+        return None
+    return runs[0].info.run_id
 
 
 def config_params(cfg: Config) -> dict[str, str]:

@@ -1,12 +1,31 @@
-"""What every step of a loomcfm pipeline gets on the cluster: storage credentials and endpoints, GPUs; and
-what makes a train step: its RayJob's arguments, no caching, retries."""
+"""What every step of a loomcfm pipeline gets on the cluster, from the pipeline's parameters: credentials and
+endpoints, its CPU and memory, a memory-backed /dev/shm, GPUs with their toleration and node selector, its
+display name, and whether KFP may reuse it.
+
+Rules from the KFP v2 backend (kubeflow/pipelines 2.17.0) that shape this module:
+- A resource field that references a parameter is resolved with ``GetStringValue()``
+  (``backend/src/v2/driver/resolve.go`` ``resolvePodSpecInputRuntimeParameter``): a number parameter reads as
+  "" (no GPU limit, silently; a CPU/memory quantity fails to parse), so every such parameter is a ``str``,
+  as in KFP's own ``pipeline_with_string_machine_fields_pipeline_input.py``.
+- Tolerations and node selectors from a parameter must be a list or dict parameter
+  (``backend/src/v2/driver/k8s.go``, ``resolveK8sJsonParameter``).
+- Every input of a step is part of its cache key (``backend/src/v2/cacheutils/cache.go`` ``GenerateCacheKey``),
+  environment variables are not: the KFP run id reaches steps as ``KFP_RUN_ID`` from the pod's
+  ``pipeline/runid`` label (``loomcfm_core/kfp_env.py``), so deterministic steps stay reusable.
+"""
 
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 
-# Secret and ConfigMap created by k8s/base (kubectl apply -k k8s/overlays/...).
-S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
-ENV_CONFIG_KEYS = {k: k for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL")}
+from loomcfm_core.kfp_env import RUN_ID_ENV
+from loomcfm_core.kube.rayjob import GPU_TOLERATION
+
+# Secrets and the ConfigMap created with k8s/ (kubectl apply -k k8s/overlays/...): env name -> key.
+S3_SECRET_KEYS = {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+MLFLOW_SECRET_KEYS = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+ENV_CONFIG_KEYS = {k: k for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL",
+                                  "LOOMCFM_STORAGE_ROOT", "LOOMCFM_TRACKING_URI")}
+RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 # The pipeline parameters a train step passes on: how and where its RayJob runs (components/train.py).
 CLUSTER_PARAMETERS = ("launcher", "namespace", "keep_cluster", "image", "ray_workers", "gpus_per_worker",
                       "worker_cpu", "worker_memory", "gpu_node_selector")
@@ -14,19 +33,56 @@ CLUSTER_PARAMETERS = ("launcher", "namespace", "keep_cluster", "image", "ray_wor
 # when it is the entire value (kubeflow/pipelines 2.17.0 backend/src/v2/driver/resolve.go resolveInputParameter).
 RUN_IDENTITY = {"kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "kfp_task": dsl.PIPELINE_TASK_NAME_PLACEHOLDER}
 TRAIN_RETRIES = 2
+# Each step's CPU and memory (request = limit: a Guaranteed pod, the last the kubelet evicts), as pipeline
+# parameters <step>_cpu / <step>_memory with these defaults. Memory covers SHM_SIZE (a memory-backed volume
+# counts against the container's limit).
+STEP_RESOURCES = {"prepare": ("500m", "1Gi"), "cache": ("2", "8Gi"), "train": ("4", "16Gi"),
+                  "evaluate": ("4", "16Gi"), "pairs": ("4", "16Gi")}
+# /dev/shm of the steps that run DataLoader workers or Ray (its object store lives there; a container's
+# default is 64 MiB). The size is static: kfp-kubernetes 2.17 takes no parameter here.
+SHM_SIZE = "2Gi"
+GPU_TOLERATIONS = [GPU_TOLERATION]
+DISPLAY = {"prepare": "validate config", "cache": "cache dataset", "train": "train (LOOM)",
+           "evaluate": "evaluate", "pairs": "reflow pairs", "reflow": "train (reflow)",
+           "evaluate_reflow": "evaluate (reflow)"}
 
 
-def on_cluster(task: PipelineTask, s3_secret: str, env_config_map: str) -> PipelineTask:
-    """Credentials from a Secret and endpoints from a ConfigMap (never in the pipeline package)."""
-    kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env=S3_SECRET_KEYS, optional=True)
-    kubernetes.use_config_map_as_env(task, config_map_name=env_config_map, config_map_key_to_env=ENV_CONFIG_KEYS,
-                                     optional=True)
+def step(task: PipelineTask, params: dict, name: str, kind: str | None = None,
+         gpus: str | None = None) -> PipelineTask:
+    """Dress one task of a pipeline for the cluster.
+
+    Args:
+        task: the component's task.
+        params: the pipeline function's parameters (its ``locals()`` at the top), channels to reference.
+        name: the key of ``DISPLAY`` (the task's name in the UI).
+        kind: the key of ``STEP_RESOURCES`` whose ``<kind>_cpu`` / ``<kind>_memory`` size the pod; default
+            ``name``.
+        gpus: the name of the ``str`` parameter with the step's GPU count, for the steps that may use GPUs.
+
+    Returns:
+        The task, with credentials (Secrets), endpoints and storage/tracking settings (ConfigMap), the run
+        id, CPU/memory requests and limits, /dev/shm for all but ``prepare``, and for GPU steps the GPU
+        limit, toleration and node selector. Caching stays on (KFP's default) unless the caller turns it off.
+    """
+    kind = kind or name
+    task.set_display_name(DISPLAY[name])
+    kubernetes.use_secret_as_env(task, secret_name=params["s3_secret"], secret_key_to_env=S3_SECRET_KEYS,
+                                 optional=True)
+    kubernetes.use_secret_as_env(task, secret_name=params["mlflow_secret"], secret_key_to_env=MLFLOW_SECRET_KEYS,
+                                 optional=True)
+    kubernetes.use_config_map_as_env(task, config_map_name=params["env_config_map"],
+                                     config_map_key_to_env=ENV_CONFIG_KEYS, optional=True)
+    kubernetes.use_field_path_as_env(task, env_name=RUN_ID_ENV, field_path=RUN_ID_FIELD)
+    cpu, memory = params[f"{kind}_cpu"], params[f"{kind}_memory"]
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    if kind != "prepare":
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=SHM_SIZE)
+    if gpus is not None:
+        task.set_accelerator_type(params["accelerator_type"]).set_accelerator_limit(params[gpus])
+        kubernetes.add_toleration_json(task, params["gpu_tolerations"])
+        kubernetes.add_node_selector_json(task, params["node_selector"])
     return task
-
-
-def with_gpu(task: PipelineTask, accelerator_type: str, accelerator_limit: int) -> PipelineTask:
-    """Accelerators for a step (evaluate and pairs; training when it runs in the step); 0 means CPU only."""
-    return task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_limit)
 
 
 def cluster_arguments(parameters: dict) -> dict:
@@ -35,11 +91,15 @@ def cluster_arguments(parameters: dict) -> dict:
     return {**{name: parameters[name] for name in CLUSTER_PARAMETERS}, **RUN_IDENTITY}
 
 
-def training(task: PipelineTask, s3_secret: str, env_config_map: str, accelerator_type: str,
-             accelerator_limit: int) -> PipelineTask:
+def training(task: PipelineTask, params: dict, name: str) -> PipelineTask:
     """A train step: never cached (it has side effects), retried when its pod fails or is evicted: the retry
     has the same run id and task name, so it adopts the step's RayJob or starts one that resumes from the
-    latest checkpoint."""
-    task = with_gpu(on_cluster(task, s3_secret, env_config_map), accelerator_type, accelerator_limit)
+    latest checkpoint. Its GPUs (``train_accelerator_limit``) are for a training inside the step."""
+    task = step(task, params, name, kind="train", gpus="train_accelerator_limit")
     return task.set_caching_options(False).set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s",
                                                      backoff_factor=2.0)
+
+
+def preparing(task: PipelineTask, params: dict) -> PipelineTask:
+    """The first step: never cached, because it opens this run's parent MLflow run."""
+    return step(task, params, "prepare").set_caching_options(False)

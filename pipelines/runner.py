@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import tempfile
+import os
+import uuid
 from pathlib import Path
 
 from kfp import compiler
 
 from loomcfm_core.config import config_text, load_config_text
 from loomcfm_core.errors import UsageError
+from loomcfm_core.kfp_env import RUN_ID_ENV
 from pipelines.loomcfm_pipeline import loomcfm_pipeline
 from pipelines.reflow_pipeline import reflow_pipeline
 
@@ -42,23 +44,34 @@ def arguments(pipeline: str, config: str | None, overrides: list[str], checkpoin
     return args
 
 
-def run_local(pipeline: str, args: dict, pipeline_root: str) -> dict:
-    """Run with kfp.local in this Python environment (no containers); returns the pipeline's outputs."""
+def run_local(pipeline: str, args: dict, pipeline_root: str, caching: bool = False) -> dict:
+    """Run with kfp.local in this Python environment (no containers); returns the pipeline's outputs.
+
+    The steps get a fresh ``KFP_RUN_ID`` (a cluster's pods get it from their ``pipeline/runid`` label), so
+    they find this run's parent MLflow run; ``caching`` lets kfp.local reuse a step whose inputs are those of
+    an earlier run under the same ``pipeline_root``.
+    """
     from kfp import local
 
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, enable_caching=caching)
     func, _ = PIPELINES[pipeline]
-    return func(**args)
+    previous = os.environ.get(RUN_ID_ENV)
+    os.environ[RUN_ID_ENV] = f"local-{uuid.uuid4()}"
+    try:
+        return func(**args)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_ID_ENV, None)
+        else:
+            os.environ[RUN_ID_ENV] = previous
 
 
-def submit(host: str, pipeline: str, args: dict, experiment: str | None = None) -> str:
-    """Create a run on a KFP endpoint from the freshly compiled package; returns the run's URL."""
+def submit(host: str, pipeline: str, args: dict, experiment: str | None = None, schedule: str | None = None,
+           service_account: str | None = None) -> str:
+    """Upload the pipeline as a version on a KFP endpoint and run it (or schedule it); returns the URL."""
     import kfp
 
+    from pipelines import submit as uploader
+
     func, filename = PIPELINES[pipeline]
-    client = kfp.Client(host=host)
-    with tempfile.TemporaryDirectory() as tmp:
-        package = Path(tmp) / filename
-        compiler.Compiler().compile(func, str(package))
-        run = client.create_run_from_pipeline_package(str(package), arguments=args, experiment_name=experiment)
-    return f"{host.rstrip('/')}/#/runs/details/{run.run_id}"
+    return uploader.submit(kfp.Client(host=host), host, func, filename, args, experiment, schedule, service_account)
