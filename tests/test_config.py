@@ -131,3 +131,17 @@ def test_no_usage_statistics_leave_the_machine():
     import loomcfm_core  # noqa: F401 - importing the package is what sets the defaults
 
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0" and os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+
+
+def test_environment_references(monkeypatch):
+    monkeypatch.setenv("LOOMCFM_TEST_ROOT", "s3://bucket/prefix")
+    monkeypatch.delenv("LOOMCFM_TEST_UNSET", raising=False)
+    cfg = load_config_text("storage: {root: '${LOOMCFM_TEST_ROOT}'}\n"
+                           "tracking: {local_dir: '${LOOMCFM_TEST_UNSET:-runs}'}\n")
+    assert (cfg.storage.root, cfg.tracking.local_dir) == ("s3://bucket/prefix", "runs")
+    assert load_config_text("digits", ["data.local_cache=/a/${NOT_A_REFERENCE}"]).data.local_cache == \
+        "/a/${NOT_A_REFERENCE}"
+    monkeypatch.setenv("LOOMCFM_TEST_EMPTY", "")
+    with pytest.raises(ConfigError, match=r"storage\.root: \$\{LOOMCFM_TEST_EMPTY\} needs the environment variable "
+                       r"LOOMCFM_TEST_EMPTY"):
+        load_config_text("storage: {root: '${LOOMCFM_TEST_EMPTY}'}\n")

@@ -1,6 +1,7 @@
 """Kubeflow Pipelines: compiled packages up to date, real kfp.local runs and early config errors."""
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from loomcfm_core.config import ConfigError
 from pipelines import runner
 from pipelines.common import CLUSTER_PARAMETERS, TRAIN_RETRIES
 
+RERUN_CHILDREN = ["train", "train"]
 TINY = ["train.max_steps=30", "reflow.max_steps=20", "reflow.num_pairs=256", "eval.num_samples=300",
         "eval.methods=[euler-1,euler-4]", "ray.cpus_per_worker=1", "model.attn_resolutions=[]"]
 
@@ -82,56 +84,134 @@ def test_bad_overrides_fail_before_anything_runs(tmp_path, capfd):
     assert not (tmp_path / "loomcfm-data").exists() and not (tmp_path / "loomcfm-runs").exists()
 
 
+class _Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def local_runs(tmp_path_factory):
-    """The full pipeline, then the reflow pipeline from its checkpoint with overrides, on kfp.local."""
+    """The full pipeline twice with caching (the second run may reuse steps of the first), then the reflow
+    pipeline from its checkpoint with overrides, on kfp.local; kfp.local's own log lines are kept."""
     root = tmp_path_factory.mktemp("kfp")
     sets = [*TINY, f"storage.root={root}/store", f"tracking.local_dir={root}/runs"]
     cwd = os.getcwd()
     os.chdir(root)
+    handler = _Messages()
+    logging.getLogger().addHandler(handler)
     try:
-        runner.run_local("full", runner.arguments("full", "digits", sets, None), str(root / "full"))
-        model = json.loads(next((root / "full").glob("*/train/model")).read_text())
+        args = runner.arguments("full", "digits", sets, None)
+        runner.run_local("full", args, str(root / "full"), caching=True)
+        first = len(handler.messages)
+        runner.run_local("full", args, str(root / "full"), caching=True)
+        second = handler.messages[first:]
+        model = json.loads(_run_dirs(root, "full")[0].joinpath("train", "model").read_text())
         reflow_sets = [*sets, "reflow.num_pairs=128", "reflow.method=euler-2", "reflow.max_steps=10"]
         runner.run_local("reflow", runner.arguments("reflow", "digits", reflow_sets, model["uri"]),
                          str(root / "reflow"))
     finally:
+        logging.getLogger().removeHandler(handler)
         os.chdir(cwd)
-    return root, model
+    return root, model, second
+
+
+def _run_dirs(root, pipeline):
+    """kfp.local's run folders under a pipeline root, oldest first."""
+    return sorted((p for p in (root / pipeline).iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.stat().st_mtime)
 
 
 def _outputs(root, pipeline, step):
-    return json.loads(next((root / pipeline).glob(f"*/{step}/executor_output.json")).read_text())
+    return json.loads((_run_dirs(root, pipeline)[0] / step / "executor_output.json").read_text())
 
 
 def test_full_pipeline_steps_and_lineage(local_runs):
-    root, model = local_runs
-    steps = {p.name for p in (root / "full").glob("*/*")}
+    root, model, _ = local_runs
+    steps = {p.name for p in _run_dirs(root, "full")[0].iterdir()}
     assert steps == {"prepare", "cache", "train", "evaluate", "pairs", "train-2", "evaluate-2"}
     assert model["uri"].endswith("step-00000030.pt") and Path(model["uri"]).is_file()
-    dataset = json.loads(next((root / "full").glob("*/cache/dataset")).read_text())
+    dataset = json.loads((_run_dirs(root, "full")[0] / "cache" / "dataset").read_text())
     assert (Path(dataset["uri"]) / "manifest.json").is_file() and dataset["num_train"] == 1500
     metrics = _outputs(root, "full", "evaluate")["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert {"fd_digits/euler-1", "nfe/euler-4"} <= set(metrics)
-    report = next((root / "full").glob("*/evaluate/report")).read_text()
+    report = (_run_dirs(root, "full")[0] / "evaluate" / "report").read_text()
     assert "| euler-4 | 4.0 |" in report
 
 
+def test_a_second_run_reuses_the_deterministic_steps(local_runs):
+    """Same config, caching on: kfp.local finds cache, evaluate and pairs under the keys of the first run and
+    skips them (sdk/local/orchestrator/task_executor.py logs the hit); prepare and training run again."""
+    root, _, second = local_runs
+    hits = {m.split()[1] for m in second if " cache hit " in m}
+    assert {"cache", "pairs", "evaluate"} <= hits, second
+    assert not hits & {"prepare", "train", "train-2"}, hits
+    first, again = _run_dirs(root, "full")
+    assert not (again / "cache").exists() and (again / "prepare").is_dir() and (again / "train").is_dir()
+    assert json.loads((again / "train" / "model").read_text())["uri"] == \
+        json.loads((first / "train" / "model").read_text())["uri"]
+
+
 def test_mlflow_runs_of_the_pipelines(local_runs):
-    root, _ = local_runs
+    root, _, _ = local_runs
     client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("loomcfm-digits").experiment_id])
     parents = [r for r in runs if r.data.tags.get("loomcfm.stage") == "pipeline"]
-    assert len(parents) == 2 and all(r.data.tags.get("kfp.run_id") for r in parents)
+    assert len(parents) == 3 and len({r.data.tags.get("kfp.run_id") for r in parents}) == 3
+    assert all(r.data.tags["kfp.run_id"].startswith("local-") for r in parents)
     by_parent = {p.info.run_id: sorted(r.data.tags["loomcfm.stage"] for r in runs
                                        if r.data.tags.get("mlflow.parentRunId") == p.info.run_id) for p in parents}
-    assert sorted(by_parent.values()) == [["cache", "evaluate", "evaluate_reflow", "pairs", "train", "train"],
-                                          ["cache", "evaluate_reflow", "pairs", "train"]]
+    # The second full run reused cache, evaluate and pairs: only its training steps logged runs.
+    assert sorted(by_parent.values()) == sorted([
+        ["cache", "evaluate", "evaluate_reflow", "pairs", "train", "train"], RERUN_CHILDREN,
+        ["cache", "evaluate_reflow", "pairs", "train"]])
 
 
 def test_reflow_pipeline_applied_its_overrides(local_runs):
-    root, model = local_runs
-    pairs = json.loads(next((root / "reflow").glob("*/pairs/dataset")).read_text())
+    root, model, _ = local_runs
+    pairs = json.loads((_run_dirs(root, "reflow")[0] / "pairs" / "dataset").read_text())
     assert pairs["num_pairs"] == 128 and pairs["method"] == "euler-2"
-    trained = json.loads(next((root / "reflow").glob("*/train/model")).read_text())
+    trained = json.loads((_run_dirs(root, "reflow")[0] / "train" / "model").read_text())
     assert trained["uri"].endswith("step-00000010.pt") and trained["alias"] == "reflow"
+
+
+def test_prepare_in_a_kfp_pod_refuses_pod_local_storage_and_tracking(tmp_path, monkeypatch, capfd):
+    """A step of a real KFP run has KFP_POD_NAME (set by the driver); with the digits defaults every later
+    step would lose the dataset and the MLflow runs, so prepare fails first, naming both keys."""
+    from components import prepare
+
+    monkeypatch.setenv("KFP_POD_NAME", "loomcfm-abcde-system-container-impl-123")
+    with pytest.raises(ConfigError) as caught:
+        prepare.python_func(config_yaml="digits", overrides=[])
+    message = str(caught.value)
+    assert "storage.root='loomcfm-data'" in message and "tracking.uri=None" in message
+    assert "KFP_POD_NAME=loomcfm-abcde" in message
+    with pytest.raises(ConfigError, match=r"tracking\.uri='file:///tmp/mlruns'") as caught:
+        prepare.python_func(config_yaml="digits", overrides=["storage.root=s3://b/p", "tracking.uri=file:///tmp/mlruns"])
+    assert "storage.root" not in str(caught.value)
+    # the same through kfp.local, whose steps inherit this process's environment: no stage starts
+    with pytest.raises(RuntimeError):
+        runner.run_local("full", {"config_yaml": "digits", "overrides": []}, str(tmp_path / "root"))
+    output = re.sub(r"\x1b\[[0-9;]*m", "", "".join(capfd.readouterr()))
+    assert "storage.root='loomcfm-data'" in output and "Executing task 'cache'" not in output
+    assert not (tmp_path / "loomcfm-data").exists() and not (tmp_path / "loomcfm-runs").exists()
+
+
+def test_the_cluster_preset_follows_the_platform(monkeypatch):
+    """The packages' default reads its storage root and tracking server from loomcfm-env's variables."""
+    from loomcfm_core.config import load_config_text
+
+    monkeypatch.delenv("LOOMCFM_STORAGE_ROOT", raising=False)
+    monkeypatch.delenv("LOOMCFM_TRACKING_URI", raising=False)
+    default = load_config_text("cluster")
+    assert (default.storage.root, default.tracking.uri) == ("s3://loomcfm/loomcfm", "http://mlflow.loomcfm.svc:5000")
+    monkeypatch.setenv("LOOMCFM_STORAGE_ROOT", "s3://team-bucket/loom")
+    monkeypatch.setenv("LOOMCFM_TRACKING_URI", "http://mlflow.team-a.svc:5000")
+    cfg = load_config_text("cluster")
+    assert (cfg.storage.root, cfg.tracking.uri) == ("s3://team-bucket/loom", "http://mlflow.team-a.svc:5000")
+    # prepare hands the later steps the expanded text, so they need no environment of their own
+    monkeypatch.delenv("LOOMCFM_STORAGE_ROOT")
+    assert load_config_text(cfg.to_yaml()).storage.root == "s3://team-bucket/loom"

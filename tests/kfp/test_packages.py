@@ -1,0 +1,184 @@
+"""The compiled packages as the KFP v2 backend reads them (tests/kfp/driver.py re-implements the driver's rules
+from kubeflow/pipelines 2.17.0): resources that reach the pod, the Kubernetes platform spec, caching."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import yaml
+
+from pipelines import runner
+from pipelines.common import (DISPLAY, ENV_CONFIG_KEYS, GPU_TOLERATIONS, MLFLOW_SECRET_KEYS, RUN_ID_FIELD,
+                              S3_SECRET_KEYS, SHM_SIZE, STEP_RESOURCES)
+from tests.kfp.driver import DriverError, get_string_value, parse_quantity, pod_platform, pod_resources, \
+    task_parameters
+
+PACKAGES = sorted(p.name for p in runner.COMPILED.glob("*.yaml"))
+GPU_STEPS = {"evaluate", "evaluate-2", "pairs", "train", "train-2"}
+# Inputs whose value is different in every run: KFP resolves these before computing the cache key
+# (backend/src/v2/driver/resolve.go resolveInputParameter; cacheutils/cache.go GenerateCacheKey).
+RUN_SPECIFIC = re.compile(r"\{\{\$\.pipeline_(job|task)_")
+
+
+def load(name: str) -> tuple[dict, dict]:
+    spec, platform = yaml.safe_load_all((runner.COMPILED / name).read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def root_values(spec: dict, **given) -> dict:
+    """A run's root parameter values: the given ones, else the defaults (typed as JSON, as the API stores them)."""
+    values = {name: p["defaultValue"] for name, p in spec["root"]["inputDefinitions"]["parameters"].items()
+              if "defaultValue" in p}
+    values.setdefault("checkpoint_uri", "s3://loomcfm/loomcfm/runs/x/checkpoints/step-00000001.pt")
+    return {**values, **given}
+
+
+def tasks(spec: dict):
+    for name, task in spec["root"]["dag"]["tasks"].items():
+        executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        yield name, task, executor
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_resource_fields_reference_string_parameters(package):
+    spec, _ = load(package)
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    checked = 0
+    for name, task, executor in tasks(spec):
+        resources = spec["deploymentSpec"]["executors"][executor]["container"].get("resources", {})
+        fields = {k: v for k, v in resources.items() if isinstance(v, str)}
+        fields.update({f"accelerator.{k}": v for k, v in resources.get("accelerator", {}).items()})
+        for field, value in fields.items():
+            channel = re.fullmatch(r"\{\{\$\.inputs\.parameters\['pipelinechannel--(.+?)'\]\}\}", value)
+            assert channel or "{{" not in value, f"{package} {name} {field}: text around a placeholder ({value!r}) " \
+                "is dropped by the driver's unanchored match"
+            if channel:
+                parameter = channel.group(1)
+                assert root[parameter]["parameterType"] == "STRING", \
+                    f"{package} {name} {field} reads {parameter}, a {root[parameter]['parameterType']}: the driver's " \
+                    "GetStringValue() makes it ''"
+                assert task["inputs"]["parameters"][f"pipelinechannel--{parameter}"] == \
+                    {"componentInputParameter": parameter}
+                checked += 1
+    assert checked >= 4 * len(list(tasks(spec)))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize("gpus", ["0", "1", "8"])
+def test_driver_sets_requests_and_limits_on_every_step(package, gpus):
+    spec, _ = load(package)
+    values = root_values(spec, accelerator_limit=gpus, train_accelerator_limit=gpus)
+    for name, task, executor in tasks(spec):
+        container = spec["deploymentSpec"]["executors"][executor]["container"]
+        pod = pod_resources(container.get("resources", {}), task_parameters(task, values))
+        kind = "prepare" if name == "prepare" else next(k for k in STEP_RESOURCES if name.startswith(k))
+        cpu, memory = STEP_RESOURCES[kind]
+        for bucket in ("limits", "requests"):
+            assert pod[bucket]["cpu"] == parse_quantity(cpu), (package, name, pod)
+            assert pod[bucket]["memory"] == parse_quantity(memory), (package, name, pod)
+        if name in GPU_STEPS:
+            assert pod["limits"]["nvidia.com/gpu"] == int(gpus), (package, name, pod)
+        else:
+            assert "nvidia.com/gpu" not in pod["limits"], (package, name)
+
+
+def test_driver_emulation_rejects_what_the_backend_rejects():
+    """The emulation is strict where the driver is: an int GPU count vanishes, an int CPU fails the task."""
+    spec, _ = load("loomcfm_pipeline.yaml")
+    task = spec["root"]["dag"]["tasks"]["evaluate"]
+    resources = spec["deploymentSpec"]["executors"]["exec-evaluate"]["container"]["resources"]
+    assert get_string_value(1) == "" and get_string_value("1") == "1"
+    silent = pod_resources(resources, task_parameters(task, root_values(spec, accelerator_limit=1)))
+    assert "nvidia.com/gpu" not in silent["limits"]
+    with pytest.raises(DriverError, match="quantities must match"):
+        pod_resources(resources, task_parameters(task, root_values(spec, evaluate_cpu=4)))
+    with pytest.raises(DriverError):
+        pod_resources(resources, task_parameters(task, root_values(spec, evaluate_memory="16 GiB")))
+    old_style = {"cpuLimit": 4.0, "memoryLimit": 16.0, "accelerator": {"type": "nvidia.com/gpu", "count": "2"}}
+    assert pod_resources(old_style, {}) == {"limits": {"cpu": 4, "memory": parse_quantity("16G"),
+                                                       "nvidia.com/gpu": 2}, "requests": {}}
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_platform_spec_names_secrets_config_map_toleration_and_node_selector(package):
+    spec, executors = load(package)
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    values = root_values(spec, node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"})
+    for name, task, executor in tasks(spec):
+        config = executors[executor]
+        pod = pod_platform(config, values)
+        expected_env = {**{k: ("secretAsEnv", "loomcfm-s3", k) for k in S3_SECRET_KEYS},
+                        **{k: ("secretAsEnv", "loomcfm-mlflow", k) for k in MLFLOW_SECRET_KEYS},
+                        **{k: ("configMapAsEnv", "loomcfm-env", k) for k in ENV_CONFIG_KEYS},
+                        "KFP_RUN_ID": ("fieldPath", RUN_ID_FIELD, None)}
+        assert pod["env"] == expected_env, (package, name)
+        for source in config["secretAsEnv"] + config["configMapAsEnv"]:
+            parameter = (source.get("secretNameParameter") or source["configMapNameParameter"])["componentInputParameter"]
+            assert root[parameter]["parameterType"] == "STRING", (package, name, parameter)
+        if name in GPU_STEPS:
+            assert pod["tolerations"] == GPU_TOLERATIONS and root["gpu_tolerations"]["parameterType"] == "LIST"
+            assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+            assert root["node_selector"]["parameterType"] == "STRUCT", "a string selector would resolve to {}"
+        else:
+            assert not pod["tolerations"] and not pod["nodeSelector"], (package, name)
+        shm = [v for v in pod["emptyDir"] if v["mountPath"] == "/dev/shm"]
+        if name == "prepare":
+            assert not shm
+        else:
+            assert shm == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": SHM_SIZE, "volumeName": "dshm"}]
+            kind = next(k for k in STEP_RESOURCES if name.startswith(k))
+            assert parse_quantity(SHM_SIZE) < parse_quantity(STEP_RESOURCES[kind][1]), "shm counts against memory"
+
+
+def test_platform_emulation_rejects_wrong_parameter_kinds():
+    spec, executors = load("loomcfm_pipeline.yaml")
+    config = executors["exec-evaluate"]
+    assert pod_platform(config, root_values(spec, node_selector="gpu=true"))["nodeSelector"] == {}
+    with pytest.raises(DriverError, match="struct or list"):
+        pod_platform(config, root_values(spec, gpu_tolerations="nvidia.com/gpu"))
+    with pytest.raises(DriverError, match="non-empty string"):
+        pod_platform(config, root_values(spec, mlflow_secret=""))
+    bad = copy.deepcopy(config)
+    bad["emptyDirMounts"][0]["sizeLimit"] = "2 GiB"
+    with pytest.raises(DriverError):
+        pod_platform(bad, root_values(spec))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_display_names_and_descriptions(package):
+    spec, _ = load(package)
+    assert spec["pipelineInfo"]["description"]
+    for name, parameter in spec["root"]["inputDefinitions"]["parameters"].items():
+        assert parameter.get("description"), f"{package}: parameter {name} has no description"
+    shown = {name: task["taskInfo"]["name"] for name, task, _ in tasks(spec)}
+    assert set(shown.values()) <= set(DISPLAY.values()) and len(set(shown.values())) == len(shown), shown
+    assert shown["cache"] == "cache dataset"
+    if package == "loomcfm_pipeline.yaml":
+        assert (shown["train"], shown["train-2"], shown["evaluate-2"]) == \
+            ("train (LOOM)", "train (reflow)", "evaluate (reflow)")
+    assert spec["root"]["inputDefinitions"]["parameters"]["config_yaml"]["defaultValue"] == "cluster"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_deterministic_steps_are_cached_without_run_specific_inputs(package):
+    """Every input is part of the backend's cache key (cacheutils/cache.go GenerateCacheKey): a cached step
+    must have none that changes per run, directly or through a producer's per-run output."""
+    spec, _ = load(package)
+    per_run_outputs = {("prepare", "parent_run_id")}
+    for name, task, _ in tasks(spec):
+        cached = task.get("cachingOptions", {}).get("enableCache", False)
+        if name.startswith(("cache", "pairs", "evaluate")):
+            assert cached, f"{package}: {name} is not cached"
+        if name.startswith(("prepare", "train")):
+            assert not cached, f"{package}: {name} has side effects and must not be cached"
+        if not cached:
+            continue
+        for input_name, source in task["inputs"]["parameters"].items():
+            constant = str(source.get("runtimeValue", {}).get("constant", ""))
+            assert not RUN_SPECIFIC.search(constant), (package, name, input_name, constant)
+            output = source.get("taskOutputParameter")
+            if output:
+                assert (output["producerTask"], output["outputParameterKey"]) not in per_run_outputs, \
+                    (package, name, input_name)
