@@ -120,7 +120,7 @@ def test_objects_match_kubernetes_schemas():
         assert not errors, f"{where}: {obj['kind']} {obj['metadata']['name']}: {errors}"
         checked.add(obj["kind"])
     assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service",
-            "PersistentVolumeClaim", "Job"} <= checked
+            "PersistentVolumeClaim", "Job", "StatefulSet", "NetworkPolicy"} <= checked
 
 
 def test_ray_objects_match_kuberay_crds():
@@ -303,15 +303,21 @@ def test_no_literal_credentials_anywhere():
     # The manifests carry no Secret, and the one example file holds placeholders only and is applied by nothing.
     for where, obj in all_objects():
         assert obj["kind"] != "Secret", f"{where}: a Secret is committed in a manifest"
-    example = K8S / "base" / "s3-credentials.example.yaml"
-    secret = yaml.safe_load(example.read_text())
-    assert secret["kind"] == "Secret" and set(secret["stringData"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-    assert all(re.fullmatch(r"<[a-z-]+>", v) for v in secret["stringData"].values()), secret["stringData"]
-    for path in K8S.rglob("kustomization.yaml"):
-        kustomization = yaml.safe_load(path.read_text())
-        listed = [str(e) for key in ("resources", "components", "patches", "patchesStrategicMerge")
-                  for e in kustomization.get(key, [])]
-        assert not any(example.name in e for e in listed), f"{path} applies the example Secret"
+    examples = {"s3-credentials.example.yaml": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+                "mlflow-credentials.example.yaml": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                                    "MLFLOW_FLASK_SERVER_SECRET_KEY"},
+                "postgres-credentials.example.yaml": {"POSTGRES_PASSWORD"}}
+    assert {p.name for p in K8S.rglob("*.example.yaml")} == set(examples)
+    for filename, keys in examples.items():
+        example = K8S / "base" / filename
+        secret = yaml.safe_load(example.read_text())
+        assert secret["kind"] == "Secret" and set(secret["stringData"]) == keys, filename
+        assert all(re.fullmatch(r"<[a-z-]+>", v) for v in secret["stringData"].values()), secret["stringData"]
+        for path in K8S.rglob("kustomization.yaml"):
+            kustomization = yaml.safe_load(path.read_text())
+            listed = [str(e) for key in ("resources", "components", "patches", "patchesStrategicMerge")
+                      for e in kustomization.get(key, [])]
+            assert not any(example.name in e for e in listed), f"{path} applies the example Secret"
 
 
 def test_secret_scan_catches_credentials():
@@ -367,8 +373,8 @@ def test_mlflow_is_cluster_internal():
         cfg = resolved_platform_config(objs)
         assert cfg.tracking.uri == f"http://mlflow.{NAMESPACE}.svc:{service['spec']['ports'][0]['port']}"
         args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-        assert any(a.startswith("--backend-store-uri=sqlite:////mlflow/") for a in args), args
-        assert "--serve-artifacts" in args
+        assert f"--backend-store-uri=postgresql+psycopg2://mlflow@postgres.{NAMESPACE}.svc:5432/mlflow" in args
+        assert "--serve-artifacts" in args and "--app-name=basic-auth" in args
 
 
 def test_platform_overlays_start_no_stage():
@@ -551,8 +557,8 @@ def test_platform_configs_resolve():
         env = configmaps(objs)["loomcfm-env"]
         assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
         buckets = {cfg.storage.root.split("/")[2], env["MLFLOW_ARTIFACTS_DESTINATION"].split("/")[2]}
-        for job in find(objs, "Job", "minio-buckets"):  # MinIO must create every bucket the config uses
-            assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio.loomcfm.svc:9000"
+        for job in find(objs, "Job", "s3-buckets"):  # the S3 server must get every bucket the config uses
+            assert env["AWS_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == "http://s3.loomcfm.svc:9000"
             assert buckets <= set(job["spec"]["template"]["spec"]["containers"][0]["args"][1:])
     assert resolved_platform_config(render("overlays/cpu")).name == "digits"
     assert resolved_platform_config(render("overlays/gpu")).name == "cifar10"
@@ -597,7 +603,7 @@ def test_train_template_is_what_the_kfp_launcher_expects():
             [cluster_config(run_cfg).to_yaml()]
 
 
-# ---- the MLflow server and MinIO as the manifests start them ------------------------------------------------
+# ---- the S3 bucket Job as the manifests start it (the MLflow server: test_platform_services.py) --------------
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -606,7 +612,7 @@ def _free_port() -> int:
 
 
 def _run_bucket_job(objs, endpoint: str) -> subprocess.CompletedProcess:
-    container = find(objs, "Job", "minio-buckets")[0]["spec"]["template"]["spec"]["containers"][0]
+    container = find(objs, "Job", "s3-buckets")[0]["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][0] == "python"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
            "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -615,7 +621,7 @@ def _run_bucket_job(objs, endpoint: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def test_minio_bucket_job_creates_the_buckets(moto_server):
+def test_s3_bucket_job_creates_the_buckets(moto_server):
     import boto3
 
     objs = render("overlays/cpu")
@@ -625,78 +631,3 @@ def test_minio_bucket_job_creates_the_buckets(moto_server):
     s3 = boto3.client("s3", endpoint_url=moto_server, aws_access_key_id="testing", aws_secret_access_key="testing",
                       region_name="us-east-1")
     assert "loomcfm" in {b["Name"] for b in s3.list_buckets()["Buckets"]}
-
-
-def test_mlflow_server_runs_as_deployed(moto_server, tmp_path):
-    """The Deployment's command and environment: answers the Service's host name, refuses other hosts,
-    stores runs on the volume and proxies artifacts to S3."""
-    import boto3
-    from mlflow.tracking import MlflowClient
-
-    objs = render("overlays/cpu")
-    assert _run_bucket_job(objs, moto_server).returncode == 0
-    pod = find(objs, "Deployment", "mlflow")[0]["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    env = container_env(container, configmaps(objs))
-    env.update(AWS_ENDPOINT_URL=moto_server, MLFLOW_S3_ENDPOINT_URL=moto_server, AWS_ACCESS_KEY_ID="testing",
-               AWS_SECRET_ACCESS_KEY="testing", HOME=str(tmp_path / "home"))
-    port = _free_port()
-    argv = [kubelet_expand(a, env) for a in container["command"] + container["args"]]
-    for mount in container["volumeMounts"]:  # the PVC becomes a local folder
-        (tmp_path / mount["name"]).mkdir()
-        argv = [a.replace(f"sqlite:///{mount['mountPath']}/", f"sqlite:///{tmp_path / mount['name']}/")
-                for a in argv]
-    argv = [f"--port={port}" if a.startswith("--port=") else "--host=127.0.0.1" if a.startswith("--host=") else a
-            for a in argv]
-    assert argv[:2] == ["mlflow", "server"]
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlflow", *argv[1:]], env={**base_env, **env}, cwd=tmp_path,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"mlflow server exited:\n{log.read_text()[-4000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, f"mlflow server did not start:\n{log.read_text()[-4000:]}"
-                time.sleep(0.2)
-
-        def status(host: str) -> int:
-            request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
-                                             headers={"Host": host})
-            try:
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    return response.status
-            except urllib.error.HTTPError as exc:
-                return exc.code
-
-        assert status(f"mlflow.{NAMESPACE}.svc:5000") == 200
-        assert status(f"mlflow.{NAMESPACE}.svc.cluster.local:5000") == 200
-        assert status("localhost:5000") == 200          # kubectl port-forward
-        assert status("attacker.example:5000") == 403   # DNS rebinding protection stays on
-
-        client = MlflowClient(tracking_uri=url)
-        experiment = client.create_experiment("k8s-manifest-check")
-        run = client.create_run(experiment)
-        artifact = tmp_path / "note.txt"
-        artifact.write_text("proxied")
-        client.log_artifact(run.info.run_id, str(artifact))
-        assert (tmp_path / "db" / "mlflow.db").exists(), "runs are not stored on the volume"
-        destination = env["MLFLOW_ARTIFACTS_DESTINATION"]
-        bucket, prefix = destination.removeprefix("s3://").split("/", 1)
-        s3 = boto3.client("s3", endpoint_url=moto_server, aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
-        assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
