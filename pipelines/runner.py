@@ -74,4 +74,6 @@ def submit(host: str, pipeline: str, args: dict, experiment: str | None = None, 
     from pipelines import submit as uploader
 
     func, filename = PIPELINES[pipeline]
+    if schedule:
+        uploader.check_schedule(schedule)  # before the client, which already asks the server at creation
     return uploader.submit(kfp.Client(host=host), host, func, filename, args, experiment, schedule, service_account)

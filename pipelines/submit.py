@@ -70,13 +70,18 @@ def version_name(package: Path, revision: tuple[str, bool] | None) -> str:
     return re.sub(r"[^a-z0-9.-]", "-", name.lower())
 
 
+def pipeline_info(package: Path) -> dict:
+    """The package's ``pipelineInfo`` (name, description): the first of its YAML documents holds it."""
+    return next(yaml.safe_load_all(package.read_text()))["pipelineInfo"]
+
+
 def _by_name(name: str) -> str:
     return json.dumps({"predicates": [{"operation": EQUALS, "key": "display_name", "stringValue": name}]})
 
 
 def upload(client, package: Path, version: str) -> tuple[str, str]:
     """(pipeline id, version id) of ``version`` of the package's pipeline, uploading what is missing."""
-    info = yaml.safe_load(package.read_text())["pipelineInfo"]
+    info = pipeline_info(package)
     pipeline_id = client.get_pipeline_id(info["name"])
     if pipeline_id is None:
         pipeline_id = client.upload_pipeline(str(package), pipeline_name=info["name"],
@@ -108,7 +113,7 @@ def submit(client, host: str, func, filename: str, args: dict, experiment: str |
         compiler.Compiler().compile(func, str(package))
         version = version_name(package, git_revision())
         pipeline_id, version_id = upload(client, package, version)
-        name = yaml.safe_load(package.read_text())["pipelineInfo"]["name"]
+        name = pipeline_info(package)["name"]
     experiment_id = client.create_experiment(experiment or name).experiment_id
     job = f"{name} {version}"
     if schedule:
