@@ -47,6 +47,44 @@ DISPLAY = {"prepare": "validate config", "cache": "cache dataset", "train": "tra
            "evaluate_reflow": "evaluate (reflow)"}
 
 
+# What each pipeline parameter means: the descriptions the KFP UI shows (the compiler reads them from the
+# function's docstring, `Args:` section).
+PARAMETER_DOCS = {
+    "checkpoint_uri": "The trained model's checkpoint (s3://.../checkpoints/step-N.pt).",
+    "config_yaml": "A preset name (cluster: digits on the k8s/ platform) or a whole loomcfm config as YAML.",
+    "overrides": "key=value config overrides, e.g. [\"train.lr=1e-4\"] or [\"reflow.method=euler-4\"].",
+    "launcher": "Where training runs: local (Ray inside the train step) or rayjob (a KubeRay RayJob).",
+    "namespace": "Namespace of the RayJobs (launcher rayjob).",
+    "keep_cluster": "Keep a failed RayJob's head pod for post-mortem.",
+    "image": "Image of the RayJob's pods.",
+    "ray_workers": "Worker pods of each RayJob.",
+    "gpus_per_worker": "GPUs per RayJob worker pod (one Ray Train worker per GPU).",
+    "worker_cpu": "CPU of a RayJob worker pod (quantity).",
+    "worker_memory": "Memory of a RayJob worker pod (quantity).",
+    "gpu_node_selector": "key=value[,key=value] nodes for GPU RayJob workers.",
+    "s3_secret": "Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.",
+    "mlflow_secret": "Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.",
+    "env_config_map": "ConfigMap with the S3 endpoint, region, LOOMCFM_STORAGE_ROOT and LOOMCFM_TRACKING_URI.",
+    "accelerator_type": "Resource name of the GPUs.",
+    "accelerator_limit": "GPUs of the evaluate and pairs steps, as text (\"0\": CPU only).",
+    "train_accelerator_limit": "GPUs of a train step that trains inside itself (launcher local), as text.",
+    "gpu_tolerations": "Tolerations of the steps that may use GPUs (a list of Kubernetes tolerations).",
+    "node_selector": "Node labels the steps that may use GPUs must run on ({}: any node).",
+    **{f"{step}_{what}": f"{label} request and limit of the {step} step{'s' * (step in ('train', 'evaluate'))}."
+       for step in STEP_RESOURCES for what, label in (("cpu", "CPU"), ("memory", "Memory"))},
+}
+
+
+def documented(summary: str):
+    """Give a pipeline function the docstring KFP reads its description and parameter descriptions from:
+    ``summary`` and an ``Args:`` section from ``PARAMETER_DOCS`` (both pipelines share the parameters)."""
+    def wrap(func):
+        names = func.__code__.co_varnames[:func.__code__.co_argcount]
+        func.__doc__ = f"{summary}\n\nArgs:\n" + "\n".join(f"    {name}: {PARAMETER_DOCS[name]}" for name in names)
+        return func
+    return wrap
+
+
 def step(task: PipelineTask, params: dict, name: str, kind: str | None = None,
          gpus: str | None = None) -> PipelineTask:
     """Dress one task of a pipeline for the cluster.
