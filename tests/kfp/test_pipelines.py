@@ -15,6 +15,8 @@ from loomcfm_core.config import ConfigError
 from pipelines import runner
 from pipelines.common import CLUSTER_PARAMETERS, TRAIN_RETRIES
 
+# Real kfp.local runs of whole pipelines (three in the module fixture): minutes on a loaded 2-core machine.
+pytestmark = pytest.mark.timeout(2700)
 RERUN_CHILDREN = ["train", "train"]
 TINY = ["train.max_steps=30", "reflow.max_steps=20", "reflow.num_pairs=256", "eval.num_samples=300",
         "eval.methods=[euler-1,euler-4]", "ray.cpus_per_worker=1", "model.attn_resolutions=[]"]
