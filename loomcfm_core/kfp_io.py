@@ -11,10 +11,18 @@ from loomcfm_core.results import EvalResult
 
 
 def log_numbers(metrics, numbers: dict) -> None:
-    """Every numeric entry of a stage's summary into an ``Output[Metrics]``."""
+    """Every numeric entry of a stage's summary into an ``Output[Metrics]``, and all of them so far as JSON in
+    its file.
+
+    ``log_metric`` only sets metadata; without a file the artifact is a path that does not exist, which
+    kfp.local's cache takes for a lost output (``kfp/local/cache.py``: a missing local artifact file is a
+    cache miss), so a step with metrics would never be reused.
+    """
     for key, value in numbers.items():
         if isinstance(value, Number) and not isinstance(value, bool):
             metrics.log_metric(key, float(value))
+    Path(metrics.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics.path).write_text(json.dumps(dict(metrics.metadata), indent=2, sort_keys=True))
 
 
 def point_to(artifact, uri: str, **metadata) -> None:
