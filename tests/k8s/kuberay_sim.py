@@ -198,6 +198,7 @@ class KubeRaySimulator:
         self.paused = threading.Event()  # set: the operator is down
         self._idle = threading.Event()  # the loop has seen `paused`
         self.errors: list[str] = []
+        self._lock = threading.RLock()  # one tick at a time; a test's stop_job waits for it
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> KubeRaySimulator:
@@ -230,9 +231,10 @@ class KubeRaySimulator:
     def tick(self) -> None:
         """One round: the cluster, submitter and dashboard move on, then every RayJob is reconciled once. Tests
         of the controller's own rules call it directly (no thread: each step is deterministic)."""
-        self._clusters_and_runs()
-        for rayjob in self._all("rayjobs"):
-            self.reconcile(rayjob["metadata"]["namespace"], rayjob["metadata"]["name"])
+        with self._lock:
+            self._clusters_and_runs()
+            for rayjob in self._all("rayjobs"):
+                self.reconcile(rayjob["metadata"]["namespace"], rayjob["metadata"]["name"])
 
     def _all(self, resource: str) -> list[dict]:
         with self.store.lock:
@@ -320,11 +322,12 @@ class KubeRaySimulator:
         return env, shlex.join(words)
 
     def stop_job(self, job_id: str) -> None:
-        """Dashboard ``POST /api/jobs/<id>/stop``."""
-        run = self.runs.get(job_id)
-        if run is not None and run.status in ("PENDING", "RUNNING"):
-            run.attempt.kill()
-            run.status, run.message, run.end_ms = "STOPPED", "Job was intentionally stopped.", _ms()
+        """Dashboard ``POST /api/jobs/<id>/stop`` (``ray job stop``; ``job_manager.py`` ``stop_job``)."""
+        with self._lock:
+            run = self.runs.get(job_id)
+            if run is not None and run.status in ("PENDING", "RUNNING"):
+                run.attempt.kill()
+                run.status, run.message, run.end_ms = "STOPPED", "Job was intentionally stopped.", _ms()
 
     # ---- the controller ------------------------------------------------------------------------------------
 

@@ -158,7 +158,7 @@ def test_a_retry_is_written_as_retrying_then_a_new_attempt_with_new_ids_and_star
 
 
 def test_success_is_counted_and_shutdown_after_job_finishes_deletes_only_the_cluster_after_its_ttl():
-    run = Stepped(_body())
+    run = Stepped(_body(ttlSecondsAfterFinished=600))  # the template's (kubectl's) TTL
     run.until(_running)
     run.jobs[0].code = 0
     run.sim.tick()
@@ -221,7 +221,7 @@ def test_the_legacy_deletion_policy_uses_the_global_ttl():
 
 
 def test_validation_failed_is_reached_from_any_state_and_never_left():
-    run = Stepped(_body())
+    run = Stepped(_body(ttlSecondsAfterFinished=600))
     run.until(_running)
     run.edit_spec(shutdownAfterJobFinishes=False)  # the ttlSecondsAfterFinished of 600 stays: invalid
     run.sim.tick()
