@@ -194,6 +194,9 @@ class KubeRaySimulator:
         self.attempts: dict[str, int] = {}  # RayJob uid -> attempts started
         self.history: dict[str, list[str]] = {}  # RayJob name -> every jobDeploymentStatus written
         self.statuses: dict[str, list[dict]] = {}  # RayJob name -> every status written, whole
+        # called (in the operator's thread) after each status write: a test can hold the operator there until
+        # a watcher has read that status, so a short-lived state cannot pass unseen
+        self.after_write: Callable[[str, dict], None] | None = None
         self.stopping = threading.Event()
         self.paused = threading.Event()  # set: the operator is down
         self._idle = threading.Event()  # the loop has seen `paused`
@@ -403,6 +406,8 @@ class KubeRaySimulator:
         if self._write(lambda: self.store.update("rayjobs", job["metadata"]["namespace"], job, True)) is not None:
             self.history.setdefault(job["metadata"]["name"], []).append(new.get("jobDeploymentStatus") or "New")
             self.statuses.setdefault(job["metadata"]["name"], []).append(copy.deepcopy(job["status"]))
+            if self.after_write is not None:
+                self.after_write(job["metadata"]["name"], copy.deepcopy(job["status"]))
 
     def _init_status(self, job: dict) -> None:
         status, name = job["status"], job["metadata"]["name"]
