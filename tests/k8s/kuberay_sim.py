@@ -419,22 +419,20 @@ class KubeRaySimulator:
 
     def _deadline(self, job: dict) -> bool:
         """``checkActiveDeadlineAndUpdateStatusIfNeeded``."""
-        limit, status = job["spec"].get("activeDeadlineSeconds"), job["status"]
-        if limit is None or now() < parse_time(status["startTime"]) + datetime.timedelta(seconds=limit):
-            return False
-        status.update(jobDeploymentStatus="Failed", reason="DeadlineExceeded", message=f"The RayJob has passed the "
-                      f"activeDeadlineSeconds. StartTime: {go_time(status['startTime'])}. "
-                      f"ActiveDeadlineSeconds: {limit}")
-        return True
+        return self._passed(job, "activeDeadlineSeconds", "DeadlineExceeded")
 
     def _pre_running_deadline(self, job: dict) -> bool:
         """``checkPreRunningDeadlineAndUpdateStatusIfNeeded``."""
-        limit, status = job["spec"].get("preRunningDeadlineSeconds"), job["status"]
+        return self._passed(job, "preRunningDeadlineSeconds", "PreRunningDeadlineExceeded")
+
+    @staticmethod
+    def _passed(job: dict, key: str, reason: str) -> bool:
+        """Both deadline checks: ``startTime`` + ``spec.<key>`` passed fails the attempt with ``reason``."""
+        limit, status = job["spec"].get(key), job["status"]
         if limit is None or now() < parse_time(status["startTime"]) + datetime.timedelta(seconds=limit):
             return False
-        status.update(jobDeploymentStatus="Failed", reason="PreRunningDeadlineExceeded", message=f"The RayJob has "
-                      f"passed the preRunningDeadlineSeconds. StartTime: {go_time(status['startTime'])}. "
-                      f"PreRunningDeadlineSeconds: {limit}")
+        status.update(jobDeploymentStatus="Failed", reason=reason, message=f"The RayJob has passed the {key}. "
+                      f"StartTime: {go_time(status['startTime'])}. {key[0].upper()}{key[1:]}: {limit}")
         return True
 
     def _suspending(self, job: dict) -> bool:

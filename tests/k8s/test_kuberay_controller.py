@@ -20,10 +20,9 @@ import copy
 import datetime
 import re
 
-from loomcfm_core.config import load_config
-from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, load_template
 from tests.k8s.apiserver import Store, now, rfc3339
 from tests.k8s.kuberay_sim import FINALIZER, RAND, KubeRaySimulator, go_time
+from tests.k8s.rayjobs import rayjob, rule, with_spec
 
 NS = "loomcfm"
 
@@ -84,13 +83,7 @@ class Stepped:
         return stamp
 
     def edit_spec(self, **spec) -> None:
-        job = self.rayjob()
-        for key, value in spec.items():
-            if value is None:
-                job["spec"].pop(key, None)
-            else:
-                job["spec"][key] = value
-        self.store.update("rayjobs", NS, job)
+        self.store.update("rayjobs", NS, with_spec(self.rayjob(), **spec))
 
     def clusters(self) -> list[dict]:
         return self.store.list("rayclusters", NS)
@@ -99,30 +92,15 @@ class Stepped:
         return [s.get("jobDeploymentStatus", "New") for s in self.sim.statuses[self.name]]
 
 
-def _body(*overrides: str, **spec) -> dict:
-    cfg = load_config("digits", ["storage.root=s3://b/x", *overrides])
-    body = build_rayjob(load_template(), cfg, RunIdentity("s3://b/x/runs/r"), ["--dataset", "s3://b/d"])
-    for key, value in spec.items():
-        if value is None:
-            body["spec"].pop(key, None)
-        else:
-            body["spec"][key] = value
-    return body
-
-
 def _running(status: dict) -> bool:
     return status.get("jobStatus") == "RUNNING"
-
-
-def _rule(policy, ttl=0, **condition):
-    return {"policy": policy, "condition": {**condition, "ttlSeconds": ttl}}
 
 
 NO_SHUTDOWN = {"shutdownAfterJobFinishes": None, "ttlSecondsAfterFinished": None}
 
 
 def test_a_retry_is_written_as_retrying_then_a_new_attempt_with_new_ids_and_start_time():
-    run = Stepped(_body("kube.backoff_limit=1"))
+    run = Stepped(rayjob("kube.backoff_limit=1"))
     run.until(_running)
     first = run.status()
     ids = re.compile(rf"^{run.name}-[{RAND}]{{5}}$")
@@ -158,7 +136,7 @@ def test_a_retry_is_written_as_retrying_then_a_new_attempt_with_new_ids_and_star
 
 
 def test_success_is_counted_and_shutdown_after_job_finishes_deletes_only_the_cluster_after_its_ttl():
-    run = Stepped(_body(ttlSecondsAfterFinished=600))  # the template's (kubectl's) TTL
+    run = Stepped(rayjob(ttlSecondsAfterFinished=600))  # the template's (kubectl's) TTL
     run.until(_running)
     run.jobs[0].code = 0
     run.sim.tick()
@@ -180,7 +158,7 @@ def test_success_is_counted_and_shutdown_after_job_finishes_deletes_only_the_clu
 
 
 def test_a_failed_submission_matches_only_jobdeploymentstatus_rules_and_a_kept_head_goes_after_its_ttl():
-    body = _body("kube.keep_cluster=true", "kube.keep_cluster_s=3600", "kube.backoff_limit=0")
+    body = rayjob("kube.keep_cluster=true", "kube.keep_cluster_s=3600", "kube.backoff_limit=0")
     run = Stepped(body, plan={1: Manual(submission_fails=True)})
     run.until(lambda s: s.get("jobDeploymentStatus") == "Failed")
     failed = run.status()
@@ -199,8 +177,8 @@ def test_a_failed_submission_matches_only_jobdeploymentstatus_rules_and_a_kept_h
 
 
 def test_the_most_impactful_overdue_deletion_rule_runs_first():
-    rules = [_rule("DeleteWorkers", 0, jobStatus="FAILED"), _rule("DeleteCluster", 0, jobStatus="FAILED")]
-    run = Stepped(_body("kube.backoff_limit=0", **NO_SHUTDOWN, deletionStrategy={"deletionRules": rules}))
+    rules = [rule("DeleteWorkers", 0, jobStatus="FAILED"), rule("DeleteCluster", 0, jobStatus="FAILED")]
+    run = Stepped(rayjob("kube.backoff_limit=0", **NO_SHUTDOWN, deletionStrategy={"deletionRules": rules}))
     run.until(_running)
     run.jobs[0].code = 2
     run.until(lambda s: s.get("jobDeploymentStatus") == "Failed")
@@ -211,7 +189,7 @@ def test_the_most_impactful_overdue_deletion_rule_runs_first():
 
 def test_the_legacy_deletion_policy_uses_the_global_ttl():
     legacy = {"onSuccess": {"policy": "DeleteWorkers"}, "onFailure": {"policy": "DeleteCluster"}}
-    run = Stepped(_body(**NO_SHUTDOWN, deletionStrategy=legacy))
+    run = Stepped(rayjob(**NO_SHUTDOWN, deletionStrategy=legacy))
     run.until(_running)
     run.jobs[0].code = 0
     run.until(lambda s: s.get("jobDeploymentStatus") == "Complete")
@@ -221,7 +199,7 @@ def test_the_legacy_deletion_policy_uses_the_global_ttl():
 
 
 def test_validation_failed_is_reached_from_any_state_and_never_left():
-    run = Stepped(_body(ttlSecondsAfterFinished=600))
+    run = Stepped(rayjob(ttlSecondsAfterFinished=600))
     run.until(_running)
     run.edit_spec(shutdownAfterJobFinishes=False)  # the ttlSecondsAfterFinished of 600 stays: invalid
     run.sim.tick()
@@ -238,7 +216,7 @@ def test_validation_failed_is_reached_from_any_state_and_never_left():
 
 
 def test_the_active_deadline_fails_for_good_and_the_pre_running_deadline_is_retried():
-    run = Stepped(_body("kube.active_deadline_s=3600", "kube.backoff_limit=2"))
+    run = Stepped(rayjob("kube.active_deadline_s=3600", "kube.backoff_limit=2"))
     run.until(_running)
     start = run.ago(7200, "startTime")
     run.sim.tick()
@@ -248,7 +226,7 @@ def test_the_active_deadline_fails_for_good_and_the_pre_running_deadline_is_retr
     assert over["message"] == (f"The RayJob has passed the activeDeadlineSeconds. StartTime: {go_time(start)}. "
                                "ActiveDeadlineSeconds: 3600")
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \+0000 UTC", go_time(start))
-    waiting = Stepped(_body("kube.pre_running_deadline_s=60"), cluster_ready_after_s=None)
+    waiting = Stepped(rayjob("kube.pre_running_deadline_s=60"), cluster_ready_after_s=None)
     waiting.until(lambda s: s.get("jobDeploymentStatus") == "Initializing")
     waiting.sim.tick()
     assert waiting.status()["jobDeploymentStatus"] == "Initializing", "the cluster is not ready yet: wait"
@@ -260,7 +238,7 @@ def test_the_active_deadline_fails_for_good_and_the_pre_running_deadline_is_retr
 
 
 def test_suspend_tears_down_and_resume_starts_a_new_ray_job_without_counting_a_failure():
-    run = Stepped(_body())
+    run = Stepped(rayjob())
     run.until(_running)
     first_id = run.status()["jobId"]
     run.edit_spec(suspend=True)
@@ -280,7 +258,7 @@ def test_suspend_tears_down_and_resume_starts_a_new_ray_job_without_counting_a_f
 
 
 def test_the_submitter_finished_timeout_and_the_transition_grace_period():
-    run = Stepped(_body())
+    run = Stepped(rayjob())
     run.until(_running)
     job = run.store.get("jobs", NS, run.name)  # the submitter says it finished 31 s ago; the Ray job still runs
     finished = now() - datetime.timedelta(seconds=31)
@@ -292,7 +270,7 @@ def test_the_submitter_finished_timeout_and_the_transition_grace_period():
         ("Retrying", "FAILED", "JobDeploymentStatusTransitionGracePeriodExceeded")
     assert late["message"] == (f"The RayJob submitter finished at {finished:%Y-%m-%d %H:%M:%S} but the ray job did "
                                "not reach terminal state within 30s")
-    grace = Stepped(_body())
+    grace = Stepped(rayjob())
     grace.until(_running)
     job = grace.rayjob()  # the Ray job ended 301 s ago, and the RayJob never left Running
     job["status"]["jobStatus"] = "SUCCEEDED"
@@ -305,7 +283,7 @@ def test_the_submitter_finished_timeout_and_the_transition_grace_period():
 
 
 def test_status_is_written_only_when_a_state_field_changes():
-    run = Stepped(_body())
+    run = Stepped(rayjob())
     run.until(_running)
     job = run.rayjob()
     version = job["metadata"]["resourceVersion"]
@@ -320,7 +298,7 @@ def test_status_is_written_only_when_a_state_field_changes():
 
 
 def test_a_rayjob_managed_by_another_controller_is_left_alone():
-    run = Stepped(_body(managedBy="kueue.x-k8s.io/multikueue"))
+    run = Stepped(rayjob(managedBy="kueue.x-k8s.io/multikueue"))
     for _ in range(5):
         run.sim.tick()
     job = run.rayjob()
