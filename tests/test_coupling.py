@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from loomcfm_core.coupling import (SeedCoupling, cost_matrix, make_coupling, noise_from_seeds,
-                                   random_seeds)
+from loomcfm_core.coupling import SeedCoupling, make_coupling, noise_from_seeds, random_seeds
+from loomcfm_core.coupling_solve import cost_matrix
 
 
 class ThreadGather:
@@ -124,12 +124,12 @@ def test_minibatch_ot_is_optimal_but_forgets():
     coupling = SeedCoupling("minibatch_ot", 16, 1, (3, 2, 2), seed=3)
     x0, st_ = coupling.couple(points, torch.arange(16))
     assert coupling.table is None
-    costs = cost_matrix(points, x0)
-    assert np.trace(costs) / 16 == pytest.approx(st_.cost_after)
+    costs = cost_matrix(points, x0).double().numpy()
+    assert np.trace(costs) / 16 == pytest.approx(st_.cost_after, rel=1e-6)
     # optimal: no single transposition improves it
     for i in range(16):
         for j in range(16):
-            assert costs[i, i] + costs[j, j] <= costs[i, j] + costs[j, i] + 1e-9
+            assert costs[i, i] + costs[j, j] <= costs[i, j] + costs[j, i] + 1e-5
 
 
 @pytest.mark.parametrize("kind", ["independent", "fixed"])
