@@ -39,15 +39,20 @@ def _mix64(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def noise_words(seeds: torch.Tensor, pairs: int) -> torch.Tensor:
-    """The integer stream: ``[len(seeds), pairs]`` int64 words, one per pair of normals."""
-    counters = torch.arange(1, pairs + 1, device=seeds.device, dtype=torch.int64) * _GOLDEN
-    return _mix64(_mix64(seeds)[:, None] + counters)
+def counters(pairs: int, device: torch.device | str) -> torch.Tensor:
+    """(j+1)·golden for j < pairs, int64. Always eager: inductor (torch 2.14, CPU) folds ``arange * constant``
+    into an index expression whose arithmetic does not wrap at 64 bits, and crashes or computes other words."""
+    return torch.arange(1, pairs + 1, device=device, dtype=torch.int64) * _GOLDEN
 
 
-def normals(seeds: torch.Tensor, numel: int) -> torch.Tensor:
-    """``[len(seeds), numel]`` float32 standard normals from int64 ``seeds`` (on the seeds' device)."""
-    words = noise_words(seeds, (numel + 1) // 2)
+def noise_words(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The integer stream: ``[len(seeds), len(steps)]`` int64 words, one per pair of normals."""
+    return _mix64(_mix64(seeds)[:, None] + steps)
+
+
+def normals(seeds: torch.Tensor, steps: torch.Tensor, numel: int) -> torch.Tensor:
+    """``[len(seeds), numel]`` float32 standard normals from int64 ``seeds`` and ``counters(ceil(numel/2))``."""
+    words = noise_words(seeds, steps)
     u1 = (_shr(words, 41).to(torch.float32) + 0.5) * _U23  # exactly in (0, 1): log is finite
     angle = (words & 0xFFFFFF).to(torch.float32) * (2 * math.pi * _U24)
     radius = torch.sqrt(torch.log(u1) * -2.0)
@@ -70,15 +75,16 @@ def noise_from_seeds(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.
     device = seeds.device if device is None else torch.device(device)
     seeds = seeds.to(device=device, dtype=torch.int64)
     numel = math.prod(shape)
+    steps = counters((numel + 1) // 2, device)
     out = None
     if device.type == "cuda" and "failed" not in _compiled:
         try:
-            out = compiled(normals)(seeds, numel)
+            out = compiled(normals)(seeds, steps, numel)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path computes the same
             log.warning("compiling noise generation failed (%s); generating it eagerly", exc)
             _compiled["failed"] = normals
     if out is None:
-        out = normals(seeds, numel)
+        out = normals(seeds, steps, numel)
     return out.reshape(len(seeds), *shape).to(dtype)
 
 
