@@ -78,7 +78,7 @@ def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 @dataclass
 class Assignment:
-    """A solved problem: item i takes noise ``perm[i]``; float64 pair costs before and after."""
+    """A solved problem: item i takes noise ``perm[i]``; each item's cost before and after (float32 entries)."""
 
     perm: np.ndarray
     before: np.ndarray
@@ -91,10 +91,15 @@ class Assignment:
 
 def assign(x1: torch.Tensor, x0: torch.Tensor, cost: str = "l2", solver: str = "lapjv") -> Assignment:
     """Solve one problem between data ``x1`` (any device) and noise ``x0`` (on the device that computes the
-    cost matrix), keeping only the cycles that improve the float64 cost."""
+    cost matrix), keeping only the cycles that improve the float64 cost of their pairs."""
     costs, x0_host, x1_host = to_host(cost_matrix(x1.to(x0.device, non_blocking=True), x0, cost), x0, x1)
-    perm = solve(costs.numpy(), solver)
-    before = pair_costs(x1_host, x0_host, cost).numpy()
-    after = pair_costs(x1_host, x0_host[torch.from_numpy(perm)], cost).numpy()
-    perm = keep_improving_cycles(perm, after - before)
-    return Assignment(perm, before, np.where(perm != np.arange(len(perm)), after, before))
+    costs = costs.numpy()
+    perm = solve(costs, solver)
+    moved = np.flatnonzero(perm != np.arange(len(perm)))
+    delta = np.zeros(len(perm))
+    if len(moved):  # only moved items change cost: late in training, few do
+        rows, cols = torch.from_numpy(moved), torch.from_numpy(perm[moved])
+        delta[moved] = (pair_costs(x1_host[rows], x0_host[cols], cost) - pair_costs(x1_host[rows], x0_host[rows],
+                                                                                    cost)).numpy()
+    perm = keep_improving_cycles(perm, delta)
+    return Assignment(perm, np.diagonal(costs).astype(np.float64), costs[np.arange(len(perm)), perm].astype(np.float64))
