@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
 
 import torch
@@ -60,6 +61,7 @@ def normals(seeds: torch.Tensor, steps: torch.Tensor, numel: int) -> torch.Tenso
 
 
 _compiled: dict[str, Callable] = {}
+_compile_lock = threading.Lock()  # the coupling's host thread and the training thread both generate noise
 
 
 def compiled(fn: Callable) -> Callable:
@@ -79,7 +81,8 @@ def noise_from_seeds(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.
     out = None
     if device.type == "cuda" and "failed" not in _compiled:
         try:
-            out = compiled(normals)(seeds, steps, numel)
+            with _compile_lock:  # compiling (and re-guarding) a function is not thread-safe
+                out = compiled(normals)(seeds, steps, numel)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path computes the same
             log.warning("compiling noise generation failed (%s); generating it eagerly", exc)
             _compiled["failed"] = normals
