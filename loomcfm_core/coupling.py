@@ -13,8 +13,8 @@ items (solving costs ~n^2.5, see :mod:`loomcfm_core.coupling_solve`):
 - global batch <= max_problem: one problem, the paper's method. Ranks gather the batch, rank 0 solves and
   broadcasts the assignment, and every rank applies the same update, so the tables stay identical without
   ever being sent (solving on every rank would rely on bit-identical float costs across devices).
-- a multiple of the global batch fits: the union of the next few global batches is one problem (they are
-  disjoint within an epoch), trained on in turn: a bigger problem for the same training batch.
+- a multiple of the global batch fits (LOOM only): the union of the next few global batches is one problem
+  (they are disjoint within an epoch), trained on in turn: a bigger problem for the same training batch.
 - global batch > max_problem: every rank solves its own local batch (in pieces of at most max_problem),
   with no images or noise gathered; the ranks exchange only (point, slot, new seed) per item.
 
@@ -137,9 +137,10 @@ class SeedCoupling(Coupling):
             num_points, num_seeds)
 
     def span(self, local_batch: int) -> int:
-        """How many consecutive global batches one assignment problem covers (1 unless they fit the cap)."""
+        """How many consecutive global batches one assignment problem covers: for LOOM as many as fit the
+        cap; always 1 for minibatch OT, whose problem is the minibatch by definition (OT-CFM)."""
         total = local_batch * self.world_size
-        return max(1, self.max_problem // total) if self.reassign and self.max_problem else 1
+        return max(1, self.max_problem // total) if self.kind == "loom" and self.max_problem else 1
 
     def couple(self, x1, index, gather=None, broadcast=None):
         assigned = self.plan([(x1, index)], gather, broadcast)[0]

@@ -184,6 +184,7 @@ def test_batches_that_do_not_fit_the_cap_are_not_joined():
         coupling.plan(batches)
     assert coupling.span(4) == 1 and SeedCoupling("loom", 20, 1, (1, 1, 1), max_problem=9).span(4) == 2
     assert SeedCoupling("fixed", 20, 1, (1, 1, 1), max_problem=9).span(4) == 1, "nothing to solve"
+    assert SeedCoupling("minibatch_ot", 20, 1, (1, 1, 1), max_problem=9).span(4) == 1, "OT-CFM: the minibatch"
 
 
 def test_loom_pairs_each_item_with_its_reassigned_noise():
