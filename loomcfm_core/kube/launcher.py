@@ -10,6 +10,10 @@ Its own time bound follows from the RayJob's deadlines, which KubeRay applies pe
 reset at every New -> Initializing, ``rayjob_controller.go`` ``initRayJobStatusIfNeed``, KubeRay v1.7.0):
 attempts x ``activeDeadlineSeconds`` plus a teardown allowance per retry and a margin.
 
+A successful RayJob is deleted (unless ``kube.keep_cluster``); a failed one stays, so the ``kubectl`` commands
+of the error show its events and its submitter's log (its cluster is already gone: ``ttlSecondsAfterFinished``
+0, :mod:`loomcfm_core.kube.rayjob`), until a retry of the step replaces it.
+
 SIGTERM (KFP terminating the run, the step's pod evicted; the pod's grace period is 30 s by default) stops
 the watch; ``kube.on_terminate`` then deletes the RayJob (KubeRay's finalizer stops the Ray job and the
 cluster goes with it) or leaves it for the retried step to adopt.
@@ -92,11 +96,11 @@ class Launcher:
         if self.stop.is_set() or ended is None:
             self._terminated(name)
         obs, driver, status = ended
-        if not self.kube.keep_cluster:
-            self._delete(name, "it ended")
         if obs.succeeded_run:
+            if not self.kube.keep_cluster:
+                self._delete(name, "it succeeded")
             return status
-        raise self._failure(name, obs, driver)
+        raise self._failure(name, obs, driver)  # the RayJob stays for the kubectl commands the error names
 
     def _run(self, body: dict) -> tuple[Observation, DriverLog, dict] | None:
         name = body["metadata"]["name"]
@@ -223,6 +227,9 @@ class Launcher:
         if self.kube.keep_cluster:
             lines.append(f"its head pod stays for kube.keep_cluster_s={self.kube.keep_cluster_s} s: kubectl -n {ns} "
                          f"logs -l ray.io/cluster={obs.cluster},ray.io/node-type=head")
+        else:
+            lines.append("its Ray cluster is gone (kube.keep_cluster=false); the RayJob and its submitter's log stay "
+                         "until a retry of this step replaces it")
         lines.append(f"more: kubectl -n {ns} describe rayjob {name}; kubectl -n {ns} logs -l job-name={name} "
                      f"--tail=200")
         return RayJobError("\n".join(lines))

@@ -5,8 +5,9 @@ In ``K8sJobMode`` KubeRay runs a batch Job named like the RayJob whose pod ends 
 driver's stdout and stderr, and the Job controller labels the pod ``job-name=<rayjob>``. A retry deletes that
 Job and its pod within seconds (``rayjob_controller.go``, Retrying), so the lines are copied while the
 attempt runs: each poll reads what arrived since the last one (``timestamps=true``, ``sinceSeconds``) and
-logs the lines newer than the last one seen. The pod reads need ``pods`` list and ``pods/log`` get
-(k8s/base/rbac.yaml); without them the training still runs, only the copy is off.
+logs the lines newer than the last one seen (of lines sharing the last timestamp, those not copied yet).
+The pod reads need ``pods`` list and ``pods/log`` get (k8s/base/rbac.yaml); without them the training still
+runs, only the copy is off.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class DriverLog:
     def __init__(self, api: KubeApi, name: str, keep: int = 60):
         self.api, self.name = api, name
         self.lines: collections.deque[str] = collections.deque(maxlen=keep)
-        self.seen: dict[str, tuple[str, float]] = {}  # pod -> (last timestamp, wall time of last read)
+        self.seen: dict[str, tuple[str, int, float]] = {}  # pod -> (last timestamp, lines copied with it,
+        # wall time of the last read)
         self.enabled = True
 
     def copy_new(self) -> None:
@@ -66,7 +68,7 @@ class DriverLog:
     def _read(self, pod: str) -> None:
         from kubernetes.client.exceptions import ApiException
 
-        last, read_at = self.seen.get(pod, ("", 0.0))
+        last, at_last, read_at = self.seen.get(pod, ("", 0, 0.0))
         window = {"since_seconds": math.ceil(time.time() - read_at) + 10} if read_at else {
             "tail_lines": FIRST_READ_LINES}
         now = time.time()
@@ -77,15 +79,19 @@ class DriverLog:
             if status_code(exc) in (400, 404):  # not started yet, or already gone
                 return
             raise
-        newest = last
+        newest, count, skip = last, at_last, at_last
         for raw in (text or "").splitlines():
             stamp, line = _split(raw)
-            if stamp and stamp <= last:
+            if stamp and stamp < last:
                 continue
-            newest = max(newest, stamp)
+            if stamp and stamp == last and skip:  # lines can share a timestamp: skip only those already copied
+                skip -= 1
+                continue
+            if stamp:
+                newest, count = (newest, count + 1) if stamp == newest else (stamp, 1)
             self.lines.append(line)
             log.info("[%s] %s", self.name, line)
-        self.seen[pod] = (newest, now)
+        self.seen[pod] = (newest, count, now)
 
     def tail(self) -> str:
         return "\n".join(self.lines)

@@ -200,8 +200,8 @@ def build_rayjob(template: dict, cfg: Config, identity: RunIdentity, args: list[
         spec.pop("shutdownAfterJobFinishes", None)
         spec.pop("ttlSecondsAfterFinished", None)
         spec["deletionStrategy"] = {"deletionRules": deletion_rules(kube.keep_cluster_s)}
-    else:
-        spec["shutdownAfterJobFinishes"] = True
+    else:  # the cluster goes as soon as the job ends; the RayJob and its submitter Job (the driver's log) stay
+        spec.update(shutdownAfterJobFinishes=True, ttlSecondsAfterFinished=0)
         spec.pop("deletionStrategy", None)
     _shape_workers(spec["rayClusterSpec"], kube)
     heads = [c for c in containers(job) if c["name"] == HEAD_CONTAINER]

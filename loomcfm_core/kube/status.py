@@ -7,7 +7,8 @@ attempt that ``backoffLimit`` still allows is written as ``Retrying`` with ``job
 (``checkBackoffLimitAndUpdateStatusIfNeeded``), then reset to New and started again on a new cluster with a
 new ``jobId``: ``jobStatus == FAILED`` alone ends nothing, and since Retrying can pass between two reads, a
 new attempt shows as ``failed`` growing or ``jobId`` changing. Success is ``Complete`` with
-``jobStatus: SUCCEEDED``; ``Complete`` with ``STOPPED`` means someone stopped the Ray job.
+``jobStatus: SUCCEEDED``; ``Complete`` with ``STOPPED`` means someone stopped the Ray job. A suspended and
+resumed RayJob (``Suspending``, ``Suspended``, New) also starts a new Ray job, without counting a failure.
 """
 
 from __future__ import annotations
@@ -78,18 +79,23 @@ class Progress:
         self.started = clock()
         self.last: Observation | None = None
         self.failure = ""  # reason and message of the latest failed attempt seen
+        self.job = ("", 0)  # the latest Ray job id seen, and the failed count then: a new id with no new
+        # failure is a suspended and resumed RayJob, not a retry
 
     def update(self, now: Observation) -> None:
         before = self.last
         if now.reason and now.deployment in ("Retrying", *FAILED_STATES):
             self.failure = f"{now.reason}: {gist(now.message)}"
-        new_attempt = before is not None and (now.failed > before.failed or (
-            bool(now.job_id and before.job_id) and now.job_id != before.job_id))
         elapsed = self.clock() - self.started
-        if new_attempt and not now.ended:
+        if before is not None and now.failed > before.failed and not now.ended:
             why = self.failure or "KubeRay retried between two reads: kubectl describe rayjob shows why"
             log.warning("RayJob %s: attempt %d/%d started after %.0f s; the previous one failed (%s)", self.name,
                         now.attempt, self.attempts, elapsed, why)
+        if now.job_id and self.job[0] and now.job_id != self.job[0] and now.failed == self.job[1] and not now.ended:
+            log.warning("RayJob %s: a new Ray job %s started after %.0f s (attempt %d/%d): the RayJob was suspended "
+                        "and resumed", self.name, now.job_id, elapsed, now.attempt, self.attempts)
+        if now.job_id:
+            self.job = (now.job_id, now.failed)
         key = (now.deployment, now.job, now.failed, now.reason)
         if before is None or key != (before.deployment, before.job, before.failed, before.reason):
             log.info("RayJob %s: %s (attempt %d/%d, %.0f s)", self.name, now.summary(), max(now.attempt, 1),

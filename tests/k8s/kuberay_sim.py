@@ -167,6 +167,12 @@ def _ms() -> int:
     return int(now().timestamp() * 1000)
 
 
+def go_time(stamp: str) -> str:
+    """A stored RFC3339 time as Go's ``%v`` prints a ``*metav1.Time`` (``time.Time.String``), as KubeRay's
+    deadline messages show it."""
+    return parse_time(stamp).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
+
+
 def _clean(status: dict) -> dict:
     """Go's ``omitempty``: empty strings and empty objects are not written (counters are pointers: kept)."""
     return {k: v for k, v in status.items() if v not in ("", None, {})}
@@ -187,10 +193,15 @@ class KubeRaySimulator:
         self.runs: dict[str, RayJobRun] = {}
         self.attempts: dict[str, int] = {}  # RayJob uid -> attempts started
         self.history: dict[str, list[str]] = {}  # RayJob name -> every jobDeploymentStatus written
+        self.statuses: dict[str, list[dict]] = {}  # RayJob name -> every status written, whole
+        # called (in the operator's thread) after each status write: a test can hold the operator there until
+        # a watcher has read that status, so a short-lived state cannot pass unseen
+        self.after_write: Callable[[str, dict], None] | None = None
         self.stopping = threading.Event()
         self.paused = threading.Event()  # set: the operator is down
         self._idle = threading.Event()  # the loop has seen `paused`
         self.errors: list[str] = []
+        self._lock = threading.RLock()  # one tick at a time; a test's stop_job waits for it
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> KubeRaySimulator:
@@ -215,12 +226,18 @@ class KubeRaySimulator:
                 self._idle.set()
                 continue
             try:
-                self._clusters_and_runs()
-                for rayjob in self._all("rayjobs"):
-                    self.reconcile(rayjob["metadata"]["namespace"], rayjob["metadata"]["name"])
+                self.tick()
             except Exception as exc:  # a bug here must fail the test, not hang it
                 self.errors.append(repr(exc))
                 raise
+
+    def tick(self) -> None:
+        """One round: the cluster, submitter and dashboard move on, then every RayJob is reconciled once. Tests
+        of the controller's own rules call it directly (no thread: each step is deterministic)."""
+        with self._lock:
+            self._clusters_and_runs()
+            for rayjob in self._all("rayjobs"):
+                self.reconcile(rayjob["metadata"]["namespace"], rayjob["metadata"]["name"])
 
     def _all(self, resource: str) -> list[dict]:
         with self.store.lock:
@@ -308,11 +325,12 @@ class KubeRaySimulator:
         return env, shlex.join(words)
 
     def stop_job(self, job_id: str) -> None:
-        """Dashboard ``POST /api/jobs/<id>/stop``."""
-        run = self.runs.get(job_id)
-        if run is not None and run.status in ("PENDING", "RUNNING"):
-            run.attempt.kill()
-            run.status, run.message, run.end_ms = "STOPPED", "Job was intentionally stopped.", _ms()
+        """Dashboard ``POST /api/jobs/<id>/stop`` (``ray job stop``; ``job_manager.py`` ``stop_job``)."""
+        with self._lock:
+            run = self.runs.get(job_id)
+            if run is not None and run.status in ("PENDING", "RUNNING"):
+                run.attempt.kill()
+                run.status, run.message, run.end_ms = "STOPPED", "Job was intentionally stopped.", _ms()
 
     # ---- the controller ------------------------------------------------------------------------------------
 
@@ -380,13 +398,16 @@ class KubeRaySimulator:
     def _update_status(self, original: dict, job: dict) -> None:
         old, new = original.get("status", {}), job["status"]
         keys = ("jobStatus", "jobDeploymentStatus", "rayClusterStatus", "jobStatusCheckFailureStartTime")
-        if all(old.get(k, "") == new.get(k, "") for k in keys):
+        if all((old.get(k) or "") == (new.get(k) or "") for k in keys):  # absent, "" and {} are all Go's zero
             return
         if new.get("jobDeploymentStatus") in ("Complete", "Failed"):
             new["endTime"] = rfc3339()
         job["status"] = _clean(new)
         if self._write(lambda: self.store.update("rayjobs", job["metadata"]["namespace"], job, True)) is not None:
             self.history.setdefault(job["metadata"]["name"], []).append(new.get("jobDeploymentStatus") or "New")
+            self.statuses.setdefault(job["metadata"]["name"], []).append(copy.deepcopy(job["status"]))
+            if self.after_write is not None:
+                self.after_write(job["metadata"]["name"], copy.deepcopy(job["status"]))
 
     def _init_status(self, job: dict) -> None:
         status, name = job["status"], job["metadata"]["name"]
@@ -398,21 +419,20 @@ class KubeRaySimulator:
 
     def _deadline(self, job: dict) -> bool:
         """``checkActiveDeadlineAndUpdateStatusIfNeeded``."""
-        limit, status = job["spec"].get("activeDeadlineSeconds"), job["status"]
-        if limit is None or now() < parse_time(status["startTime"]) + datetime.timedelta(seconds=limit):
-            return False
-        status.update(jobDeploymentStatus="Failed", reason="DeadlineExceeded", message=f"The RayJob has passed the "
-                      f"activeDeadlineSeconds. StartTime: {status['startTime']}. ActiveDeadlineSeconds: {limit}")
-        return True
+        return self._passed(job, "activeDeadlineSeconds", "DeadlineExceeded")
 
     def _pre_running_deadline(self, job: dict) -> bool:
         """``checkPreRunningDeadlineAndUpdateStatusIfNeeded``."""
-        limit, status = job["spec"].get("preRunningDeadlineSeconds"), job["status"]
+        return self._passed(job, "preRunningDeadlineSeconds", "PreRunningDeadlineExceeded")
+
+    @staticmethod
+    def _passed(job: dict, key: str, reason: str) -> bool:
+        """Both deadline checks: ``startTime`` + ``spec.<key>`` passed fails the attempt with ``reason``."""
+        limit, status = job["spec"].get(key), job["status"]
         if limit is None or now() < parse_time(status["startTime"]) + datetime.timedelta(seconds=limit):
             return False
-        status.update(jobDeploymentStatus="Failed", reason="PreRunningDeadlineExceeded", message=f"The RayJob has "
-                      f"passed the preRunningDeadlineSeconds. StartTime: {status['startTime']}. "
-                      f"PreRunningDeadlineSeconds: {limit}")
+        status.update(jobDeploymentStatus="Failed", reason=reason, message=f"The RayJob has passed the {key}. "
+                      f"StartTime: {go_time(status['startTime'])}. {key[0].upper()}{key[1:]}: {limit}")
         return True
 
     def _suspending(self, job: dict) -> bool:

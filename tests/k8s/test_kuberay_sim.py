@@ -11,61 +11,45 @@ import time
 
 import pytest
 
-from loomcfm_core.config import load_config
-from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, load_template
 from tests.k8s.apiserver import ApiError, ApiServer, Store, admit, selector_matches
 from tests.k8s.kuberay_rules import validate_rayjob
 from tests.k8s.kuberay_sim import FINALIZER, KubeRaySimulator, Scripted
+from tests.k8s.rayjobs import rayjob, rule, with_spec
 
 SPEC = "The RayJob spec is invalid: "
 
 
 @pytest.fixture(scope="module")
 def valid() -> dict:
-    cfg = load_config("digits", ["storage.root=s3://b/x"])
-    return build_rayjob(load_template(), cfg, RunIdentity("s3://b/x/runs/r"), ["--dataset", "s3://b/d"])
-
-
-def _with(body: dict, **spec) -> dict:
-    changed = copy.deepcopy(body)
-    for key, value in spec.items():
-        if value is None:
-            changed["spec"].pop(key, None)
-        else:
-            changed["spec"][key] = value
-    return changed
-
-
-def _rule(policy, ttl=0, **condition):
-    return {"policy": policy, "condition": {**condition, "ttlSeconds": ttl}}
+    return rayjob()
 
 
 def test_kuberays_validation_rules_and_messages(valid):
     no_shutdown = {"shutdownAfterJobFinishes": None, "ttlSecondsAfterFinished": None}
     cases = [
-        (_with(valid, shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=60),
+        (with_spec(valid, shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=60),
          SPEC + "a RayJob with shutdownAfterJobFinishes set to false cannot have TTLSecondsAfterFinished"),
-        (_with(valid, suspend=True, shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=None),
+        (with_spec(valid, suspend=True, shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=None),
          SPEC + "a RayJob with shutdownAfterJobFinishes set to false is not allowed to be suspended"),
-        (_with(valid, deletionStrategy={"deletionRules": [_rule("DeleteCluster", jobStatus="FAILED")]}),
+        (with_spec(valid, deletionStrategy={"deletionRules": [rule("DeleteCluster", jobStatus="FAILED")]}),
          SPEC + "spec.shutdownAfterJobFinishes and spec.deletionStrategy.deletionRules are mutually exclusive"),
-        (_with(valid, **no_shutdown, deletionStrategy={"deletionRules": [
-            _rule("DeleteCluster", 0, jobStatus="FAILED"), _rule("DeleteWorkers", 60, jobStatus="FAILED"),
-            _rule("DeleteCluster", 5, jobStatus="FAILED")]}),
+        (with_spec(valid, **no_shutdown, deletionStrategy={"deletionRules": [
+            rule("DeleteCluster", 0, jobStatus="FAILED"), rule("DeleteWorkers", 60, jobStatus="FAILED"),
+            rule("DeleteCluster", 5, jobStatus="FAILED")]}),
          "deletionRules[2]: duplicate rule for DeletionPolicyType 'DeleteCluster' and JobStatus 'FAILED'\n"
          "for JobStatus 'FAILED': DeleteCluster TTL (0) must be >= DeleteWorkers TTL (60)"),
-        (_with(valid, **no_shutdown, deletionStrategy={"onSuccess": {"policy": "DeleteCluster"}}),
+        (with_spec(valid, **no_shutdown, deletionStrategy={"onSuccess": {"policy": "DeleteCluster"}}),
          "both DeletionStrategy.OnSuccess and DeletionStrategy.OnFailure must be set when using the legacy deletion "
          "policy fields of DeletionStrategy"),
-        (_with(valid, deletionStrategy={"onSuccess": {"policy": "DeleteNone"}, "onFailure": {"policy": "DeleteNone"}}),
+        (with_spec(valid, deletionStrategy={"onSuccess": {"policy": "DeleteNone"}, "onFailure": {"policy": "DeleteNone"}}),
          SPEC + "shutdownAfterJobFinshes is set to 'true' while deletion policy is 'DeleteNone'"),
-        (_with(valid, activeDeadlineSeconds=0), SPEC + "activeDeadlineSeconds must be a positive integer"),
-        (_with(valid, backoffLimit=-1), SPEC + "backoffLimit must be a positive integer"),
-        (_with(valid, rayClusterSpec=None), SPEC + "one of RayClusterSpec or ClusterSelector must be set"),
+        (with_spec(valid, activeDeadlineSeconds=0), SPEC + "activeDeadlineSeconds must be a positive integer"),
+        (with_spec(valid, backoffLimit=-1), SPEC + "backoffLimit must be a positive integer"),
+        (with_spec(valid, rayClusterSpec=None), SPEC + "one of RayClusterSpec or ClusterSelector must be set"),
     ]
     for body, message in cases:
         assert validate_rayjob(body) == message
-    gated = _with(valid, **no_shutdown, deletionStrategy={"deletionRules": [_rule("DeleteCluster", jobStatus="FAILED")]})
+    gated = with_spec(valid, **no_shutdown, deletionStrategy={"deletionRules": [rule("DeleteCluster", jobStatus="FAILED")]})
     assert validate_rayjob(gated) is None
     gate_off = validate_rayjob(gated, gate=False)
     assert gate_off == "RayJobDeletionPolicy feature gate must be enabled to use DeletionStrategy"
@@ -81,6 +65,9 @@ def test_kuberays_validation_rules_and_messages(valid):
         renamed = copy.deepcopy(valid)
         renamed["metadata"]["name"] = name
         assert validate_rayjob(renamed).startswith(f"The RayJob metadata is invalid: {message}")
+    waiting = {**valid, "status": {"jobDeploymentStatus": "Waiting"}}  # ValidateRayJobStatus
+    assert validate_rayjob(waiting) == ("The RayJob status is invalid: JobDeploymentStatus cannot be `Waiting` when "
+                                        "SubmissionMode is not InteractiveMode")
 
 
 def test_the_api_server_enforces_the_crd_schema_and_its_cel_rules(valid):
@@ -90,20 +77,20 @@ def test_the_api_server_enforces_the_crd_schema_and_its_cel_rules(valid):
     assert "bogus" not in body["spec"] and warnings == ['299 - "unknown field \\"spec.bogus\\""']
     assert body["spec"]["submissionMode"] == "K8sJobMode" and body["spec"]["rayClusterSpec"]["headGroupSpec"]
     with pytest.raises(ApiError) as info:
-        admit("RayJob", _with(valid, bogus=1), strict=True)
+        admit("RayJob", with_spec(valid, bogus=1), strict=True)
     assert info.value.code == 400 and 'unknown field "spec.bogus"' in info.value.message
     rejected = {
-        "preRunningDeadlineSeconds": _with(valid, preRunningDeadlineSeconds=0),
-        "cannot be used together within the same deletionStrategy": _with(valid, deletionStrategy={
+        "preRunningDeadlineSeconds": with_spec(valid, preRunningDeadlineSeconds=0),
+        "cannot be used together within the same deletionStrategy": with_spec(valid, deletionStrategy={
             "onSuccess": {"policy": "DeleteCluster"}, "onFailure": {"policy": "DeleteCluster"},
-            "deletionRules": [_rule("DeleteCluster", jobStatus="FAILED")]}),
-        "requires either BOTH onSuccess and onFailure": _with(valid, deletionStrategy={}),
-        "JobStatus and JobDeploymentStatus cannot be used together": _with(valid, deletionStrategy={"deletionRules": [
-            _rule("DeleteCluster", jobStatus="FAILED", jobDeploymentStatus="Failed")]}),
-        "deletionRules": _with(valid, deletionStrategy={"deletionRules": []}),
-        "'Running' is not one of ['Failed']": _with(valid, deletionStrategy={"deletionRules": [
-            _rule("DeleteCluster", jobDeploymentStatus="Running")]}),
-        "managedBy": _with(valid, managedBy="someone-else"),
+            "deletionRules": [rule("DeleteCluster", jobStatus="FAILED")]}),
+        "requires either BOTH onSuccess and onFailure": with_spec(valid, deletionStrategy={}),
+        "JobStatus and JobDeploymentStatus cannot be used together": with_spec(valid, deletionStrategy={"deletionRules": [
+            rule("DeleteCluster", jobStatus="FAILED", jobDeploymentStatus="Failed")]}),
+        "deletionRules": with_spec(valid, deletionStrategy={"deletionRules": []}),
+        "'Running' is not one of ['Failed']": with_spec(valid, deletionStrategy={"deletionRules": [
+            rule("DeleteCluster", jobDeploymentStatus="Running")]}),
+        "managedBy": with_spec(valid, managedBy="someone-else"),
     }
     for expected, body in rejected.items():
         with pytest.raises(ApiError) as info:
@@ -143,7 +130,7 @@ def test_store_bookkeeping_finalizers_conflicts_owners_and_selectors():
         selector_matches("app=x,=", labels)
 
 
-def test_the_controller_adds_and_honours_its_finalizer_and_deletes_itself_by_rule(valid):
+def test_the_controller_adds_and_honours_its_finalizer_and_deletes_itself_byrule(valid):
     hold_forever = Scripted(hold=threading.Event())
     with ApiServer() as server, KubeRaySimulator(server.store, attempt=lambda job, n: hold_forever) as sim:
         store = server.store
@@ -161,8 +148,8 @@ def test_the_controller_adds_and_honours_its_finalizer_and_deletes_itself_by_rul
             time.sleep(0.05)
         assert [r.status for r in sim.runs.values()] == ["STOPPED"] and not store.list("rayclusters", "loomcfm")
         # DeleteSelf once succeeded: the RayJob removes itself
-        selfish = _with(valid, shutdownAfterJobFinishes=None, ttlSecondsAfterFinished=None,
-                        deletionStrategy={"deletionRules": [_rule("DeleteSelf", jobStatus="SUCCEEDED")]})
+        selfish = with_spec(valid, shutdownAfterJobFinishes=None, ttlSecondsAfterFinished=None,
+                        deletionStrategy={"deletionRules": [rule("DeleteSelf", jobStatus="SUCCEEDED")]})
         sim.attempt = lambda job, n: Scripted()
         store.create("rayjobs", "loomcfm", selfish)
         while store.created["rayjobs"] < 2 or store.list("rayjobs", "loomcfm"):

@@ -29,7 +29,7 @@ from loomcfm_core.kube.launcher import run_rayjob
 from loomcfm_core.kube.rayjob import (CONFIG_ENV, RUN_KEY_LABEL, RunIdentity, build_rayjob, cluster_config,
                                       containers, load_template)
 from loomcfm_core.training.loop import run_uri_for
-from tests.k8s.apiserver import ApiServer, admit
+from tests.k8s.apiserver import ApiError, ApiServer, admit
 from tests.k8s.kuberay_rules import validate_metadata, validate_rayjob
 from tests.k8s.kuberay_sim import KubeRaySimulator, Scripted
 from tests.k8s.objects import find, render
@@ -49,6 +49,16 @@ class Cluster:
 
     def rayjob(self, name: str) -> dict | None:
         return next((j for j in self.store.list("rayjobs", NS) if j["metadata"]["name"] == name), None)
+
+    def read_once_more(self) -> None:
+        """Wait until the launcher has read the RayJob once more: a GET that arrives now sees what is stored now."""
+        reads = self.store.requests.count(("get", "rayjobs"))
+        self.wait_for(lambda: self.store.requests.count(("get", "rayjobs")) > reads, "the launcher to read")
+
+    def hold_until_read(self, state) -> None:
+        """Keep the operator from moving on after it wrote a status that ``state(status)`` selects until the
+        launcher has read it (Retrying lasts two of its ticks, which a loaded machine's launcher can miss)."""
+        self.sim.after_write = lambda name, status: self.read_once_more() if state(status) else None
 
     def wait_for(self, condition, what: str, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
@@ -123,6 +133,8 @@ def test_a_failed_attempt_is_retried_and_watched_to_success(cluster, caplog):
     caplog.set_level("INFO")
     cluster.plan.update({1: Scripted(exit_code=1, lines=("Traceback ...", "RuntimeError: node lost")),
                          2: Scripted(lines=("resumed from step 20",))})
+    # the launcher sees Retrying (its reason) and the second attempt before it ends
+    cluster.hold_until_read(lambda s: s.get("jobDeploymentStatus") in ("Retrying", "Running") and s.get("failed"))
     body = _body(_cfg())
     status = _launch(_cfg(), body)
     name = body["metadata"]["name"]
@@ -147,8 +159,72 @@ def test_the_last_failure_raises_with_kuberays_reason_message_and_attempts(clust
     assert f"RayJob {NS}/{name} ended Failed after 2 of 2 attempt(s) (kube.backoff_limit=1): AppFailed" in text
     assert "Job entrypoint command failed with exit code 1" in text and "ValueError: data.source is broken" in text
     assert f"kubectl -n {NS} describe rayjob {name}; kubectl -n {NS} logs -l job-name={name}" in text
+    assert "its Ray cluster is gone (kube.keep_cluster=false); the RayJob and its submitter's log stay" in text
     assert _states(cluster.sim.history[name])[-1] == "Failed"
-    cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS), "the failed RayJob to be deleted")
+    # what the error's kubectl commands show is still there; the cluster is not (ttlSecondsAfterFinished 0)
+    assert body["spec"]["shutdownAfterJobFinishes"] is True and body["spec"]["ttlSecondsAfterFinished"] == 0
+    cluster.wait_for(lambda: not cluster.store.list("rayclusters", NS), "the failed RayJob's cluster to go")
+    assert cluster.rayjob(name)["status"]["reason"] == "AppFailed"
+    (pod,) = cluster.store.list("pods", NS, f"job-name={name}")
+    assert "ValueError: data.source is broken" in cluster.store.read_log(NS, pod["metadata"]["name"], {})
+
+
+def test_a_stopped_ray_job_is_a_failure_not_a_success(cluster):
+    """`ray job stop` (the dashboard's stop) ends the Ray job STOPPED; KubeRay then writes Complete."""
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+
+    def stop_it():
+        run = cluster.wait_for(lambda: next((r for r in cluster.sim.runs.values() if r.status == "RUNNING"), None),
+                               "the Ray job")
+        cluster.sim.stop_job(run.job_id)
+
+    threading.Thread(target=stop_it, daemon=True).start()
+    body = _body(_cfg())
+    try:
+        with pytest.raises(RayJobError, match=r"RayJob ml/\S+ was stopped after 1 of 3 attempt\(s\) \(kube.backoff_limit"
+                           r"=2\): STOPPED\nJob was intentionally stopped."):
+            _launch(_cfg(), body)
+    finally:
+        hold.set()
+    assert cluster.rayjob(body["metadata"]["name"])["status"]["jobDeploymentStatus"] == "Complete"
+
+
+def test_a_suspended_and_resumed_rayjob_is_watched_to_its_end(cluster, caplog):
+    """Suspending and Suspended are not terminal (Kueue, or kubectl patch spec.suspend): the launcher waits, and
+    the resumed RayJob's new Ray job is not counted as a failed attempt."""
+    caplog.set_level("INFO")
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    body = _body(_cfg())
+    name = body["metadata"]["name"]
+
+    def suspend(flag: bool) -> None:
+        while True:  # the operator writes too: read, change, write until no conflict
+            job = cluster.store.get("rayjobs", NS, name)
+            job["spec"]["suspend"] = flag
+            try:
+                cluster.store.update("rayjobs", NS, job)
+                return
+            except ApiError as exc:
+                assert exc.reason == "Conflict"
+
+    def operator():
+        cluster.wait_for(lambda: cluster.sim.runs, "the Ray job")
+        suspend(True)
+        cluster.wait_for(lambda: "Suspended" in cluster.sim.history.get(name, []), "Suspended")
+        suspend(False)
+
+    # the launcher sees Suspended, and the resumed RayJob's Ray job before it ends
+    cluster.hold_until_read(lambda s: s.get("jobDeploymentStatus") == "Suspended" or s.get("jobStatus") == "RUNNING")
+    threading.Thread(target=operator, daemon=True).start()
+    try:
+        status = _launch(_cfg(), body)
+    finally:
+        hold.set()
+    assert status["jobStatus"] == "SUCCEEDED" and status["failed"] == 0
+    assert "Suspended (attempt 1/3" in caplog.text
+    assert "the RayJob was suspended and resumed" in caplog.text and "the previous one failed" not in caplog.text
 
 
 def test_validation_failed_ends_the_wait_with_kuberays_message(cluster):
