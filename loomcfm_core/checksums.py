@@ -1,7 +1,8 @@
 """Files fetched from storage onto this node, used only once their sha256 matches the expected one.
 
-Dataset shards (against the manifest) and feature-network weights (against the configured hash or the
-``.sha256`` beside them) go through :func:`fetch_verified`, so a torn, stale or substituted copy is never read.
+Dataset shards (against the manifest), feature-network and autoencoder weights (against the configured hash
+or the ``.sha256`` beside them, :func:`expected_sha256`) go through :func:`fetch_verified`, so a torn, stale or
+substituted copy is never read.
 """
 
 from __future__ import annotations
@@ -20,6 +21,23 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
         while chunk := fh.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def expected_sha256(uri: str, configured: str | None, *, name: str, key: str, hint: str = "",
+                    error: type[LoomcfmError] = StorageError) -> str:
+    """The sha256 (or prefix) the file at ``uri`` must have: the configured one, else its ``.sha256`` sidecar.
+
+    Args:
+        name: what the error calls the file, e.g. ``eval.inception_weights=<uri>``.
+        key: the config key that sets the hash, named in the error when there is none.
+        hint: appended to the sidecar's mention: what writes it.
+    """
+    if configured:
+        return configured.lower()
+    sidecar = uri + ".sha256"
+    if storage_for(sidecar).exists(sidecar):
+        return storage_for(sidecar).read_text(sidecar).split()[0].lower()
+    raise error(f"{name}: no hash to check it against; set {key} or keep the {sidecar}{hint}")
 
 
 def fetch_verified(uri: str, local: Path, expected: str, *, name: str | None = None, hint: str = "",

@@ -8,7 +8,6 @@ typo in ``--set`` fails before any work starts.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from importlib import resources
@@ -16,20 +15,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_serializer, model_validator
+
+from loomcfm_core.config_tree import Section as _Section
+from loomcfm_core.config_tree import deep_merge, flatten, read_yaml, schema_keys, suggest
 
 # The allowed values are defined by the modules that implement them; the config only checks against them.
 from loomcfm_core.coupling import COSTS, KINDS
 from loomcfm_core.data.sources import check_source, source_forms
 from loomcfm_core.errors import ConfigError
+from loomcfm_core.models.autoencoder import KINDS as AUTOENCODER_KINDS
 from loomcfm_core.sampling import check_method
 
 PRESETS_PACKAGE = "loomcfm_core.presets"
 DEFAULT_PRESET = "digits"
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(_Section):
@@ -53,6 +52,33 @@ class DataConfig(_Section):
         return (self.channels, self.resolution, self.resolution)
 
 
+class AutoencoderConfig(_Section):
+    """The pretrained autoencoder whose latent space the flow is trained in (``models/autoencoder.py``)."""
+
+    kind: Literal[AUTOENCODER_KINDS] = Field(description="kl: a KL (Gaussian posterior) autoencoder; vq: a "
+                                             "vector-quantised one")
+    weights: str = Field(description="path/URI: a diffusers folder (config.json + diffusion_pytorch_model."
+                         "safetensors), a latent-diffusion / Stable Diffusion single file, or a reference "
+                         "LOOM-CFM checkpoint holding ae.*; never downloaded")
+    config: str | None = Field(None, description="a single file's diffusers config.json (or a folder holding "
+                               "it); null: derived from the weights' shapes")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$", description="expected sha256 of the weights "
+                               "file (or a prefix); default: the .sha256 file beside it")
+    scale: float | None = Field(None, gt=0.0, description="the flow sees latents / scale; null: the weights' own "
+                                "(a reference checkpoint's ae.scale), else computed by `cache`")
+    latent_channels: int = Field(4, ge=1, description="channels of a latent (checked against the weights)")
+    downsample: int = Field(8, ge=1, description="image side / latent side, a power of 2 (checked against the "
+                            "weights)")
+    batch_size: int = Field(32, ge=1, description="images per encode or decode batch")
+
+    @field_validator("downsample")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("must be a power of 2 (8 for f8, 16 for f16)")
+        return value
+
+
 class ModelConfig(_Section):
     channels: int = Field(32, ge=32, multiple_of=32, description="base width (GroupNorm uses 32 groups)")
     channel_mult: list[int] = Field([1, 2], min_length=1)
@@ -60,6 +86,16 @@ class ModelConfig(_Section):
     attn_resolutions: list[int] = Field([4], description="feature-map sizes that get self-attention")
     num_head_channels: int = Field(64, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    autoencoder: AutoencoderConfig | None = Field(None, description="train in this autoencoder's latent space")
+
+    @model_serializer(mode="wrap")
+    def _without_absent_autoencoder(self, handler) -> dict[str, Any]:
+        """A pixel-space model dumps as it did before latents existed, so its hashes (run names, cache and
+        pairs keys) stay the same."""
+        dumped = handler(self)
+        if dumped.get("autoencoder", 0) is None:
+            del dumped["autoencoder"]
+        return dumped
 
     @field_validator("channel_mult")
     @classmethod
@@ -169,13 +205,27 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 
+    @property
+    def flow_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the flow model sees: an image, or its latent under ``model.autoencoder``."""
+        autoencoder = self.model.autoencoder
+        if autoencoder is None:
+            return self.data.shape
+        side = self.data.resolution // autoencoder.downsample
+        return (autoencoder.latent_channels, side, side)
+
     @model_validator(mode="after")
     def _model_fits_data(self) -> Config:
+        autoencoder = self.model.autoencoder
+        if autoencoder is not None and self.data.resolution % autoencoder.downsample:
+            raise ValueError(f"data.resolution={self.data.resolution} is not divisible by "
+                             f"model.autoencoder.downsample={autoencoder.downsample}")
+        resolution, what = self.flow_shape[-1], "data.resolution" if autoencoder is None else "the latent side"
         downsamplings = len(self.model.channel_mult) - 1
-        if self.data.resolution % (2**downsamplings):
-            raise ValueError(f"model.channel_mult has {downsamplings} downsamplings, which needs data.resolution "
-                             f"divisible by {2**downsamplings}, got {self.data.resolution}")
-        sizes = [self.data.resolution // 2**level for level in range(downsamplings + 1)]
+        if resolution % (2**downsamplings):
+            raise ValueError(f"model.channel_mult has {downsamplings} downsamplings, which needs {what} "
+                             f"divisible by {2**downsamplings}, got {resolution}")
+        sizes = [resolution // 2**level for level in range(downsamplings + 1)]
         unreachable = [r for r in self.model.attn_resolutions if r not in sizes]
         if unreachable:
             raise ValueError(f"model.attn_resolutions {unreachable} are not feature-map sizes of this network "
@@ -196,32 +246,9 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
-
-
 def preset_names() -> list[str]:
     files = resources.files(PRESETS_PACKAGE).iterdir()
     return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
-
-
-def _read_yaml(text: str, origin: str) -> dict[str, Any]:
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
-    if tree is None:
-        return {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{origin}: expected a mapping of config sections, got {type(tree).__name__}")
-    return tree
 
 
 def config_text(ref: str | None = None) -> str:
@@ -244,7 +271,7 @@ def _load_tree(ref: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         text = resources.files(PRESETS_PACKAGE).joinpath(f"{ref}.yaml").read_text()
     else:
         text = config_text(ref)  # a file, or the error that lists the presets
-    return _resolve_extends(_read_yaml(text, ref), ref, seen + (ref,))
+    return _resolve_extends(read_yaml(text, ref), ref, seen + (ref,))
 
 
 def _resolve_extends(tree: dict[str, Any], origin: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -256,58 +283,33 @@ def _resolve_extends(tree: dict[str, Any], origin: str, seen: tuple[str, ...] = 
     return deep_merge(_load_tree(parent, seen), tree)
 
 
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set dotted ``key=value`` pairs (values parsed as YAML) on a config tree, rejecting unknown keys."""
     tree = json.loads(json.dumps(tree))
-    known = Config().flat()
+    known = schema_keys(Config)
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
         if key not in known:
-            raise ConfigError(f"{key}: unknown config key{_suggest(key, known)}")
+            raise ConfigError(f"{key}: unknown config key{suggest(key, known, list(Config.model_fields))}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
-        if value is not None and not isinstance(value, str) and _is_text_field(key):
+        if value is not None and not isinstance(value, str) and known[key] in (str, str | None):
             value = raw.strip()  # a hash like 00000000 or a name like 2024 stays text
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # a section absent or null (model.autoencoder) starts empty
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part} is not a section")
         node[leaf] = value
     return tree
-
-
-def _is_text_field(key: str) -> bool:
-    model: type[BaseModel] = Config
-    *sections, leaf = key.split(".")
-    for section in sections:
-        model = model.model_fields[section].annotation
-    return model.model_fields[leaf].annotation in (str, str | None)
-
-
-def _suggest(key: str, known: dict[str, Any]) -> str:
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    if close:
-        return f"; did you mean {' or '.join(close)}?"
-    section = key.split(".")[0] + "."
-    siblings = sorted(k for k in known if k.startswith(section))
-    return f"; {section[:-1]} has: {', '.join(siblings)}" if siblings else f"; sections: {', '.join(Config.model_fields)}"
 
 
 def validate(tree: dict[str, Any], origin: str = "config") -> Config:
@@ -337,5 +339,5 @@ def load_config_text(text: str, overrides: list[str] | None = None, origin: str 
     stripped = text.strip()
     if stripped in preset_names():
         return load_config(stripped, overrides)
-    tree = _resolve_extends(_read_yaml(text, origin), origin)
+    tree = _resolve_extends(read_yaml(text, origin), origin)
     return validate(apply_overrides(tree, overrides or []), origin)

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from loomcfm_core.config import Config
+from loomcfm_core.data.latents import image_dataset_of
 from loomcfm_core.metrics import FeatureStats, feature_network, frechet_distance, reference_stats
-from loomcfm_core.models.loading import default_device, load_model
+from loomcfm_core.models.loading import default_device, load_flow
 from loomcfm_core.sampling import generate, sample_seeds, save_grid, to_uint8
 from loomcfm_core.storage import absolute, join, storage_for
 
@@ -35,6 +36,7 @@ class Evaluation:
     rows: list[MethodResult]
     output_uri: str
     files: list[Path]           # local copies of what was written to output_uri (for MLflow artifacts)
+    latent_space: dict | None = None  # a latent model's autoencoder identity and scale
 
     def table(self) -> str:
         lines = [f"| method | NFE | {self.metric} | seconds |", "|---|---|---|---|"]
@@ -78,33 +80,38 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, 
              output_uri: str | None = None, device: torch.device | None = None) -> Evaluation:
     """Score the checkpoint's EMA model with each method against the dataset's train statistics.
 
-    Grids, plot and tables are written to ``workdir`` (kept for the caller, e.g. to log them to MLflow)
-    and uploaded to ``output_uri``.
+    A latent model's samples are decoded first: distances and grids are always of images, scored against
+    the images a latent cache was encoded from. Grids, plot and tables are written to ``workdir`` (kept for
+    the caller, e.g. to log them to MLflow) and uploaded to ``output_uri``.
     """
     device = device or default_device()
     methods = methods or cfg.eval.methods
     output_uri = output_uri or output_uri_for(cfg, checkpoint_uri)
-    model = load_model(cfg, checkpoint_uri, device)
-    network = feature_network(cfg, dataset_uri, device)
-    reference = reference_stats(cfg, dataset_uri, network)
-    shape = cfg.data.shape
+    flow = load_flow(cfg, checkpoint_uri, device)
+    images_uri = image_dataset_of(dataset_uri)
+    network = feature_network(cfg, images_uri, device)
+    reference = reference_stats(cfg, images_uri, network)
     seeds = sample_seeds(cfg.eval.num_samples)
     rows, files = [], []
     for method in methods:
         start = time.perf_counter()
-        samples = generate(model, shape, method, seeds, cfg.eval.batch_size, device, desc=f"eval {method}")
+        samples = generate(flow.model, cfg.flow_shape, method, seeds, cfg.eval.batch_size, device,
+                           desc=f"eval {method}")
+        images = flow.decode(samples.images, device)
         seconds = time.perf_counter() - start
-        stats = FeatureStats.of(network.features(to_uint8(samples.images), desc=f"features {method}"))
+        stats = FeatureStats.of(network.features(to_uint8(images), desc=f"features {method}"))
         distance = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
         rows.append(MethodResult(method, samples.nfe, distance, seconds))
         grid = workdir / f"samples_{method}.png"
-        save_grid(samples.images[:64], grid, nrow=8)
+        save_grid(images[:64], grid, nrow=8)
         files.append(grid)
-    evaluation = Evaluation(network.metric, rows, output_uri, files)
+    space = flow.latent_space.to_dict() if flow.latent_space else None
+    evaluation = Evaluation(network.metric, rows, output_uri, files, space)
     files.append(plot_fd_vs_nfe({cfg.name: rows}, network.metric, workdir / "fd_vs_nfe.png"))
     (workdir / "results.json").write_text(json.dumps(
         {"metric": network.metric, "checkpoint_uri": checkpoint_uri, "dataset_uri": dataset_uri,
-         "num_samples": cfg.eval.num_samples, "rows": [asdict(r) for r in rows]}, indent=2))
+         "images_uri": images_uri, "num_samples": cfg.eval.num_samples, "latent_space": space,
+         "rows": [asdict(r) for r in rows]}, indent=2))
     (workdir / "results.md").write_text(evaluation.table() + "\n")
     files += [workdir / "results.md", workdir / "results.json"]
     for path in files:  # results.json last: its presence means the evaluation is complete

@@ -2,7 +2,9 @@
 
 Each pair is stored as the noise *seed* (int64, regenerated on the training device exactly like LOOM's
 noise) and the generated target (float32), in the same sharded HDF5 layout as any cached dataset, so the
-reflow stage reuses the whole data path. Generation is content-addressed like ``cache``: the same
+reflow stage reuses the whole data path. A latent model's targets are its latents (scaled, as the flow
+sees them, not decoded images), with the latent space in the manifest, so the reflowed model decodes with
+the same autoencoder and scale. Generation is content-addressed like ``cache``: the same
 checkpoint, method and count is a no-op.
 """
 
@@ -18,7 +20,7 @@ import torch
 
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import read_manifest, write_dataset
-from loomcfm_core.models.loading import default_device, load_model
+from loomcfm_core.models.loading import default_device, load_flow
 from loomcfm_core.sampling import generate, sample_seeds
 from loomcfm_core.storage import absolute, join
 
@@ -41,8 +43,8 @@ def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None
         log.info("pairs already generated at %s: nothing to do", uri)
         return uri, existing
     device = device or default_device()
-    model = load_model(cfg, checkpoint_uri, device)
-    shape = cfg.data.shape
+    flow = load_flow(cfg, checkpoint_uri, device, decoder=False)
+    shape = cfg.flow_shape
     seeds = sample_seeds(cfg.reflow.num_pairs, offset=PAIR_SEED_OFFSET)
     nfes = []
 
@@ -50,13 +52,14 @@ def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None
         step = cfg.sample.batch_size
         for start in range(0, len(seeds), step):
             chunk = seeds[start:start + step]
-            samples = generate(model, shape, cfg.reflow.method, chunk, step, device, desc="reflow pairs")
+            samples = generate(flow.model, shape, cfg.reflow.method, chunk, step, device, desc="reflow pairs")
             nfes.append(samples.nfe)
             yield {"target": samples.images.numpy().astype(np.float32), "seeds": chunk.numpy()}
 
     manifest = {"name": f"{cfg.data.name}-pairs", "kind": "pairs", "config_hash": key, "shape": list(shape),
                 "source": f"pairs:{checkpoint_uri}", "method": cfg.reflow.method,
-                "arrays": {"target": "float32", "seeds": "int64"}}
+                "arrays": {"target": "float32", "seeds": "int64"},
+                "latent_space": flow.latent_space.to_dict() if flow.latent_space else None}
     manifest = write_dataset(uri, {"train": batches()}, cfg.data.shard_size, manifest,
                              totals={"train": len(seeds)}, desc="pairs")
     log.info("wrote %d pairs (%s, %.1f NFE each) to %s", len(seeds), cfg.reflow.method, np.mean(nfes), uri)

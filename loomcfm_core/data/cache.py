@@ -17,7 +17,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,8 +110,14 @@ class ShardWriter:
 
 
 def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], shard_size: int,
-                  manifest: dict, totals: dict[str, int | None] | None = None, desc: str = "caching") -> dict:
-    """Stream each split's batches into shards under ``uri``, then commit ``manifest.json`` last."""
+                  manifest: dict, totals: dict[str, int | None] | None = None, desc: str = "caching",
+                  finish: Callable[[dict], dict] | None = None) -> dict:
+    """Stream each split's batches into shards under ``uri``, then commit ``manifest.json`` last.
+
+    Args:
+        finish: completes the manifest after the last shard, before it is committed: for what is known only
+            once the data is written (the latent scale).
+    """
     store = storage_for(uri)
     manifest = dict(manifest, format=FORMAT, splits={})
     with tempfile.TemporaryDirectory(prefix="loomcfm-cache-") as tmp:
@@ -125,6 +131,7 @@ def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], 
             manifest["splits"][split] = writer.close()
             if manifest["splits"][split]["count"] == 0:
                 raise StorageError(f"{uri}: split {split!r} produced no items")
+    manifest = finish(manifest) if finish else manifest
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     store.write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2))
     return manifest

@@ -1,16 +1,20 @@
 """The velocity network of a config, fresh or with a checkpoint's EMA weights, and where to run it.
 
 Training builds the network here and evaluation, reflow pairs, sampling and model registration load it
-here, so every stage means the same network by the same config.
+here, so every stage means the same network by the same config. A latent model's checkpoint also says
+which autoencoder and scale its samples belong to; :func:`load_flow` brings the decoder along.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from loomcfm_core.checkpoint import load_ema_weights
+from loomcfm_core.checkpoint import SamplingWeights, read_sampling_weights
 from loomcfm_core.config import Config
-from loomcfm_core.errors import CheckpointError
+from loomcfm_core.errors import CheckpointError, ConfigError
+from loomcfm_core.models.autoencoder import Autoencoder, LatentSpace, build, load_autoencoder
 from loomcfm_core.models.unet import UNetModel
 
 
@@ -20,20 +24,81 @@ def default_device() -> torch.device:
 
 
 def build_model(cfg: Config) -> UNetModel:
-    """A freshly initialised network for the config's data shape and ``model`` section."""
-    return UNetModel.from_config(cfg.model, cfg.data.channels, cfg.data.resolution)
+    """A freshly initialised network for the shape the flow sees (``Config.flow_shape``) and ``model``."""
+    channels, resolution, _ = cfg.flow_shape
+    return UNetModel.from_config(cfg.model, channels, resolution)
 
 
-def load_model(cfg: Config, checkpoint_uri: str, device: torch.device) -> UNetModel:
-    """The EMA network of a checkpoint (ours or the reference implementation's), ready to sample.
+@dataclass
+class Flow:
+    """A checkpoint's EMA network and, for a latent model, its latent space and (when asked for) decoder."""
+
+    model: UNetModel
+    latent_space: LatentSpace | None = None
+    autoencoder: Autoencoder | None = None
+    batch_size: int = 1  # images per decode batch (model.autoencoder.batch_size)
+
+    def decode(self, samples: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Images of the flow's samples: the samples themselves in pixel space, else ``decode(z * scale)``."""
+        if self.autoencoder is None:
+            return samples
+        return self.autoencoder.decode(samples * self.latent_space.scale, device, self.batch_size)
+
+
+def _latent_space(cfg: Config, uri: str, weights: SamplingWeights,
+                  decoder: bool) -> tuple[LatentSpace, Autoencoder | None]:
+    """The latent space a checkpoint was trained in and, if ``decoder`` (always for a reference checkpoint,
+    whose autoencoder is the only record of its identity), the autoencoder."""
+    ae = cfg.model.autoencoder
+    if weights.autoencoder is not None:  # a reference checkpoint carries its autoencoder (ae.*, ae.scale)
+        identity = {"kind": ae.kind, "format": "reference_checkpoint", "weights": uri, "sha256": weights.sha256,
+                    "config": None, "config_sha256": None}
+        autoencoder = build(ae.kind, weights.autoencoder, None, identity, uri)
+        autoencoder.check(cfg)
+        scale = autoencoder.own_scale or 1.0  # a reference VQ model has no ae.scale: its latents are unscaled
+        space = LatentSpace(autoencoder.identity, scale, "the checkpoint's ae.scale" if autoencoder.own_scale
+                            else "1 (the reference's VQ models are unscaled)")
+        return space, autoencoder
+    if weights.latent_space is None:
+        raise CheckpointError(f"{uri} was trained in pixel space, but the config has model.autoencoder: use the "
+                              "config it was trained with")
+    space = LatentSpace.from_dict(weights.latent_space)
+    autoencoder = load_autoencoder(cfg) if decoder else None
+    if autoencoder is not None and autoencoder.identity["sha256"] != space.autoencoder["sha256"]:
+        raise CheckpointError(f"{uri} was trained with the autoencoder {space.autoencoder['weights']} (sha256 "
+                              f"{space.autoencoder['sha256']}); model.autoencoder.weights={ae.weights} is another "
+                              f"(sha256 {autoencoder.identity['sha256']})")
+    return space, autoencoder
+
+
+def load_flow(cfg: Config, checkpoint_uri: str, device: torch.device, decoder: bool = True) -> Flow:
+    """The EMA network of a checkpoint (ours or the reference implementation's), ready to sample, with its
+    latent space and, if ``decoder``, the autoencoder that turns samples into images.
 
     Raises:
-        CheckpointError: the weights do not fit the configured model (the message says to check the config).
+        CheckpointError: the weights do not fit the configured model (the message says to check the config),
+            or the checkpoint's latent space is not the configured one.
     """
+    weights = read_sampling_weights(checkpoint_uri)
     model = build_model(cfg)
     try:
-        model.load_state_dict(load_ema_weights(checkpoint_uri))
+        model.load_state_dict(weights.backbone)
     except RuntimeError as exc:
         raise CheckpointError(f"{checkpoint_uri}: weights do not fit the configured model (check "
                               f"--config/model.*): {str(exc).splitlines()[0]}") from exc
-    return model.to(device).eval()
+    model.to(device).eval()
+    ae = cfg.model.autoencoder
+    if ae is None:
+        if weights.latent_space is not None or weights.autoencoder is not None:
+            raise CheckpointError(f"{checkpoint_uri} is a latent model: its config needs model.autoencoder")
+        return Flow(model)
+    space, autoencoder = _latent_space(cfg, checkpoint_uri, weights, decoder)
+    if ae.scale is not None and ae.scale != space.scale:
+        raise ConfigError(f"model.autoencoder.scale={ae.scale}, but {checkpoint_uri} was trained with scale "
+                          f"{space.scale}: leave model.autoencoder.scale null to use it")
+    return Flow(model, space, autoencoder, ae.batch_size)
+
+
+def load_model(cfg: Config, checkpoint_uri: str, device: torch.device) -> UNetModel:
+    """The EMA network of a checkpoint, without an autoencoder (model registration)."""
+    return load_flow(cfg, checkpoint_uri, device, decoder=False).model
