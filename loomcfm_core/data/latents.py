@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Iterator
 from itertools import chain
 
@@ -57,12 +58,18 @@ def latents_key(cfg: Config, images_key: str) -> str:
 
 
 def first_batch_scale(stored: np.ndarray, kind: str, seed: int) -> float:
-    """The reference's scale: the population std of the posterior samples of one batch of stored rows."""
-    rows = torch.from_numpy(stored).float()
+    """The reference's scale: the population std of the posterior samples of one batch of stored rows.
+
+    Sums are exact (``math.fsum``), so the value depends on the rows and the seed alone, not on how a
+    vectorised reduction happened to split them.
+    """
+    rows = torch.from_numpy(stored).double()
     if kind == "kl":
         mean, std = rows[:, 0], rows[:, 1]
-        rows = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))
-    return rows.double().std(unbiased=False).item()
+        rows = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed)).double()
+    values = rows.flatten().tolist()
+    centre = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((v - centre) ** 2 for v in values) / len(values))
 
 
 def cache_latents(cfg: Config, images: CachedDataset) -> CachedDataset:
