@@ -150,8 +150,13 @@ def build(kind: str, weights: dict[str, torch.Tensor], config: dict | None, iden
 
     weights = dict(weights)
     scale = weights.pop("scale", None)
-    if is_ldm_layout(weights):
-        ldm = first_stage(weights)
+    ldm_names = is_ldm_layout(weights)
+    weights = first_stage(weights) if ldm_names else weights
+    if (CODEBOOK in weights) != (kind == "vq"):
+        found = "a VQ codebook" if CODEBOOK in weights else "no VQ codebook"
+        raise ConfigError(f"model.autoencoder.kind={kind}, but {origin} holds {found}")
+    if ldm_names:
+        ldm = weights
         try:
             config = dict(config or config_from_ldm(ldm, kind))
             config["down_block_types"], config["up_block_types"] = block_types(ldm)
@@ -160,9 +165,6 @@ def build(kind: str, weights: dict[str, torch.Tensor], config: dict | None, iden
         weights = convert_ldm_first_stage(ldm, config)
     elif config is None:
         raise ConfigError(f"{origin} holds diffusers names: give its config.json as model.autoencoder.config")
-    if (CODEBOOK in weights) != (kind == "vq"):
-        found = "a VQ codebook" if CODEBOOK in weights else "no VQ codebook"
-        raise ConfigError(f"model.autoencoder.kind={kind}, but {origin} holds {found}")
     module = (VQModel if kind == "vq" else AutoencoderKL).from_config(config)
     expected, got = set(module.state_dict()), set(weights)
     if expected != got:

@@ -134,3 +134,31 @@ def latent_config(tmp_path: Path, weights: Path | str, *overrides: str, kind: st
 
     return load_config("digits", [*LATENT, f"model.autoencoder.kind={kind}", f"model.autoencoder.weights={weights}",
                                   f"data.local_cache={tmp_path / 'node'}", *overrides])
+
+
+def tiny_latent_yaml(root: Path) -> str:
+    """A whole latent run's config as YAML text: a generated 64x64 ImageFolder (24 + 24 train images, 8 + 8
+    val) under ``root/shapes``, a fast tiny KL autoencoder (8/16/16/16 channels) under ``root/kl``, LOOM with
+    two seeds per point, FD on the features of the classifier ``cache`` trains, and reflow on latent pairs."""
+    import yaml
+
+    from tests.data.shapes import shapes_folder
+
+    images = shapes_folder(root / "shapes", train_per_class=24, val_per_class=8)
+    weights = save_folder(tiny_kl(channels=(8, 16, 16, 16), groups=4), root / "kl")
+    return yaml.safe_dump({
+        "extends": "digits", "name": "tinylatent",
+        "data": {"name": "shapes", "source": f"imagefolder:{images}", "channels": 3, "resolution": 64,
+                 "hflip": True, "num_workers": 0},
+        "model": {"channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                  "autoencoder": {"kind": "kl", "weights": str(weights), "latent_channels": 4, "downsample": 8,
+                                  "batch_size": 64}},
+        "coupling": {"kind": "loom", "num_seeds": 2},
+        "train": {"batch_size": 16, "max_steps": 40, "lr": 1e-3, "warmup_steps": 10, "checkpoint_every": 20,
+                  "log_every": 10},
+        "sample": {"batch_size": 64},
+        "eval": {"methods": ["euler-1", "euler-4"], "num_samples": 64, "batch_size": 64,
+                 "feature_network": "classifier"},
+        "reflow": {"method": "euler-4", "num_pairs": 64, "batch_size": 16, "max_steps": 20, "warmup_steps": 5},
+        "ray": {"cpus_per_worker": 1},
+    })
