@@ -18,9 +18,10 @@ from loomcfm_core.checksums import sha256_file
 _ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def tiny_kl(seed: int = 0, channels=(32, 32, 32, 32), groups: int = 32, attention_level: int | None = None):
+def tiny_kl(seed: int = 0, channels=(32, 32, 32, 32), groups: int = 32, attention_level: int | None = None,
+            layers: int = 1, size: int = 64):
     """3x64x64 images -> 4x8x8 latents (four levels); ``attention_level`` adds attention inside that level,
-    like the reference's KL-f8 at 32x32."""
+    like the reference's KL-f8 at 32x32 (``channels=(128, 256, 512, 512), layers=2, attention_level=3``)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -28,8 +29,8 @@ def tiny_kl(seed: int = 0, channels=(32, 32, 32, 32), groups: int = 32, attentio
     down = ["AttnDownEncoderBlock2D" if i == attention_level else "DownEncoderBlock2D" for i in range(n)]
     up = ["AttnUpDecoderBlock2D" if n - 1 - i == attention_level else "UpDecoderBlock2D" for i in range(n)]
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=tuple(down), up_block_types=tuple(up),
-                         block_out_channels=tuple(channels), layers_per_block=1, latent_channels=4,
-                         norm_num_groups=groups, sample_size=64).eval()
+                         block_out_channels=tuple(channels), layers_per_block=layers, latent_channels=4,
+                         norm_num_groups=groups, sample_size=size).eval()
 
 
 def tiny_vq(seed: int = 0, channels=(32, 32, 32, 32)):

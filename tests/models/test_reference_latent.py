@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 from loomcfm_core import stages
-from loomcfm_core.checkpoint import save_checkpoint
+from loomcfm_core.checkpoint import reference_parts, save_checkpoint
+from loomcfm_core.cli import main
+from loomcfm_core.config import load_config
 from loomcfm_core.errors import CheckpointError, ConfigError
 from loomcfm_core.models.autoencoder import LatentSpace, load_autoencoder
 from loomcfm_core.models.loading import build_model, load_flow
@@ -81,3 +83,20 @@ def test_mismatched_latent_checkpoints_are_refused(tmp_path):
     reference = reference_checkpoint(tmp_path / "latest.pth", backbone, autoencoder, SCALE)
     with pytest.raises(ConfigError, match=r"model\.autoencoder\.kind=vq, but .*latest\.pth holds no VQ codebook"):
         load_flow(latent_config(tmp_path, tmp_path / "kl", kind="vq"), str(reference), "cpu")
+
+
+def test_ffhq_reference_layout_samples_256px_images(tmp_path, capsys):
+    """The reference's FFHQ layout at full size: its KL-f8 (SD's VAE plus 5 attention blocks at 32x32, 298
+    tensors under ``ae.``) and ``ae.scale``; ``loomcfm sample --config ffhq256_latent --ckpt <file>`` writes
+    256x256 images. Only the backbone is small (the preset's 357.9 M network is checked in test_config)."""
+    autoencoder = tiny_kl(channels=(128, 256, 512, 512), layers=2, attention_level=3, size=256)
+    small = ["model.channels=32", "model.channel_mult=[1,2]", "model.attn_resolutions=[]", "model.num_res_blocks=1"]
+    cfg = load_config("ffhq256_latent", small)
+    path = reference_checkpoint(tmp_path / "latest.pth", build_model(cfg).state_dict(), autoencoder, 0.19)
+    _, ae = reference_parts(torch.load(path, weights_only=False))
+    assert len(ae) == 299 and sum(".attn." in k for k in ae) == 50, "the reference kl_f8's key set and ae.scale"
+    args = ["sample", "--config", "ffhq256_latent", *[a for s in small for a in ("--set", s)], "--ckpt", str(path),
+            "--output", str(tmp_path / "out"), "--num_images", "1", "--method", "euler-1"]
+    assert main(args) == 0, capsys.readouterr().err
+    image = Image.open(tmp_path / "out" / "00000.png")
+    assert image.size == (256, 256) and image.mode == "RGB"
