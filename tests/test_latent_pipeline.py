@@ -3,34 +3,22 @@ random KL autoencoder (3x64x64 -> 4x8x8), LOOM training on posterior draws, deco
 features of the classifier `cache` trains on the images, latent reflow pairs, reflow training, MLflow."""
 
 import json
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from loomcfm_core.checkpoint import load_checkpoint
 from loomcfm_core.data.cache import read_manifest
 from tests.models.autoencoders import tiny_latent_yaml
+from tests.test_pipeline import pipeline_runs, run_pipeline
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent")
     (root / "tiny.yaml").write_text(tiny_latent_yaml(root))
-    args = [sys.executable, "-m", "loomcfm_core.cli", "run", "--config", str(root / "tiny.yaml"),
-            "--set", f"storage.root={root}/store", "--set", f"tracking.local_dir={root}/runs"]
-    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return root, proc.stdout
-
-
-def _runs(root):
-    client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("loomcfm-tinylatent")
-    return client, client.search_runs([experiment.experiment_id])
+    return root, run_pipeline(root, "--config", str(root / "tiny.yaml"))
 
 
 def _datasets(root):
@@ -80,7 +68,7 @@ def test_reflow_pairs_hold_latent_targets(pipeline):
 
 def test_mlflow_runs_carry_the_autoencoder_and_decoded_grids(pipeline):
     root, _ = pipeline
-    client, runs = _runs(root)
+    client, runs = pipeline_runs(root, "loomcfm-tinylatent")
     parent = [r for r in runs if r.data.tags.get("loomcfm.stage") == "pipeline"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     stages = sorted(r.data.tags["loomcfm.stage"] for r in children)

@@ -1,14 +1,12 @@
 """Latent training killed mid-way resumes exactly: the posterior draws' generator is part of the checkpoint."""
 
 import os
-import signal
-import time
 
 import torch
 
 from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
 from tests.models.autoencoders import tiny_latent_yaml
-from tests.training.test_launch import _cli, _finish
+from tests.training.test_launch import _cli, _finish, interrupt
 
 
 def test_interrupted_latent_run_resumes_exactly(tmp_path):
@@ -17,16 +15,7 @@ def test_interrupted_latent_run_resumes_exactly(tmp_path):
               "eval.feature_network=inception")  # no evaluation here: `cache` need not train the classifier
     reference = _finish(_cli(tmp_path / "a", *common, env=env))
 
-    interrupted = _cli(tmp_path / "b", *common, env=env)
-    runs = tmp_path / "b" / "store" / "runs"
-    deadline = time.monotonic() + 400
-    while not list(runs.rglob("step-00000020.pt")):
-        assert interrupted.poll() is None, interrupted.stdout.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(interrupted.pid, signal.SIGKILL)  # the driver, its local Ray and the worker
-    interrupted.wait()
-    run_uri = str(next(runs.iterdir()))
+    run_uri = interrupt(tmp_path / "b", *common, env=env)
     steps = [s for s, _ in list_checkpoints(run_uri)]
     assert 20 <= steps[-1] < 60, steps
 

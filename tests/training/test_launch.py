@@ -52,21 +52,27 @@ def test_two_ray_workers_keep_identical_tables_and_loss_falls(tmp_path):
             "train/lr"} <= set(run.data.metrics)
 
 
+def interrupt(folder, *overrides, **popen) -> str:
+    """Start ``loomcfm train`` in ``folder``, SIGKILL it (the driver, its local Ray and the workers) once the
+    checkpoint of step 20 exists, and return the run's URI."""
+    interrupted = _cli(folder, *overrides, **popen)
+    runs = folder / "store" / "runs"
+    deadline = time.monotonic() + 300
+    while not list(runs.rglob("step-00000020.pt")):
+        assert interrupted.poll() is None, interrupted.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(interrupted.pid, signal.SIGKILL)
+    interrupted.wait()
+    return str(next(runs.iterdir()))
+
+
 def test_interrupted_run_resumes_exactly(tmp_path):
     common = ("train.max_steps=60", "train.checkpoint_every=10", "train.keep_checkpoints=2")
     straight = _cli(tmp_path / "a", *common)
     reference = _finish(straight)
 
-    interrupted = _cli(tmp_path / "b", *common)
-    ckpt_dir = tmp_path / "b" / "store" / "runs"
-    deadline = time.monotonic() + 300
-    while not list(ckpt_dir.rglob("step-00000020.pt")):
-        assert interrupted.poll() is None, interrupted.stdout.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(interrupted.pid, signal.SIGKILL)  # the driver, its local Ray and the workers
-    interrupted.wait()
-    run_uri = str(next(ckpt_dir.iterdir()))
+    run_uri = interrupt(tmp_path / "b", *common)
     steps = [s for s, _ in list_checkpoints(run_uri)]
     assert 20 <= steps[-1] < 60, steps
     assert not list(Path(run_uri).rglob("result.json"))
