@@ -18,7 +18,7 @@ from loomcfm_core.config import Config
 from loomcfm_core.data.latents import image_dataset_of
 from loomcfm_core.metrics import FeatureStats, feature_network, frechet_distance, reference_stats
 from loomcfm_core.models.loading import default_device, load_flow
-from loomcfm_core.sampling import generate, sample_seeds, save_grid, to_uint8
+from loomcfm_core.sampling import generate, sample_seeds, save_grid
 from loomcfm_core.storage import absolute, join, storage_for
 
 
@@ -97,9 +97,9 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, 
         start = time.perf_counter()
         samples = generate(flow.model, cfg.flow_shape, method, seeds, cfg.eval.batch_size, device,
                            desc=f"eval {method}")
-        images = flow.decode(samples.images, device)
+        images = flow.images(samples.images, device)
         seconds = time.perf_counter() - start
-        stats = FeatureStats.of(network.features(to_uint8(images), desc=f"features {method}"))
+        stats = FeatureStats.of(network.features(images, desc=f"features {method}"))
         distance = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
         rows.append(MethodResult(method, samples.nfe, distance, seconds))
         grid = workdir / f"samples_{method}.png"

@@ -114,7 +114,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def save_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
-    """A PNG grid of ``images`` with ``nrow`` images per row (torchvision's ``make_grid`` convention)."""
+    """A PNG grid of ``images`` (floats in [-1, 1] or uint8 pixels) with ``nrow`` images per row
+    (torchvision's ``make_grid`` convention)."""
     from torchvision.utils import save_image
 
-    save_image((images.clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1)
+    scaled = images.float() / 255 if images.dtype == torch.uint8 else (images.clamp(-1, 1) + 1) / 2
+    save_image(scaled, path, nrow=nrow, padding=1)

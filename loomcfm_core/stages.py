@@ -26,7 +26,7 @@ from loomcfm_core.feature_store import classifier_uri, train_dataset_classifier
 from loomcfm_core.metrics import feature_network, feature_network_kind, reference_stats
 from loomcfm_core.models.loading import default_device, load_flow, load_model
 from loomcfm_core.results import CacheResult, EvalResult, PairsResult, RunResult, SampleResult, TrainResult
-from loomcfm_core.sampling import generate, sample_seeds, save_grid, to_uint8
+from loomcfm_core.sampling import generate, sample_seeds, save_grid
 from loomcfm_core.storage import is_remote, join, storage_for
 from loomcfm_core.training.launch import run_on_ray
 from loomcfm_core.training.loop import run_uri_for
@@ -167,10 +167,10 @@ def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, metho
     flow = load_flow(cfg, checkpoint_uri, device)
     samples = generate(flow.model, cfg.flow_shape, method, sample_seeds(num_images, offset=cfg.train.seed << 32),
                        batch_size, device)
-    images = flow.decode(samples.images, device)
+    images = flow.images(samples.images, device)
     store = storage_for(output)
     with tempfile.TemporaryDirectory() as tmp:
-        for i, image in enumerate(to_uint8(images).numpy()):
+        for i, image in enumerate(images.numpy()):
             path = Path(tmp) / f"{i:05d}.png"
             Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(path)
             store.put(path, join(output, path.name))

@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
-
 from loomcfm_core.checkpoint import reference_parts
 from loomcfm_core.checksums import expected_sha256, fetch_verified, sha256_file
 from loomcfm_core.errors import CheckpointError, ConfigError
@@ -110,15 +108,10 @@ class Autoencoder:
         return self.module.quantize.get_codebook_entry(indices.reshape(-1), (b, h, w, c))
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, device: torch.device | str, batch_size: int,
-               desc: str = "decoding") -> torch.Tensor:
-        """Images in about [-1, 1] (float32, on the CPU) of unscaled latents, in batches with a progress bar.
-        A VQ decoder quantises first, as latent diffusion's does."""
-        self.to(device)
-        out = [self.module.decode(latents[start:start + batch_size].to(device)).sample.float().cpu()
-               for start in tqdm(range(0, len(latents), batch_size), desc=desc, unit="batch", leave=False,
-                                 dynamic_ncols=True)]
-        return torch.cat(out)
+    def decode(self, latents: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """Images in about [-1, 1] (float32, on the CPU) of one batch of unscaled latents. A VQ decoder
+        quantises first, as latent diffusion's does."""
+        return self.to(device).module.decode(latents.to(device)).sample.float().cpu()
 
 
 def read_weights(path: Path, origin: str) -> object:
@@ -146,6 +139,7 @@ def build(kind: str, weights: dict[str, torch.Tensor], config: dict | None, iden
             types of latent-diffusion weights always follow their tensors, so a level's extra attention (the
             reference's KL-f8) is built wherever the file has it.
     """
+    import diffusers
     from diffusers import AutoencoderKL, VQModel
 
     weights = dict(weights)
@@ -179,8 +173,6 @@ def build(kind: str, weights: dict[str, torch.Tensor], config: dict | None, iden
     levels = len(module.config.block_out_channels)
     channels = (module.config.vq_embed_dim or module.config.latent_channels) if kind == "vq" else \
         module.config.latent_channels
-    import diffusers
-
     identity = {**identity, "latent_channels": channels, "downsample": 2 ** (levels - 1),
                 "diffusers": diffusers.__version__}
     return Autoencoder(module, identity, None if scale is None else float(scale.reshape(-1)[0]))

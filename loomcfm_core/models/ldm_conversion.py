@@ -79,7 +79,8 @@ def config_from_ldm(ldm: dict[str, torch.Tensor], kind: str) -> dict:
             config.update(num_vq_embeddings=ldm[CODEBOOK].shape[0], vq_embed_dim=ldm[CODEBOOK].shape[1],
                           latent_channels=ldm["encoder.conv_out.weight"].shape[0])
         else:
-            config.update(use_quant_conv="quant_conv.weight" in ldm, use_post_quant_conv="post_quant_conv.weight" in ldm)
+            config.update(use_quant_conv="quant_conv.weight" in ldm,
+                          use_post_quant_conv="post_quant_conv.weight" in ldm)
     except KeyError as exc:
         raise CheckpointError(f"latent-diffusion weights lack {exc.args[0]}: cannot derive the autoencoder's "
                               "config (give model.autoencoder.config)") from exc

@@ -98,7 +98,8 @@ def to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tenso
 
 def save_ldm(module, path: Path, prefix: str = "") -> Path:
     """A latent-diffusion single file: ``{"state_dict": ...}`` for .ckpt, flat for .safetensors; with sidecar."""
-    ldm = {prefix + k: v.contiguous() for k, v in to_ldm(module.state_dict(), len(module.config.block_out_channels)).items()}
+    levels = len(module.config.block_out_channels)
+    ldm = {prefix + k: v.contiguous() for k, v in to_ldm(module.state_dict(), levels).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
