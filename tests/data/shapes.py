@@ -1,4 +1,4 @@
-"""A small generated ImageFolder of 64x64 RGB pictures in two classes a classifier can tell apart."""
+"""A small generated ImageFolder of 64x64 RGB pictures in two classes a small classifier tells apart."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from tests.data.test_cache import write_imagefolder
 
 
 def shape_images(n: int, label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """uint8 [n, 3, size, size]: class 0 a bright disc, class 1 a bright horizontal bar, on a dark, noisy
-    background of a random tint, at random places (neither is left-right symmetric in place)."""
+    """uint8 [n, 3, size, size]: class 0 a warm disc, class 1 a cool horizontal bar, near the centre (placed
+    off it at random, so neither is left-right symmetric) on a dark, noisy background."""
     yy, xx = np.mgrid[:size, :size]
     images = []
     for _ in range(n):
-        tint = rng.uniform(0.0, 0.3, size=3)
-        image = tint[:, None, None] + rng.normal(0.0, 0.05, size=(3, size, size))
-        cy, cx = rng.integers(size // 5, size - size // 5, size=2)
-        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 6) ** 2 if label == 0 else \
-            (abs(yy - cy) < size // 12) & (abs(xx - cx) < size // 3)
-        image[:, mask] = rng.uniform(0.7, 1.0, size=(3, 1))
+        image = rng.uniform(0.0, 0.2, size=(3, 1, 1)) + rng.normal(0.0, 0.05, size=(3, size, size))
+        cy, cx = size // 2 + rng.integers(-size // 8, size // 8 + 1, size=2)
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 5) ** 2 if label == 0 else \
+            (abs(yy - cy) < size // 10) & (abs(xx - cx) < size // 3)
+        hue = np.array([1.0, 0.6, 0.2]) if label == 0 else np.array([0.2, 0.6, 1.0])
+        image[:, mask] = (rng.uniform(0.6, 1.0, size=3) * hue)[:, None]
         images.append(np.clip(image * 255, 0, 255).astype(np.uint8))
     return np.stack(images)
 
