@@ -8,17 +8,18 @@ method, ``fd_vs_nfe.png``) so a KFP artifact or an MLflow run can point at them.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loomcfm_core.config import Config
 from loomcfm_core.data.latents import image_dataset_of
+from loomcfm_core.generation import HEAD, eval_on_workers
 from loomcfm_core.metrics import FeatureStats, feature_network, frechet_distance, reference_stats
-from loomcfm_core.models.loading import default_device, load_flow
-from loomcfm_core.sampling import generate, sample_seeds, save_grid
+from loomcfm_core.models.loading import default_device
+from loomcfm_core.sampling import sample_seeds, save_grid
 from loomcfm_core.storage import absolute, join, storage_for
 
 
@@ -78,34 +79,29 @@ def plot_fd_vs_nfe(curves: dict[str, list[MethodResult]], metric: str, path: Pat
 
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, methods: list[str] | None = None,
              output_uri: str | None = None, device: torch.device | None = None) -> Evaluation:
-    """Score the checkpoint's EMA model with each method against the dataset's train statistics.
+    """Score the checkpoint's EMA model with each method against the dataset's train statistics, sampling and
+    extracting features on ``ray.num_workers`` workers (:mod:`loomcfm_core.generation`).
 
     A latent model's samples are decoded first: distances and grids are always of images, scored against
     the images a latent cache was encoded from. Grids, plot and tables are written to ``workdir`` (kept for
     the caller, e.g. to log them to MLflow) and uploaded to ``output_uri``.
     """
-    device = device or default_device()
     methods = methods or cfg.eval.methods
     output_uri = output_uri or output_uri_for(cfg, checkpoint_uri)
-    flow = load_flow(cfg, checkpoint_uri, device)
     images_uri = image_dataset_of(dataset_uri)
-    network = feature_network(cfg, images_uri, device)
+    network = feature_network(cfg, images_uri, device or default_device())
     reference = reference_stats(cfg, images_uri, network)
-    seeds = sample_seeds(cfg.eval.num_samples)
+    sampled, space = eval_on_workers(cfg, checkpoint_uri, images_uri, methods, sample_seeds(cfg.eval.num_samples),
+                                     device)
     rows, files = [], []
     for method in methods:
-        start = time.perf_counter()
-        samples = generate(flow.model, cfg.flow_shape, method, seeds, cfg.eval.batch_size, device,
-                           desc=f"eval {method}")
-        images = flow.images(samples.images, device)
-        seconds = time.perf_counter() - start
-        stats = FeatureStats.of(network.features(images, desc=f"features {method}"))
+        kept = sampled[method]
+        stats = FeatureStats.of(np.concatenate(kept.features))
         distance = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
-        rows.append(MethodResult(method, samples.nfe, distance, seconds))
+        rows.append(MethodResult(method, float(np.mean(kept.nfes)), distance, kept.seconds))
         grid = workdir / f"samples_{method}.png"
-        save_grid(images[:64], grid, nrow=8)
+        save_grid(torch.cat(kept.head)[:HEAD], grid, nrow=8)
         files.append(grid)
-    space = flow.latent_space.to_dict() if flow.latent_space else None
     evaluation = Evaluation(network.metric, rows, output_uri, files, space)
     files.append(plot_fd_vs_nfe({cfg.name: rows}, network.metric, workdir / "fd_vs_nfe.png"))
     (workdir / "results.json").write_text(json.dumps(

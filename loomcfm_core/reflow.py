@@ -13,15 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from loomcfm_core.config import Config
-from loomcfm_core.data.cache import read_manifest, write_dataset
-from loomcfm_core.models.loading import default_device, load_flow
-from loomcfm_core.sampling import generate, sample_seeds
+from loomcfm_core.data.cache import commit_manifest, read_manifest
+from loomcfm_core.generation import pairs_on_workers
+from loomcfm_core.sampling import sample_seeds
 from loomcfm_core.storage import absolute, join
 
 PAIR_SEED_OFFSET = 1 << 50  # pair noise never coincides with evaluation noise
@@ -36,33 +35,25 @@ def pairs_uri_for(cfg: Config, checkpoint_uri: str) -> tuple[str, str]:
 
 
 def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None = None) -> tuple[str, dict]:
-    """Write ``reflow.num_pairs`` pairs sampled with ``reflow.method``; returns the dataset URI and manifest."""
+    """Write ``reflow.num_pairs`` pairs sampled with ``reflow.method`` on ``ray.num_workers`` workers (each
+    writes its own shards; the manifest, written here last, commits them); returns the dataset URI and manifest.
+
+    Args:
+        device: where a single worker samples (default: the GPU if there is one); Ray workers pick their own.
+    """
     uri, key = pairs_uri_for(cfg, checkpoint_uri)
     existing = read_manifest(uri)
     if existing is not None and existing.get("config_hash") == key:
         log.info("pairs already generated at %s: nothing to do", uri)
         return uri, existing
-    device = device or default_device()
-    flow = load_flow(cfg, checkpoint_uri, device, decoder=False)
-    shape = cfg.flow_shape
     seeds = sample_seeds(cfg.reflow.num_pairs, offset=PAIR_SEED_OFFSET)
-    nfes = []
-
-    def batches() -> Iterator[dict[str, np.ndarray]]:
-        step = cfg.sample.batch_size
-        for start in range(0, len(seeds), step):
-            chunk = seeds[start:start + step]
-            samples = generate(flow.model, shape, cfg.reflow.method, chunk, step, device, desc="reflow pairs")
-            nfes.append(samples.nfe)
-            yield {"target": samples.images.numpy().astype(np.float32), "seeds": chunk.numpy()}
-
-    manifest = {"name": f"{cfg.data.name}-pairs", "kind": "pairs", "config_hash": key, "shape": list(shape),
+    shards, nfes, space = pairs_on_workers(cfg, absolute(checkpoint_uri), uri, seeds, device)
+    manifest = {"name": f"{cfg.data.name}-pairs", "kind": "pairs", "config_hash": key, "shape": list(cfg.flow_shape),
                 "source": f"pairs:{checkpoint_uri}", "method": cfg.reflow.method,
-                "arrays": {"target": "float32", "seeds": "int64"},
-                "latent_space": flow.latent_space.to_dict() if flow.latent_space else None}
-    manifest = write_dataset(uri, {"train": batches()}, cfg.data.shard_size, manifest,
-                             totals={"train": len(seeds)}, desc="pairs")
-    log.info("wrote %d pairs (%s, %.1f NFE each) to %s", len(seeds), cfg.reflow.method, np.mean(nfes), uri)
+                "arrays": {"target": "float32", "seeds": "int64"}, "latent_space": space}
+    manifest = commit_manifest(uri, manifest, {"train": shards})
+    log.info("wrote %d pairs (%s, %.1f NFE each) on %d workers to %s", len(seeds), cfg.reflow.method,
+             np.mean(nfes), cfg.ray.num_workers, uri)
     return uri, manifest
 
 

@@ -59,8 +59,8 @@ class ShardWriter:
     Arrays are stored uncompressed with one chunk per item, so a random-access read touches one chunk.
     """
 
-    def __init__(self, uri: str, split: str, shard_size: int, workdir: Path) -> None:
-        self.uri, self.split, self.shard_size, self.workdir = uri, split, shard_size, workdir
+    def __init__(self, uri: str, split: str, shard_size: int, workdir: Path, prefix: str = "") -> None:
+        self.uri, self.split, self.shard_size, self.workdir, self.prefix = uri, split, shard_size, workdir, prefix
         self.store = storage_for(uri)
         self.shards: list[dict] = []
         self._file: h5py.File | None = None
@@ -68,7 +68,7 @@ class ShardWriter:
         self._count = 0
 
     def _open(self, arrays: dict[str, np.ndarray]) -> None:
-        name = f"{self.split}/shard-{len(self.shards):05d}.h5"
+        name = f"{self.split}/{self.prefix}shard-{len(self.shards):05d}.h5"
         self._path = self.workdir / name
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._file = h5py.File(self._path, "w")
@@ -103,10 +103,11 @@ class ShardWriter:
         self.shards.append({"path": name, "count": self._count, "sha256": digest})
         self._file = None
 
-    def close(self) -> dict:
+    def close(self) -> list[dict]:
+        """The shards written (path, count, sha256), in order."""
         if self._file is not None:
             self._flush()
-        return {"count": sum(s["count"] for s in self.shards), "shards": self.shards}
+        return self.shards
 
 
 def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], shard_size: int,
@@ -118,8 +119,7 @@ def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], 
         finish: completes the manifest after the last shard, before it is committed: for what is known only
             once the data is written (the latent scale).
     """
-    store = storage_for(uri)
-    manifest = dict(manifest, format=FORMAT, splits={})
+    written = {}
     with tempfile.TemporaryDirectory(prefix="loomcfm-cache-") as tmp:
         for split, batches in splits.items():
             writer = ShardWriter(uri, split, shard_size, Path(tmp))
@@ -128,12 +128,25 @@ def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], 
                 for arrays in batches:
                     writer.write(arrays)
                     bar.update(len(next(iter(arrays.values()))))
-            manifest["splits"][split] = writer.close()
-            if manifest["splits"][split]["count"] == 0:
-                raise StorageError(f"{uri}: split {split!r} produced no items")
-    manifest = finish(manifest) if finish else manifest
-    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    store.write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2))
+            written[split] = writer.close()
+    return commit_manifest(uri, manifest, written, finish)
+
+
+def commit_manifest(uri: str, manifest: dict, shards: dict[str, list[dict]],
+                    finish: Callable[[dict], dict] | None = None) -> dict:
+    """Write ``manifest.json`` for shards already uploaded (each split's in order): the dataset's commit.
+
+    Args:
+        finish: completes the manifest once every split is known to be non-empty (see ``write_dataset``).
+    """
+    splits = {split: {"count": sum(s["count"] for s in listed), "shards": listed} for split, listed in shards.items()}
+    for split, info in splits.items():
+        if info["count"] == 0:
+            raise StorageError(f"{uri}: split {split!r} produced no items")
+    manifest = dict(manifest, format=FORMAT, splits=splits)
+    manifest = dict(finish(manifest) if finish else manifest,
+                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    storage_for(uri).write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2))
     return manifest
 
 

@@ -143,18 +143,23 @@ class Targets:
 
 class PosteriorTargets(Targets):
     """Latent targets from the cache: ``z / scale`` with ``z = mean + std * eps`` drawn afresh every step (KL;
-    VQ latents are used as stored), eps from this rank's generator, which is part of the checkpoint."""
+    VQ latents are used as stored), eps from this rank's generator, which is part of the checkpoint.
 
-    def __init__(self, manifest: dict, device: torch.device, seed: int) -> None:
+    The draw is on the host, from the loaded batch: the coupling planner (:mod:`loomcfm_core.training.
+    pipelined`) draws each batch where it decides that batch's assignment, one unit ahead of the training
+    step, and the coupling gathers and solves on host tensors; the same draws then go to the device.
+    """
+
+    def __init__(self, manifest: dict, seed: int) -> None:
         super().__init__(manifest["latent_space"])
         self.kind = "kl" if manifest["array"] == ARRAYS["kl"] else "vq"
         self.scale = float(manifest["latent_space"]["scale"])
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if self.kind == "kl":
             mean, std = batch[:, 0], batch[:, 1]
-            batch = mean + std * torch.randn(mean.shape, generator=self.generator, device=mean.device)
+            batch = mean + std * torch.randn(mean.shape, generator=self.generator)
         return batch / self.scale
 
     def rng_state(self) -> dict:
@@ -164,8 +169,8 @@ class PosteriorTargets(Targets):
         self.generator.set_state(rng["posterior"])
 
 
-def training_targets(dataset: ShardedDataset, device: torch.device, seed: int, rank: int = 0) -> Targets:
+def training_targets(dataset: ShardedDataset, seed: int, rank: int = 0) -> Targets:
     """The targets of a training dataset: posterior draws for a latent cache, the stored items otherwise."""
     if dataset.manifest.get("kind") == "latents":
-        return PosteriorTargets(dataset.manifest, device, seed * 1000 + POSTERIOR_SEED_OFFSET + rank)
+        return PosteriorTargets(dataset.manifest, seed * 1000 + POSTERIOR_SEED_OFFSET + rank)
     return Targets(dataset.manifest.get("latent_space"))

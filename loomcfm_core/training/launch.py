@@ -20,6 +20,12 @@ def with_absolute_paths(cfg: Config) -> Config:
     cfg = cfg.model_copy(deep=True)
     cfg.storage.root = absolute(cfg.storage.root)
     cfg.tracking.local_dir = absolute(cfg.tracking.local_dir)
+    if cfg.eval.inception_weights:
+        cfg.eval.inception_weights = absolute(cfg.eval.inception_weights)
+    autoencoder = cfg.model.autoencoder
+    if autoencoder is not None:  # generation workers decode with it
+        autoencoder.weights = absolute(autoencoder.weights)
+        autoencoder.config = autoencoder.config and absolute(autoencoder.config)
     return cfg
 
 
@@ -36,6 +42,16 @@ def check_local_resources(cfg: Config, available: dict) -> None:
     if cfg.ray.use_gpu and cfg.ray.num_workers > available.get("GPU", 0):
         raise UsageError(f"ray.use_gpu with ray.num_workers={cfg.ray.num_workers} needs that many GPUs, the local "
                          f"Ray has {available.get('GPU', 0):g}")
+
+
+def connect(cfg: Config) -> None:
+    """Join ``ray.address`` (or start a local Ray), checking that a local one can run the workers asked for."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
+    if cfg.ray.address is None:
+        check_local_resources(cfg, ray.cluster_resources())
 
 
 def _ray_worker(loop_config: dict) -> None:
@@ -55,16 +71,12 @@ def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None) 
     Returns:
         The summary rank 0 committed to the run's ``result.json``.
     """
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    run_uri = run_uri_for(cfg, dataset_uri)  # named by the config as given (stages read the result back so)
     cfg = with_absolute_paths(cfg)  # Ray workers run in their own working directories
-    run_uri = run_uri_for(cfg, dataset_uri)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
-    if cfg.ray.address is None:
-        check_local_resources(cfg, ray.cluster_resources())
+    connect(cfg)
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config_yaml": cfg.to_yaml(), "dataset_uri": dataset_uri, "run_uri": run_uri,

@@ -20,6 +20,7 @@ from loomcfm_core.data.latents import training_targets
 from loomcfm_core.errors import TrainingError
 from loomcfm_core.storage import absolute, join
 from loomcfm_core.training.distributed import barrier, gather_objects
+from loomcfm_core.training.pipelined import CouplingPlanner
 from loomcfm_core.training.sampler import GlobalBatchSampler
 from loomcfm_core.training.step import TrainState, build_state, train_step
 from loomcfm_core.training.summary import TrainSummary, write_summary
@@ -123,7 +124,7 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
     """
     dataset = ShardedDataset(dataset_uri, "train", hflip=cfg.data.hflip, local_cache=cfg.data.local_cache)
     state = build_state(cfg, len(dataset), device, rank, world_size, dataset.pair_seeds)
-    state.targets = training_targets(dataset, device, cfg.train.seed, rank)
+    state.targets = training_targets(dataset, cfg.train.seed, rank)
     sampler = GlobalBatchSampler(dataset.num_images, cfg.train.batch_size, rank, world_size, cfg.train.seed,
                                  cfg.data.hflip)
     total_steps = cfg.train.max_steps or cfg.train.epochs * sampler.steps_per_epoch
@@ -145,6 +146,8 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
                                          generator=torch.Generator().manual_seed(cfg.train.seed))
     tracker = Tracker(cfg, state, rank, sampler.steps_per_epoch, parent_run_id,
                       {"loomcfm.run_uri": run_uri, "loomcfm.dataset_uri": dataset_uri}, resume_uri, mlflow_run_id)
+    planner = CouplingPlanner(state.coupling, cfg.train.batch_size, cfg.train.checkpoint_every, total_steps,
+                              cfg.coupling.pipelined, device, state.targets)
     last_ckpt = resume_uri
     with tracker:
         bar = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc=f"train {cfg.name}",
@@ -152,8 +155,8 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
         while state.step < total_steps:
             epoch, skip = divmod(state.step, sampler.steps_per_epoch)
             sampler.set_position(epoch, skip)
-            for x1, _, index in loader:
-                metrics = train_step(state, state.targets(x1.to(device, non_blocking=True)), index)
+            for x1, index, assigned in planner.batches(loader, state.step):
+                metrics = train_step(state, x1.to(device, non_blocking=True), index, assigned)
                 tracker.step_done(metrics, len(x1) * world_size)
                 bar.update(1)
                 if state.step % cfg.train.checkpoint_every == 0 or state.step == total_steps:

@@ -96,7 +96,7 @@ def test_latent_dataset_serves_stored_rows_and_refuses_other_flips(tmp_path):
 def test_posterior_draws_are_mean_plus_std_noise_over_scale_and_resume(tmp_path):
     cfg = _cfg(tmp_path, save_folder(tiny_kl(), tmp_path / "kl"))
     cached = cache_latents(cfg, cache_dataset(cfg))
-    targets = training_targets(ShardedDataset(cached.uri, hflip=True), torch.device("cpu"), seed=3, rank=1)
+    targets = training_targets(ShardedDataset(cached.uri, hflip=True), seed=3, rank=1)
     assert isinstance(targets, PosteriorTargets) and targets.space == cached.manifest["latent_space"]
     batch = torch.stack([ShardedDataset(cached.uri, hflip=True)[i][0] for i in (0, 13, 7)])
     saved = targets.rng_state()
@@ -117,7 +117,7 @@ def test_vq_cache_stores_codebook_rows(tmp_path):
     assert rows.shape == (24, 4, 8, 8) and cached.manifest["stored"].startswith("quantised")
     codebook = original.quantize.embedding.weight.detach().half().float()
     assert (torch.cdist(rows.permute(0, 2, 3, 1).reshape(-1, 4), codebook).min(1).values == 0).all()
-    targets = training_targets(ShardedDataset(cached.uri, hflip=True), torch.device("cpu"), seed=0)
+    targets = training_targets(ShardedDataset(cached.uri, hflip=True), seed=0)
     assert torch.equal(targets(rows[:2]), rows[:2] / cached.manifest["latent_space"]["scale"])
     assert cached.manifest["latent_space"]["scale"] == pytest.approx(rows[:8].double().std(unbiased=False).item(),
                                                                      rel=1e-12)
