@@ -59,7 +59,8 @@ def test_reflow_pairs_hold_latent_targets(pipeline):
     manifest = read_manifest(str(pairs))
     assert manifest["kind"] == "pairs" and manifest["shape"] == [4, 8, 8]
     assert manifest["latent_space"] == read_manifest(str(latents))["latent_space"]
-    with h5py.File(pairs / "train" / "shard-00000.h5", "r") as fh:
+    (shard,) = manifest["splits"]["train"]["shards"]  # one worker's, named part-000-shard-*
+    with h5py.File(pairs / shard["path"], "r") as fh:
         assert fh["target"].shape == (64, 4, 8, 8) and fh["target"].dtype == np.float32
     reflowed = [load_checkpoint(str(p)) for p in root.glob("store/runs/*/checkpoints/step-00000020.pt")
                 if load_checkpoint(str(p))["coupling"]["kind"] == "pairs"]
