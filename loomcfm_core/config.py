@@ -13,7 +13,8 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,9 +24,15 @@ from loomcfm_core.coupling import COSTS, KINDS
 from loomcfm_core.data.sources import check_source, source_forms
 from loomcfm_core.errors import ConfigError
 from loomcfm_core.sampling import check_method
+from loomcfm_core.storage import check_uri
 
 PRESETS_PACKAGE = "loomcfm_core.presets"
 DEFAULT_PRESET = "digits"
+
+
+# Locations: any storage URI, or only a node-local folder (checked by :func:`loomcfm_core.storage.check_uri`).
+Uri = Annotated[str, AfterValidator(check_uri)]
+LocalDir = Annotated[str, AfterValidator(lambda value: check_uri(value, local=True))]
 
 
 class _Section(BaseModel):
@@ -42,9 +49,9 @@ class DataConfig(_Section):
                          "other sizes")
     hflip: bool = Field(False, description="a horizontally flipped image is its own data point (index i + N)")
     shard_size: int = Field(100_000, ge=1, description="images per HDF5 shard")
-    uri: str | None = Field(None, description="use this cached dataset URI instead of the one derived from "
+    uri: Uri | None = Field(None, description="use this cached dataset URI instead of the one derived from "
                             "the source (e.g. reflow pairs)")
-    local_cache: str = Field("~/.cache/loomcfm", description="node-local folder for copies of remote shards")
+    local_cache: LocalDir = Field("~/.cache/loomcfm", description="node-local folder for copies of remote shards")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
 
     @property
@@ -91,7 +98,7 @@ class TrainConfig(_Section):
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
-    init_from: str | None = Field(None, description="checkpoint URI whose EMA weights initialise the model")
+    init_from: Uri | None = Field(None, description="checkpoint URI whose EMA weights initialise the model")
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="folder under "
                                  "<storage.root>/runs/; default: <name>-<hash of data, model, coupling, train>. "
                                  "A rerun with the same name resumes from its latest checkpoint")
@@ -121,7 +128,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(500, ge=1)
     feature_network: Literal["auto", "inception", "classifier"] = Field(
         "auto", description="auto: the stored classifier for builtin:digits (fd_<name>), Inception (FID) otherwise")
-    inception_weights: str | None = Field(None, description="path/URI of the TF-Inception 2015-12-05 weights "
+    inception_weights: Uri | None = Field(None, description="path/URI of the TF-Inception 2015-12-05 weights "
                                           "(torch-fidelity format)")
     inception_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$", description="expected sha256 "
                                          "(or a prefix); default: the .sha256 file beside the weights")
@@ -138,12 +145,12 @@ class ReflowConfig(_Section):
 
 
 class StorageConfig(_Section):
-    root: str = Field("loomcfm-data", description="local path, file:// or s3://bucket/prefix")
+    root: Uri = Field("loomcfm-data", description="local path, file:// or s3://bucket/prefix")
 
 
 class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite under local_dir")
-    local_dir: str = Field("loomcfm-runs", description="folder of the default local MLflow store")
+    local_dir: LocalDir = Field("loomcfm-runs", description="folder of the default local MLflow store")
     experiment: str | None = Field(None, description="default: loomcfm-<config name>")
 
 
@@ -233,7 +240,8 @@ def config_text(ref: str | None = None) -> str:
         return ref
     if Path(ref).is_file():
         return Path(ref).read_text()
-    raise ConfigError(f"config {ref!r} is neither a preset ({', '.join(preset_names())}) nor a file")
+    raise ConfigError(f"config {ref!r} is neither a preset ({', '.join(preset_names())}) nor a file"
+                      f"{did_you_mean(ref, preset_names())}")
 
 
 def _load_tree(ref: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -276,7 +284,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
         if key not in known:
-            raise ConfigError(f"{key}: unknown config key{_suggest(key, known)}")
+            raise ConfigError(f"{key}: unknown config key{suggest_key(key)}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
@@ -298,13 +306,25 @@ def _is_text_field(key: str) -> bool:
     *sections, leaf = key.split(".")
     for section in sections:
         model = model.model_fields[section].annotation
-    return model.model_fields[leaf].annotation in (str, str | None)
+    annotation = model.model_fields[leaf].annotation
+    while get_origin(annotation) in (Annotated, Union, UnionType):  # Annotated[str, ...] | None
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    return annotation is str
 
 
-def _suggest(key: str, known: dict[str, Any]) -> str:
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+def did_you_mean(word: str, candidates: list[str] | dict[str, Any]) -> str:
+    """``; did you mean X?`` for the close matches of a misspelt name among ``candidates`` (empty if none):
+    the one suggestion every unknown name gets (a ``--set`` key, a key in a config file, a preset)."""
+    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def suggest_key(key: str) -> str:
+    """A close dotted config key, else the section's keys, else the sections."""
+    known = Config().flat()
+    close = did_you_mean(key, known)
     if close:
-        return f"; did you mean {' or '.join(close)}?"
+        return close
     section = key.split(".")[0] + "."
     siblings = sorted(k for k in known if k.startswith(section))
     return f"; {section[:-1]} has: {', '.join(siblings)}" if siblings else f"; sections: {', '.join(Config.model_fields)}"
@@ -320,9 +340,13 @@ def validate(tree: dict[str, Any], origin: str = "config") -> Config:
             if not err["loc"]:  # cross-field checks name their keys in the message
                 lines.append(message)
                 continue
-            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-            lines.append(f"{'.'.join(str(p) for p in err['loc'])}: {message}{got}")
-        raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(lines)) from None
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":  # an unknown key in a file or YAML text
+                lines.append(f"{key}: unknown config key{suggest_key(key)}")
+                continue
+            shown = "input" in err and not isinstance(err["input"], dict) and repr(err["input"]) not in message
+            lines.append(f"{key}: {message}" + (f" (got {err['input']!r})" if shown else ""))
+        raise ConfigError(f"{origin}: invalid config: " + "; ".join(lines)) from None
 
 
 def load_config(ref: str | None = None, overrides: list[str] | None = None) -> Config:

@@ -26,6 +26,10 @@ class StorageError(LoomcfmError, RuntimeError):
     """A storage operation that cannot succeed; the message says which URI and why."""
 
 
+class UriError(StorageError, ValueError):
+    """A location that is not one of the URI forms storage takes (:func:`loomcfm_core.storage.check_uri`)."""
+
+
 class SourceError(LoomcfmError, ValueError):
     """An input that cannot be cached; the message names the file and what was expected."""
 

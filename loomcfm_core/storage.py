@@ -10,6 +10,7 @@ complete one. S3 endpoint and credentials come from the standard AWS variables (
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -17,10 +18,51 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from loomcfm_core.errors import StorageError
+from loomcfm_core.errors import StorageError, UriError
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 S3_MAX_ATTEMPTS = 8
+
+# The URI forms every location takes (``storage.root``, ``data.uri``, ``--ckpt`` ...), defined here only.
+S3_PREFIX, FILE_PREFIX = "s3://", "file://"
+URI_FORMS = "a local path, file:///absolute/path or s3://bucket/prefix"
+LOCAL_FORMS = "a local path or file:///absolute/path"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
+
+
+def check_uri(uri: str, *, local: bool = False) -> str:
+    """``uri`` when it is one of the forms storage takes, else a :class:`UriError` saying what is expected.
+
+    A location that looks like a URI but is not one of ours (``S3://b``, ``s3:/b``, ``http://x``) is refused
+    rather than read as a local folder named ``s3:``, which would silently write where nobody looks.
+
+    Args:
+        local: only local forms are allowed (node-local folders such as ``data.local_cache``).
+    """
+    forms = LOCAL_FORMS if local else URI_FORMS
+    if not isinstance(uri, str) or not uri.strip():
+        raise UriError(f"{uri!r} is not a storage URI; expected {forms}")
+    scheme = _SCHEME.match(uri)
+    if scheme is None:
+        return uri
+    name, why = scheme.group(1), ""
+    if uri.startswith(S3_PREFIX):
+        bucket = urlparse(uri).netloc
+        if _BUCKET.match(bucket) and not local:
+            return uri
+        why = " (a node-local folder, not object storage)" if local else \
+            f" (bucket name {bucket!r}: lower-case letters, digits, '.' or '-')"
+    elif uri.startswith(FILE_PREFIX):
+        parsed = urlparse(uri)
+        if parsed.netloc in ("", "localhost") and parsed.path.startswith("/"):
+            return uri
+        why = " (file:// takes an absolute path: file:///data/x)"
+    elif name.lower() in ("s3", "file"):
+        prefix = f"{name.lower()}://"
+        why = f" (the scheme is {prefix} in lower case)" if uri.lower().startswith(prefix) else \
+            f" (missing '/': {prefix} then {'a bucket' if name.lower() == 's3' else 'an absolute path'})"
+    raise UriError(f"{uri!r} is not a storage URI{why}; expected {forms}")
 
 
 def join(uri: str, *parts: str) -> str:
@@ -32,7 +74,7 @@ def join(uri: str, *parts: str) -> str:
 
 
 def is_remote(uri: str) -> bool:
-    return uri.startswith("s3://")
+    return check_uri(uri).startswith(S3_PREFIX)
 
 
 def absolute(uri: str) -> str:
@@ -74,7 +116,8 @@ class Storage:
 
 def to_local_path(uri: str) -> Path:
     """The filesystem path of a plain path or ``file://`` URI."""
-    return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
+    check_uri(uri, local=True)
+    return Path(urlparse(uri).path if uri.startswith(FILE_PREFIX) else uri).expanduser()
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
@@ -244,10 +287,8 @@ def _s3(endpoint: str | None, access_key: str | None) -> S3Storage:
 
 
 def storage_for(uri: str) -> Storage:
-    """The backend for a URI: ``s3://`` goes to S3, plain paths and ``file://`` to the local disk."""
-    scheme = urlparse(uri).scheme
-    if scheme == "s3":
+    """The backend for a URI (:func:`check_uri`): ``s3://`` goes to S3, plain paths and ``file://`` to the
+    local disk."""
+    if is_remote(uri):
         return _s3(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"))
-    if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
-        return LocalStorage()
-    raise StorageError(f"{uri}: unsupported scheme {scheme!r}; use a local path, file:// or s3://")
+    return LocalStorage()
