@@ -8,6 +8,8 @@ traceback. Each class also keeps the built-in base that callers and tests alread
 
 from __future__ import annotations
 
+import difflib
+
 
 class LoomcfmError(Exception):
     """The base of every deliberate loomcfm error: its message is meant for the user, without a traceback."""
@@ -53,3 +55,11 @@ class RayJobError(LoomcfmError, RuntimeError):
 
 class TrainingError(LoomcfmError, RuntimeError):
     """Training reached a state it must not continue from (ranks whose coupling tables diverged)."""
+
+
+def did_you_mean(word: str, candidates: list[str] | dict) -> str:
+    """``; did you mean X?`` for the close matches of a misspelt name among ``candidates`` (empty if none):
+    the one suggestion every unknown name gets (a ``--set`` key, a key in a config file, a preset, a
+    schedule key)."""
+    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""

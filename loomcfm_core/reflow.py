@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from loomcfm_core.config import Config
-from loomcfm_core.data.cache import read_manifest, write_dataset
+from loomcfm_core.data.cache import intact_manifest, write_dataset
 from loomcfm_core.models.loading import default_device, load_model
 from loomcfm_core.sampling import generate, sample_seeds
 from loomcfm_core.storage import absolute, join
@@ -36,8 +36,8 @@ def pairs_uri_for(cfg: Config, checkpoint_uri: str) -> tuple[str, str]:
 def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None = None) -> tuple[str, dict]:
     """Write ``reflow.num_pairs`` pairs sampled with ``reflow.method``; returns the dataset URI and manifest."""
     uri, key = pairs_uri_for(cfg, checkpoint_uri)
-    existing = read_manifest(uri)
-    if existing is not None and existing.get("config_hash") == key:
+    existing = intact_manifest(uri, key, cfg.data.local_cache)
+    if existing is not None:
         log.info("pairs already generated at %s: nothing to do", uri)
         return uri, existing
     device = device or default_device()

@@ -17,7 +17,8 @@ import torch
 
 from loomcfm_core import IMAGE, kube, reflow, tracking
 from loomcfm_core.config import Config
-from loomcfm_core.data.cache import cache_dataset, read_manifest
+from loomcfm_core.data.cache import cache_dataset
+from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import UsageError
 from loomcfm_core.evaluation import evaluate as evaluate_checkpoint
 from loomcfm_core.evaluation import plot_fd_vs_nfe

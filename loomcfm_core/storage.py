@@ -92,6 +92,10 @@ class Storage:
         """URIs of all objects under a prefix/folder (recursively), sorted."""
         raise NotImplementedError
 
+    def size(self, uri: str) -> int | None:
+        """The size in bytes of one object, None when there is none."""
+        raise NotImplementedError
+
     def get(self, uri: str, local_path: str | Path) -> Path:
         """Copy an object to a local file (atomically) and return its path."""
         raise NotImplementedError
@@ -140,6 +144,10 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 class LocalStorage(Storage):
     def exists(self, uri: str) -> bool:
         return to_local_path(uri).exists()
+
+    def size(self, uri: str) -> int | None:
+        path = to_local_path(uri)
+        return path.stat().st_size if path.is_file() else None
 
     def list(self, uri: str) -> list[str]:
         root = to_local_path(uri)
@@ -229,6 +237,15 @@ class S3Storage(Storage):
             if "no such object" in str(exc):
                 self._call(uri, self.client.head_bucket, Bucket=bucket)  # a missing bucket is an error
                 return False
+            raise
+
+    def size(self, uri: str) -> int | None:
+        bucket, key = self.split(uri)
+        try:
+            return self._call(uri, self.client.head_object, Bucket=bucket, Key=key)["ContentLength"]
+        except StorageError as exc:
+            if "no such object" in str(exc):
+                return None
             raise
 
     def list(self, uri: str) -> list[str]:

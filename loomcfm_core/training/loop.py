@@ -17,6 +17,7 @@ from loomcfm_core.config import Config
 from loomcfm_core.coupling import Coupling
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.errors import TrainingError
+from loomcfm_core.identity import default_run_name
 from loomcfm_core.storage import absolute, join
 from loomcfm_core.training.distributed import barrier, gather_objects
 from loomcfm_core.training.sampler import GlobalBatchSampler
@@ -27,14 +28,9 @@ from loomcfm_core.training.tracker import Tracker
 log = logging.getLogger(__name__)
 
 
-def default_run_name(cfg: Config, dataset_uri: str) -> str:
-    """``<name>-<hash>`` of what determines the training: data, model, coupling, train settings, dataset."""
-    digest = hashlib.sha256((cfg.digest("data", "model", "coupling", "train") + dataset_uri).encode())
-    return f"{cfg.name}-{digest.hexdigest()[:10]}"
-
-
 def run_uri_for(cfg: Config, dataset_uri: str) -> str:
-    """The run's folder: a rerun of the same training finds its checkpoints there and resumes."""
+    """The run's folder: a rerun of the same training (same identity keys, :mod:`loomcfm_core.identity`)
+    finds its checkpoints there and resumes."""
     return join(absolute(cfg.storage.root), "runs", cfg.train.run_name or default_run_name(cfg, dataset_uri))
 
 

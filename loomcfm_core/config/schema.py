@@ -1,34 +1,25 @@
-"""The one configuration tree every front door (CLI, KFP component, k8s Job) validates.
+"""The config tree: its sections, their fields, ranges and allowed values, and the checks across fields.
 
-A config is YAML text: a shipped preset (``digits``, ``cifar10``, ...), a user's file, or the text a KFP
-parameter / ConfigMap / MLflow artifact carries. A file may ``extends:`` a preset or another file and
-override parts of it; dotted ``key=value`` overrides go on top. Every error names the dotted key, so a
-typo in ``--set`` fails before any work starts.
+Allowed values come from the modules that implement them (coupling kinds, solvers, source kinds, URI
+forms, schedule keys); the schema only checks against them.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-from importlib import resources
-from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The allowed values are defined by the modules that implement them; the config only checks against them.
 from loomcfm_core.coupling import COSTS, KINDS
 from loomcfm_core.data.sources import check_source, source_forms
-from loomcfm_core.errors import ConfigError
+from loomcfm_core.errors import did_you_mean
+from loomcfm_core.identity import SCHEDULE_KEYS
 from loomcfm_core.sampling import check_method
 from loomcfm_core.storage import check_uri
-
-PRESETS_PACKAGE = "loomcfm_core.presets"
-DEFAULT_PRESET = "digits"
-
 
 # Locations: any storage URI, or only a node-local folder (checked by :func:`loomcfm_core.storage.check_uri`).
 Uri = Annotated[str, AfterValidator(check_uri)]
@@ -47,6 +38,9 @@ class DataConfig(_Section):
     resolution: int = Field(8, ge=4, le=1024, description="images are H=W=resolution")
     resize: bool = Field(False, description="imagefolder: resize images to resolution instead of rejecting "
                          "other sizes")
+    convert: bool = Field(False, description="imagefolder: convert images of another colour mode to "
+                          "data.channels (RGB to grey by luminance, grey to RGB by copying) instead of rejecting "
+                          "them; every conversion is logged")
     hflip: bool = Field(False, description="a horizontally flipped image is its own data point (index i + N)")
     shard_size: int = Field(100_000, ge=1, description="images per HDF5 shard")
     uri: Uri | None = Field(None, description="use this cached dataset URI instead of the one derived from "
@@ -100,8 +94,22 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1)
     init_from: Uri | None = Field(None, description="checkpoint URI whose EMA weights initialise the model")
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="folder under "
-                                 "<storage.root>/runs/; default: <name>-<hash of data, model, coupling, train>. "
+                                 "<storage.root>/runs/; default: <name>-<hash of the identity keys and the dataset> (identity.py). "
                                  "A rerun with the same name resumes from its latest checkpoint")
+    allow_changes: list[str] = Field([], description="schedule keys (train.lr, train.warmup_steps, ...) that "
+                                     "may differ from the checkpoint's on resume; the new values are applied "
+                                     "and recorded on the MLflow run")
+    lease_seconds: float = Field(60.0, ge=2.0, description="the run folder's lease expires this long after its "
+                                 "holder's last heartbeat (every third of it); then another training takes over")
+
+    @field_validator("allow_changes")
+    @classmethod
+    def _schedule_keys(cls, value: list[str]) -> list[str]:
+        unknown = [key for key in value if key not in SCHEDULE_KEYS]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a schedule key{did_you_mean(unknown[0], list(SCHEDULE_KEYS))}; "
+                             f"the keys that may change on resume are {', '.join(SCHEDULE_KEYS)}")
+        return value
 
     @field_validator("betas")
     @classmethod
@@ -212,154 +220,3 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[dotted] = value
     return out
-
-
-def preset_names() -> list[str]:
-    files = resources.files(PRESETS_PACKAGE).iterdir()
-    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
-
-
-def _read_yaml(text: str, origin: str) -> dict[str, Any]:
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
-    if tree is None:
-        return {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{origin}: expected a mapping of config sections, got {type(tree).__name__}")
-    return tree
-
-
-def config_text(ref: str | None = None) -> str:
-    """What ``--config`` names, as text :func:`load_config_text` takes in any process: a preset's name as it
-    is (every process ships the presets), a file's contents (the file is on this machine only); anything else
-    is a :class:`ConfigError` listing the presets."""
-    ref = ref or DEFAULT_PRESET
-    if ref in preset_names():
-        return ref
-    if Path(ref).is_file():
-        return Path(ref).read_text()
-    raise ConfigError(f"config {ref!r} is neither a preset ({', '.join(preset_names())}) nor a file"
-                      f"{did_you_mean(ref, preset_names())}")
-
-
-def _load_tree(ref: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read a preset name or a YAML file, resolving ``extends:`` chains."""
-    if ref in seen:
-        raise ConfigError(f"extends: cycle {' -> '.join(seen + (ref,))}")
-    if ref in preset_names():
-        text = resources.files(PRESETS_PACKAGE).joinpath(f"{ref}.yaml").read_text()
-    else:
-        text = config_text(ref)  # a file, or the error that lists the presets
-    return _resolve_extends(_read_yaml(text, ref), ref, seen + (ref,))
-
-
-def _resolve_extends(tree: dict[str, Any], origin: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    parent = tree.pop("extends", None)
-    if parent is None:
-        return tree
-    if not isinstance(parent, str):
-        raise ConfigError(f"{origin}: extends: expected a preset name or file path, got {parent!r}")
-    return deep_merge(_load_tree(parent, seen), tree)
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted ``key=value`` pairs (values parsed as YAML) on a config tree, rejecting unknown keys."""
-    tree = json.loads(json.dumps(tree))
-    known = Config().flat()
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
-        if key not in known:
-            raise ConfigError(f"{key}: unknown config key{suggest_key(key)}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
-        if value is not None and not isinstance(value, str) and _is_text_field(key):
-            value = raw.strip()  # a hash like 00000000 or a name like 2024 stays text
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {part} is not a section")
-        node[leaf] = value
-    return tree
-
-
-def _is_text_field(key: str) -> bool:
-    model: type[BaseModel] = Config
-    *sections, leaf = key.split(".")
-    for section in sections:
-        model = model.model_fields[section].annotation
-    annotation = model.model_fields[leaf].annotation
-    while get_origin(annotation) in (Annotated, Union, UnionType):  # Annotated[str, ...] | None
-        annotation = next(a for a in get_args(annotation) if a is not type(None))
-    return annotation is str
-
-
-def did_you_mean(word: str, candidates: list[str] | dict[str, Any]) -> str:
-    """``; did you mean X?`` for the close matches of a misspelt name among ``candidates`` (empty if none):
-    the one suggestion every unknown name gets (a ``--set`` key, a key in a config file, a preset)."""
-    close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
-
-
-def suggest_key(key: str) -> str:
-    """A close dotted config key, else the section's keys, else the sections."""
-    known = Config().flat()
-    close = did_you_mean(key, known)
-    if close:
-        return close
-    section = key.split(".")[0] + "."
-    siblings = sorted(k for k in known if k.startswith(section))
-    return f"; {section[:-1]} has: {', '.join(siblings)}" if siblings else f"; sections: {', '.join(Config.model_fields)}"
-
-
-def validate(tree: dict[str, Any], origin: str = "config") -> Config:
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            message = err["msg"].removeprefix("Value error, ")
-            if not err["loc"]:  # cross-field checks name their keys in the message
-                lines.append(message)
-                continue
-            key = ".".join(str(p) for p in err["loc"])
-            if err["type"] == "extra_forbidden":  # an unknown key in a file or YAML text
-                lines.append(f"{key}: unknown config key{suggest_key(key)}")
-                continue
-            shown = "input" in err and not isinstance(err["input"], dict) and repr(err["input"]) not in message
-            lines.append(f"{key}: {message}" + (f" (got {err['input']!r})" if shown else ""))
-        raise ConfigError(f"{origin}: invalid config: " + "; ".join(lines)) from None
-
-
-def load_config(ref: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Resolve a preset name or YAML file (default: the embedded ``digits`` preset) plus overrides."""
-    ref = ref or DEFAULT_PRESET
-    tree = apply_overrides(_load_tree(ref), overrides or [])
-    return validate(tree, ref)
-
-
-def load_config_text(text: str, overrides: list[str] | None = None, origin: str = "config_yaml") -> Config:
-    """Like :func:`load_config` for YAML text (a KFP parameter, a ConfigMap); a bare preset name also works."""
-    stripped = text.strip()
-    if stripped in preset_names():
-        return load_config(stripped, overrides)
-    tree = _resolve_extends(_read_yaml(text, origin), origin)
-    return validate(apply_overrides(tree, overrides or []), origin)
