@@ -41,7 +41,7 @@ def cache_key(data: DataConfig, source: Source) -> str:
     """Hash of everything that determines the shards' bytes: format, source identity and shape settings."""
     identity = {"format": FORMAT, "source": source.description, "fingerprint": source.fingerprint(),
                 "channels": data.channels, "resolution": data.resolution, "resize": data.resize,
-                "shard_size": data.shard_size}
+                "convert": data.convert, "shard_size": data.shard_size}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
