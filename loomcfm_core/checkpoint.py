@@ -8,6 +8,7 @@ assignments survive. Uploads are atomic, so whatever ``step-*.pt`` is listed is 
 
 from __future__ import annotations
 
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -52,10 +53,22 @@ def save_checkpoint(state: dict, run_uri: str, step: int, keep: int) -> str:
     return uri
 
 
+# What torch.load raises for a file that is not a torch pickle (a PNG, a truncated download, text).
+_NOT_A_PICKLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, AttributeError,
+                 ImportError, IndexError)
+
+
 def _read(uri: str, map_location: str | torch.device) -> object:
+    store = storage_for(uri)
+    if not store.exists(uri):
+        raise CheckpointError(f"no checkpoint at {uri}")
     with tempfile.TemporaryDirectory(prefix="loomcfm-ckpt-") as tmp:
-        path = storage_for(uri).get(uri, Path(tmp) / "checkpoint.pt")
-        return torch.load(path, map_location=map_location, weights_only=False)
+        path = store.get(uri, Path(tmp) / "checkpoint.pt")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except _NOT_A_PICKLE as exc:
+            raise CheckpointError(f"{uri} is not a checkpoint (torch.load: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
 
 def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict:
@@ -67,14 +80,19 @@ def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict:
 
 
 def load_ema_weights(uri: str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The EMA weights to sample with, from our checkpoints or the reference implementation's.
+    """The EMA weights to sample with, from our checkpoints or the reference implementation's."""
+    return read_ema_weights(uri, map_location)[0]
+
+
+def read_ema_weights(uri: str, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], str | None]:
+    """The EMA weights and, for our checkpoints, the config YAML they were trained with (None otherwise).
 
     The reference's ``step_N.pth`` / ``latest.pth`` keep the EMA model under ``"model"`` with ``backbone.``
     (and, when saved from DDP, ``module.``) prefixes; our UNet uses the same module names underneath.
     """
     state = _read(uri, map_location)
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        return state["ema"]
+        return state["ema"], state.get("config_yaml")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         weights = {}
         for key, value in state["model"].items():
@@ -82,6 +100,6 @@ def load_ema_weights(uri: str, map_location: str | torch.device = "cpu") -> dict
             if key.startswith("backbone."):
                 weights[key.removeprefix("backbone.")] = value
         if weights:
-            return weights
+            return weights, None
     raise CheckpointError(f"{uri}: neither a loomcfm checkpoint nor a reference LOOM-CFM checkpoint "
                      "(expected a dict with 'ema', or 'model' holding 'backbone.*' weights)")

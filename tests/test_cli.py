@@ -31,7 +31,8 @@ def test_sample_rejects_bad_input(tmp_path, checkpoint, capsys):
     assert "expected <solver>-<steps>" in capsys.readouterr().err
     assert main(["sample", "--ckpt", checkpoint, "--output", str(tmp_path), "--num_images", "2",
                  "--method", "euler-1", "--set", "model.channels=64"]) == 1
-    assert "weights do not fit the configured model" in capsys.readouterr().err
+    assert "weights do not fit the configured model (--config / --set model.*): it was trained with other " \
+           "model.attn_resolutions ([] -> [4]), model.channels (32 -> 64)" in capsys.readouterr().err
     torch.save({"something": 1}, tmp_path / "junk.pt")
     assert main(["sample", "--ckpt", str(tmp_path / "junk.pt"), "--output", str(tmp_path), "--num_images", "2",
                  "--method", "euler-1", *_sets()]) == 1
