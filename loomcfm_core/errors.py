@@ -49,6 +49,11 @@ class TrackingError(LoomcfmError, RuntimeError):
     """The tracking store cannot be used; the message names the URI or experiment and what to fix."""
 
 
+class LeaseError(LoomcfmError, RuntimeError):
+    """The run folder is being trained by another process (named in the message), or this training lost
+    the folder's lease."""
+
+
 class RayJobError(LoomcfmError, RuntimeError):
     """The RayJob failed, was stopped, or did not finish in time; the message carries KubeRay's reason."""
 
