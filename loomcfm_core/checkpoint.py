@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from loomcfm_core.checksums import sha256_file
 from loomcfm_core.errors import CheckpointError
 from loomcfm_core.storage import join, storage_for
 
@@ -103,3 +104,10 @@ def read_ema_weights(uri: str, map_location: str | torch.device = "cpu") -> tupl
             return weights, None
     raise CheckpointError(f"{uri}: neither a loomcfm checkpoint nor a reference LOOM-CFM checkpoint "
                      "(expected a dict with 'ema', or 'model' holding 'backbone.*' weights)")
+
+
+def checkpoint_sha256(uri: str) -> str:
+    """The sha256 of a checkpoint's bytes: which training produced it, whatever its URI (a run folder that
+    was deleted and trained again writes other bytes under the same name)."""
+    with tempfile.TemporaryDirectory(prefix="loomcfm-ckpt-") as tmp:
+        return sha256_file(storage_for(uri).get(uri, Path(tmp) / "checkpoint.pt"))

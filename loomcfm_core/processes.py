@@ -8,6 +8,7 @@ naming a dead process must never make us act on an unrelated one that got its nu
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -72,3 +73,20 @@ def gone(holder: Holder, heartbeat: float, ttl: float) -> bool:
     is older than ``ttl``."""
     alive = holder.alive()
     return not alive if alive is not None else expired(heartbeat, ttl)
+
+
+_stopped_by: list[str] = []
+
+
+def stop_on_signal(signum: int, frame=None) -> None:
+    """A signal handler that stops the main thread's work as Ctrl-C does (``KeyboardInterrupt``) and
+    remembers which signal it was (:func:`stopped_by`): libraries in between may raise a fresh
+    ``KeyboardInterrupt`` without the name."""
+    name = signal.Signals(signum).name
+    _stopped_by.append(name)
+    raise KeyboardInterrupt(name)
+
+
+def stopped_by() -> str:
+    """The last signal :func:`stop_on_signal` handled (``SIGINT`` when none did: a plain Ctrl-C)."""
+    return _stopped_by[-1] if _stopped_by else "SIGINT"

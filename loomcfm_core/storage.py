@@ -18,10 +18,11 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from loomcfm_core.errors import StorageError, UriError
+from loomcfm_core.errors import StorageError, StorageUnavailable, UriError
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 S3_MAX_ATTEMPTS = 8
+TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "500", "502", "503", "504")
 
 # The URI forms every location takes (``storage.root``, ``data.uri``, ``--ckpt`` ...), defined here only.
 S3_PREFIX, FILE_PREFIX = "s3://", "file://"
@@ -224,9 +225,10 @@ class S3Storage(Storage):
                                    "AWS_SECRET_ACCESS_KEY and the bucket policy") from exc
             if code in ("NoSuchKey", "404"):
                 raise StorageError(f"{uri}: no such object") from exc
-            raise StorageError(f"{uri}: S3 error {code}: {exc}") from exc
+            error = StorageUnavailable if code in TRANSIENT_CODES else StorageError
+            raise error(f"{uri}: S3 error {code}: {exc}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"{uri}: S3 request failed after {S3_MAX_ATTEMPTS} attempts: {exc}") from exc
+            raise StorageUnavailable(f"{uri}: S3 request failed after {S3_MAX_ATTEMPTS} attempts: {exc}") from exc
 
     def exists(self, uri: str) -> bool:
         bucket, key = self.split(uri)
