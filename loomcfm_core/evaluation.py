@@ -77,8 +77,18 @@ def _place_labels(ax, points: list[tuple[float, float, str]], color: str, below:
 
 
 def plot_fd_vs_nfe(curves: dict[str, list[MethodResult]], metric: str, path: Path) -> Path:
+    """:func:`draw_fd_vs_nfe` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_fd_vs_nfe(curves, metric)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def draw_fd_vs_nfe(curves: dict[str, list[MethodResult]], metric: str):
     """One line per model: distance against NFE (log axis with the NFE values as plain ticks), each point
-    labelled with its method, no two labels overlapping."""
+    labelled with its method, no two labels overlapping; returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,9 +113,7 @@ def plot_fd_vs_nfe(curves: dict[str, list[MethodResult]], metric: str, path: Pat
     placed: list = []
     for i, (line, rows) in enumerate(zip(lines, curves.values())):
         _place_labels(ax, [(r.nfe, r.distance, r.method) for r in rows], line.get_color(), i % 2 == 1, placed)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def evaluate(cfg: Config, model: torch.nn.Module, checkpoint_uri: str, dataset_uri: str, workdir: Path,

@@ -6,8 +6,6 @@ forms, schedule keys); the schema only checks against them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -203,12 +201,6 @@ class Config(_Section):
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, the form MLflow params and ``--set`` use."""
         return flatten(self.model_dump(mode="json"))
-
-    def digest(self, *sections: str) -> str:
-        """A short stable hash of the whole config or of the named sections."""
-        dumped = self.model_dump(mode="json")
-        chosen = {s: dumped[s] for s in sections} if sections else dumped
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
