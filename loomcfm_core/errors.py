@@ -99,9 +99,9 @@ class TrainingError(LoomcfmError, RuntimeError):
     """Training reached a state it must not continue from (ranks whose coupling tables diverged)."""
 
 
-def did_you_mean(word: str, candidates: list[str] | dict) -> str:
-    """``; did you mean X?`` for the close matches of a misspelt name among ``candidates`` (empty if none):
-    the one suggestion every unknown name gets (a ``--set`` key, a key in a config file, a preset, a
-    schedule key)."""
+def did_you_mean(word: str, candidates: list[str] | dict, prefix: str = "", suffix: str = "") -> str:
+    """``; did you mean X?`` for the close matches of a misspelt name among ``candidates`` (empty if none),
+    each shown between ``prefix`` and ``suffix``: the one suggestion every unknown name gets (a ``--set``
+    key, a key in a config file, a preset, a schedule key)."""
     close = difflib.get_close_matches(word, list(candidates), n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"; did you mean {' or '.join(prefix + c + suffix for c in close)}?" if close else ""

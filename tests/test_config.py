@@ -80,7 +80,7 @@ def test_unknown_key_in_file(tmp_path):
         load_config(str(path))
     path.write_text("extends: digits\ntrain:\n  lrr: 1\nmodle:\n  channels: 64\n")
     with pytest.raises(ConfigError, match=r"invalid config: train\.lrr: unknown config key; did you mean train\.lr\?"
-                                          r".*modle: unknown config key; did you mean model"):
+                                          r".*modle: unknown config key; did you mean model\?"):
         load_config(str(path))
 
 

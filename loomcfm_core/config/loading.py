@@ -121,14 +121,14 @@ def _is_text_field(key: str) -> bool:
 
 
 def suggest_key(key: str) -> str:
-    """A close dotted config key, else the section's keys, else the sections."""
-    known = Config().flat()
-    close = did_you_mean(key, known)
-    if close:
-        return close
-    section = key.split(".")[0] + "."
-    siblings = sorted(k for k in known if k.startswith(section))
-    return f"; {section[:-1]} has: {', '.join(siblings)}" if siblings else f"; sections: {', '.join(Config.model_fields)}"
+    """Close matches of an unknown dotted key: a key of its section, else a section (then the section's keys,
+    or the sections, when nothing is close)."""
+    sections = list(Config.model_fields)
+    section, _, leaf = key.partition(".")
+    if section not in sections:
+        return did_you_mean(section, sections, suffix=f".{leaf}" if leaf else "") or f"; sections: {', '.join(sections)}"
+    keys = [k.partition(".")[2] for k in Config().flat() if k.startswith(section + ".")]
+    return did_you_mean(leaf, keys, prefix=f"{section}.") or f"; {section} has: {', '.join(keys)}"
 
 
 def validate(tree: dict[str, Any], origin: str = "config") -> Config:
