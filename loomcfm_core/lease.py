@@ -18,12 +18,12 @@ Every change is a compare-and-swap, so two processes can never both believe they
 
 from __future__ import annotations
 
-import _thread
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -200,7 +200,9 @@ class Lease:
                 reason = f"it could not be renewed for {self.ttl:.0f} s ({exc})"
             log.error("%s: lost the lease: %s; stopping this training", self.run_uri, reason)
             self.lost.set()
-            _thread.interrupt_main()  # the training stops as on Ctrl-C, and says why (see __exit__)
+            # The training stops as on Ctrl-C, and says why (see __exit__). A real signal to the main thread,
+            # not _thread.interrupt_main(): only a signal wakes a main thread blocked in a system call.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             return
 
     def __enter__(self) -> Lease:

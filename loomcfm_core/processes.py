@@ -17,14 +17,16 @@ from pathlib import Path
 
 def start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), None when no
-    such process exists; an empty string where ``/proc`` is not available (then only the pid is checked)."""
+    such process runs (none, or a zombie: dead, waiting for a parent to reap it — an init that does not reap
+    keeps killed orphans as zombies); an empty string where ``/proc`` is not available."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return None
     except OSError:
         return ""
-    return stat.rsplit(")", 1)[1].split()[19]  # after the command name, which may contain spaces
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may contain spaces
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 @dataclass(frozen=True)

@@ -168,19 +168,19 @@ def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None, tags
             yield run
             return
         parent = parent_run_id or run.data.tags.get("mlflow.parentRunId")
-        with alive(client, run.info.run_id):
-            try:
+        try:
+            with alive(client, run.info.run_id):
                 yield run
-            except BaseException as exc:
-                killed = isinstance(exc, KeyboardInterrupt)
-                status = KILLED if killed else FAILED
-                mlflow.end_run(status)
-                reason = f"stopped by {stopped_by()}" if killed else f"{type(exc).__name__}: {str(exc)[:200]}"
-                try:
-                    end_as(client, run.info.run_id, status, parent, reason)
-                except Exception as tracking_exc:  # noqa: BLE001 - the store may be what failed: keep exc
-                    log.warning("could not record why run %s ended: %s", run.info.run_id, tracking_exc)
-                raise
+        except BaseException as exc:
+            killed = isinstance(exc, KeyboardInterrupt)
+            status = KILLED if killed else FAILED
+            mlflow.end_run(status)
+            reason = f"stopped by {stopped_by()}" if killed else f"{type(exc).__name__}: {str(exc)[:200]}"
+            try:
+                end_as(client, run.info.run_id, status, parent, reason)
+            except Exception as tracking_exc:  # noqa: BLE001 - the store may be what failed: keep exc
+                log.warning("could not record why run %s ended: %s", run.info.run_id, tracking_exc)
+            raise
 
 
 def config_params(cfg: Config) -> dict[str, str]:

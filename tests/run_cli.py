@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from loomcfm_core.processes import start_time
+
 # A digits network and run small enough for a CPU test, as ``--set`` overrides.
 TINY = ["model.channels=32", "model.attn_resolutions=[]", "train.batch_size=32", "train.log_every=5",
         "train.warmup_steps=5", "ray.cpus_per_worker=1"]
@@ -30,21 +32,48 @@ def env(home: Path, **extra: str) -> dict[str, str]:
     return out
 
 
-def start(*args: str, cwd: Path, **extra_env: str) -> subprocess.Popen:
+class Command:
+    """A running ``loomcfm``: its output goes to files (a pipe nobody reads would fill up and stop it)."""
+
+    def __init__(self, args: list[str], cwd: Path, extra_env: dict[str, str]) -> None:
+        cwd.mkdir(parents=True, exist_ok=True)
+        logs = cwd / "logs"
+        logs.mkdir(exist_ok=True)
+        stem = logs / f"{time.monotonic_ns()}"
+        self.out_path, self.err_path = stem.with_suffix(".out"), stem.with_suffix(".err")
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "loomcfm_core.cli", *args], cwd=cwd,
+                                         env=env(cwd / "home", **extra_env), stdout=out, stderr=err,
+                                         start_new_session=True)
+        self.pid = self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    @property
+    def stderr(self) -> str:
+        """What it wrote to stderr so far."""
+        return self.err_path.read_text(errors="replace")
+
+    def finish(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Wait for it (killing its whole session on a timeout) and return its exit code and output."""
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.proc.wait()
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode,
+                                           self.out_path.read_text(errors="replace"), self.stderr)
+
+
+def start(*args: str, cwd: Path, **extra_env: str) -> Command:
     """``loomcfm <args>`` in its own session (so a test can signal it and find what it left behind)."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "loomcfm_core.cli", *args], cwd=cwd, env=env(cwd / "home", **extra_env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return Command(list(args), cwd, extra_env)
 
 
 def run(*args: str, cwd: Path, timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
-    proc = start(*args, cwd=cwd, **extra_env)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return start(*args, cwd=cwd, **extra_env).finish(timeout)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -56,22 +85,23 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 400, what: str = "") -> None:
+def wait_for(predicate, command: Command | None = None, timeout: float = 900, what: str = "") -> None:
+    """Poll ``predicate`` until it holds, failing early when ``command`` exits first."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"exited with {proc.returncode} before {what}: {proc.stderr.read()[-4000:]}")
+        if command is not None and command.poll() is not None:
+            raise AssertionError(f"exited with {command.poll()} before {what}: {command.stderr[-4000:]}")
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.3)
 
 
 def alive_in_session(sid: int) -> list[str]:
-    """``pid command`` of every process of a session (what a command started and left behind)."""
+    """``pid command`` of every live process of a session (what a command started and left behind)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.getsid(int(entry.name)) == sid:
+                if os.getsid(int(entry.name)) == sid and start_time(int(entry.name)) is not None:  # not zombies
                     command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")[:80].decode(errors="replace")
                     found.append(f"{entry.name} {command}")
             except (ProcessLookupError, PermissionError, FileNotFoundError):

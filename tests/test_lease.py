@@ -117,14 +117,6 @@ def _dataset(root_uri):
     return ["--dataset", manifests[0].rsplit("/", 1)[0]]
 
 
-def _peek(proc: subprocess.Popen) -> str:
-    """The stderr a running process wrote so far (read without blocking; kept on ``proc._seen``)."""
-    os.set_blocking(proc.stderr.fileno(), False)
-    proc._seen = getattr(proc, "_seen", "") + (proc.stderr.read() or "")
-    os.set_blocking(proc.stderr.fileno(), True)
-    return proc._seen
-
-
 def test_two_trainings_of_one_local_run_folder(tmp_path):
     """The second fails fast naming the first; after ``kill -9`` of the first, a later training cleans up the
     Ray processes it left, takes the lease over and resumes; SIGTERM then stops it leaving nothing behind."""
@@ -142,7 +134,7 @@ def test_two_trainings_of_one_local_run_folder(tmp_path):
 
     record = json.loads((tmp_path / "home" / ".cache" / "loomcfm" / "ray" / f"{first.pid}.json").read_text())
     os.kill(first.pid, signal.SIGKILL)
-    first.wait()
+    first.proc.wait()
     killed_at = _steps(run_uri)[-1]
     time.sleep(3)
     orphans = [Holder.from_dict(p) for p in record["processes"] if Holder.from_dict(p).alive()]
@@ -152,8 +144,9 @@ def test_two_trainings_of_one_local_run_folder(tmp_path):
     wait_for(lambda: _steps(run_uri)[-1] > killed_at, third, what="a checkpoint after the resume")
     assert not [p for p in orphans if p.alive()], "the new training killed what the killed one left"
     os.kill(third.pid, signal.SIGTERM)
-    _, err = third.communicate(timeout=120)
-    assert third.returncode == 128 + signal.SIGTERM, err[-3000:]
+    stopped = third.finish(timeout=300)
+    err = stopped.stderr
+    assert stopped.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert err.rstrip().endswith("loomcfm: stopped by SIGTERM") and "Traceback" not in err, err[-3000:]
     assert f"took over the lease of pid {first.pid}" in err and f"resumed from {run_uri}/checkpoints/" in err
     time.sleep(2)
@@ -181,14 +174,14 @@ def test_two_trainings_of_one_s3_run_folder(tmp_path, s3_bucket):
     assert f"{run_uri} is being trained by pid {first.pid} on " in error_line(second)
 
     waiting = start(*_train("train.max_steps=60"), "--wait", *_dataset(root), *common, cwd=tmp_path)
-    wait_for(lambda: "waiting for it (--wait)" in _peek(waiting), waiting, what="the waiting message")
+    wait_for(lambda: "waiting for it (--wait)" in waiting.stderr, waiting, what="the waiting message")
     os.kill(first.pid, signal.SIGKILL)
-    first.wait()
+    first.proc.wait()
     killed_at = _steps(run_uri)[-1]
-    out, err = waiting.communicate(timeout=400)
-    err = waiting._seen + err
-    assert waiting.returncode == 0, err[-4000:]
-    result = json.loads(out[out.index("{"):])
+    finished = waiting.finish(timeout=900)
+    err = finished.stderr
+    assert finished.returncode == 0, err[-4000:]
+    result = json.loads(finished.stdout[finished.stdout.index("{"):])
     assert result["step"] == max(60, killed_at) and result["run_uri"] == run_uri
     assert f"took over the lease of pid {first.pid}" in err and f"resumed from {run_uri}/checkpoints/" in err
     assert not storage_for(run_uri).exists(join(run_uri, LEASE_FILE))

@@ -45,8 +45,9 @@ def test_sigterm_ends_the_stage_and_its_parent_killed(tmp_path, checkpoint, setu
     proc = _slow_evaluation(tmp_path, checkpoint, dataset, parent, overrides)
     wait_for(lambda: _stage_runs(client, cfg, "evaluate"), proc, what="the evaluate run")
     os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and err.rstrip().endswith("loomcfm: stopped by SIGTERM"), err[-3000:]
+    stopped = proc.finish(timeout=300)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert stopped.stderr.rstrip().endswith("loomcfm: stopped by SIGTERM"), stopped.stderr[-3000:]
     (evaluate,) = _stage_runs(client, cfg, "evaluate")
     assert evaluate.info.status == "KILLED" and evaluate.data.tags["loomcfm.ended_by"] == "stopped by SIGTERM"
     assert client.get_run(parent).info.status == "KILLED", "the parent shows that its pipeline did not finish"
@@ -57,7 +58,7 @@ def test_a_stage_killed_outright_is_marked_failed_by_the_next(tmp_path, checkpoi
     proc = _slow_evaluation(tmp_path, checkpoint, dataset, parent, overrides)
     wait_for(lambda: _stage_runs(client, cfg, "evaluate"), proc, what="the evaluate run")
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.proc.wait()
     (dead,) = _stage_runs(client, cfg, "evaluate")
     assert dead.info.status == "RUNNING", "nobody was left to say otherwise"
     holder = json.loads(dead.data.tags["loomcfm.holder"])
