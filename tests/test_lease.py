@@ -11,7 +11,9 @@ import sys
 import textwrap
 import time
 
+import boto3
 import pytest
+from botocore.exceptions import ClientError
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core.checkpoint import list_checkpoints
@@ -28,6 +30,20 @@ def run_uri(request, tmp_path):
         return str(tmp_path / "runs" / "r")
     bucket = request.getfixturevalue("s3_bucket")
     return f"s3://{bucket}/runs/r"
+
+
+def test_the_s3_server_refuses_a_second_conditional_create(s3_bucket):
+    """What the S3 lease stands on, asked of the real moto server with boto3: PutObject with If-None-Match: *
+    is refused with 412 when the key exists, and so is If-Match with an ETag that is no longer current."""
+    client = boto3.client("s3")
+    first = client.put_object(Bucket=s3_bucket, Key="k", Body=b"a", IfNoneMatch="*")
+    with pytest.raises(ClientError) as refused:
+        client.put_object(Bucket=s3_bucket, Key="k", Body=b"b", IfNoneMatch="*")
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    client.put_object(Bucket=s3_bucket, Key="k", Body=b"c", IfMatch=first["ETag"])
+    with pytest.raises(ClientError) as stale:
+        client.put_object(Bucket=s3_bucket, Key="k", Body=b"d", IfMatch=first["ETag"])
+    assert stale.value.response["Error"]["Code"] == "PreconditionFailed"
 
 
 def _rewrite_holder(run_uri: str, **holder) -> None:
