@@ -131,6 +131,25 @@ class _S3Object:
         return self._send(self.store.client.delete_object, IfMatch=tag) is not None
 
 
+def _object(uri: str) -> _LocalObject | _S3Object:
+    return _S3Object(uri) if is_remote(uri) else _LocalObject(uri)
+
+
+def check_held(run_uri: str, token: str) -> None:
+    """Raise :class:`LeaseError` unless the run folder's lease is still the one with ``token``.
+
+    The fence for writers that are not the lease holder: Ray workers, which may outlive a driver killed with
+    ``kill -9`` by a few seconds, check it before each checkpoint, so they never write into a run folder that
+    another training took over.
+    """
+    current = _object(join(run_uri, LEASE_FILE)).read()
+    record = json.loads(current[0]) if current else {}
+    if record.get("token") != token:
+        holder = f"held by {Holder.from_dict(record['holder'])}" if record else "released"
+        raise LeaseError(f"{run_uri}: the run folder's lease is no longer this training's ({holder}); "
+                         "stopping without writing")
+
+
 class Lease:
     """The lease of one run folder; use as a context manager around the training.
 
@@ -143,7 +162,7 @@ class Lease:
     def __init__(self, run_uri: str, ttl: float, wait: bool = False, poll: float = 2.0) -> None:
         uri = join(run_uri, LEASE_FILE)
         self.run_uri, self.ttl, self.wait, self.poll = run_uri, ttl, wait, poll
-        self.object = _S3Object(uri) if is_remote(uri) else _LocalObject(uri)
+        self.object = _object(uri)
         self.me, self.token, self.tag = Holder.me(), uuid.uuid4().hex, ""
         self.lost = threading.Event()
         self._stop = threading.Event()

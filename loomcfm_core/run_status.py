@@ -33,14 +33,20 @@ FAILED, KILLED = "FAILED", "KILLED"
 log = logging.getLogger(__name__)
 
 
+def holder_tags() -> dict[str, str]:
+    """This process as a run's holder, with a fresh heartbeat: tags a new run is created with, so that a
+    process killed right after creating it still leaves a run the next stage can tell is dead."""
+    return {HOLDER_TAG: json.dumps(Holder.me().to_dict()), HEARTBEAT_TAG: f"{time.time():.0f}"}
+
+
 @contextmanager
 def alive(client: MlflowClient, run_id: str) -> Iterator[None]:
     """Tag the run with this process as its holder and keep its heartbeat fresh for the ``with`` body (a run
     reopened to resume loses the note of how it ended before)."""
     if ENDED_BY_TAG in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, ENDED_BY_TAG)
-    client.set_tag(run_id, HOLDER_TAG, json.dumps(Holder.me().to_dict()))
-    client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+    for key, value in holder_tags().items():
+        client.set_tag(run_id, key, value)
     stop = threading.Event()
 
     def beat() -> None:

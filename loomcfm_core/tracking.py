@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from loomcfm_core.config import Config
 from loomcfm_core.errors import TrackingError, TrackingUnavailable
 from loomcfm_core.processes import stopped_by
-from loomcfm_core.run_status import FAILED, KILLED, alive, end_as, reap_dead_runs
+from loomcfm_core.run_status import FAILED, KILLED, alive, end_as, holder_tags, reap_dead_runs
 
 STAGE_TAG = "loomcfm.stage"
 CHECKPOINT_TAG, CHECKPOINT_SHA_TAG = "loomcfm.checkpoint_uri", "loomcfm.checkpoint_sha256"
@@ -162,7 +162,7 @@ def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None, tags
         # nested=True: without it MLflow refuses a second run in a process even when parent_run_id names the
         # active one; with no active run it changes nothing.
         opened = mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=True, parent_run_id=parent_run_id,
-                                  tags={STAGE_TAG: run_name, **(tags or {})})
+                                  tags={STAGE_TAG: run_name, **(tags or {}), **({} if attach else holder_tags())})
     with opened as run:
         if attach:
             yield run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from loomcfm_core.checkpoint import list_checkpoints
 from loomcfm_core.errors import LeaseError
-from loomcfm_core.lease import LEASE_FILE, Lease
+from loomcfm_core.lease import LEASE_FILE, Lease, check_held
 from loomcfm_core.processes import Holder, start_time
 from loomcfm_core.storage import join, storage_for
 from tests.run_cli import TINY, alive_in_session, error_line, run, sets, start, store_sets, wait_for
@@ -62,6 +63,21 @@ def test_a_held_lease_is_refused_naming_its_holder_and_free_again_after_release(
     with Lease(run_uri, ttl=30):
         pass
     assert not storage_for(run_uri).exists(join(run_uri, LEASE_FILE)), "released: the object is gone"
+
+
+def test_writers_other_than_the_holder_are_fenced_by_its_token(run_uri):
+    """Ray workers check the driver's lease before writing: after a takeover, an orphaned worker stops."""
+    lease = Lease(run_uri, ttl=30)
+    lease.acquire()
+    check_held(run_uri, lease.token)
+    taker = Lease(run_uri, ttl=30)  # another training took the folder over (compare-and-swap on its version)
+    taker.tag = taker.object.replace(taker.object.read()[1], taker._record())
+    with pytest.raises(LeaseError, match=rf"{run_uri}: the run folder's lease is no longer this training's \(held by "
+                                         rf"pid {os.getpid()} on .*\); stopping without writing"):
+        check_held(run_uri, lease.token)
+    taker.object.delete(taker.tag)
+    with pytest.raises(LeaseError, match=r"\(released\)"):
+        check_held(run_uri, lease.token)
 
 
 def test_a_dead_holder_on_this_host_is_replaced_at_once(run_uri):
@@ -157,14 +173,17 @@ def test_two_trainings_of_one_local_run_folder(tmp_path):
     assert orphans, "kill -9 of the driver leaves Ray's agents running (what this cleans up)"
 
     third = start(*_train("train.max_steps=100000"), *_dataset(str(tmp_path / "store")), *common, cwd=tmp_path)
-    wait_for(lambda: _steps(run_uri)[-1] > killed_at, third, what="a checkpoint after the resume")
+    wait_for(lambda: f"resumed from {run_uri}/checkpoints/" in third.stderr, third, what="the resume")
+    assert f"took over the lease of pid {first.pid}" in third.stderr
+    assert f"killed {len(orphans)} Ray processes left behind by pid {first.pid}" in third.stderr
     assert not [p for p in orphans if p.alive()], "the new training killed what the killed one left"
+    resumed_at = int(re.search(r"resumed from .*step-(\d+)\.pt", third.stderr).group(1))
+    assert resumed_at >= killed_at
     os.kill(third.pid, signal.SIGTERM)
     stopped = third.finish(timeout=300)
     err = stopped.stderr
     assert stopped.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert err.rstrip().endswith("loomcfm: stopped by SIGTERM") and "Traceback" not in err, err[-3000:]
-    assert f"took over the lease of pid {first.pid}" in err and f"resumed from {run_uri}/checkpoints/" in err
     time.sleep(2)
     assert not alive_in_session(third.pid), alive_in_session(third.pid)
     assert not (tmp_path / "store" / "runs" / "shared" / LEASE_FILE).exists(), "released on the way out"

@@ -59,7 +59,7 @@ def test_a_stage_killed_outright_is_marked_failed_by_the_next(tmp_path, checkpoi
     wait_for(lambda: _stage_runs(client, cfg, "evaluate"), proc, what="the evaluate run")
     os.kill(proc.pid, signal.SIGKILL)
     proc.proc.wait()
-    (dead,) = _stage_runs(client, cfg, "evaluate")
+    (dead,) = _stage_runs(client, cfg, "evaluate")  # created with its holder: there is no moment without one
     assert dead.info.status == "RUNNING", "nobody was left to say otherwise"
     holder = json.loads(dead.data.tags["loomcfm.holder"])
     assert holder["pid"] == proc.pid

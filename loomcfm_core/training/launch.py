@@ -65,7 +65,7 @@ def _ray_worker(loop_config: dict) -> None:
     logging.basicConfig(level=logging.INFO)
     fit(cfg, loop_config["dataset_uri"], loop_config["run_uri"], ray.train.torch.get_device(),
         context.get_world_rank(), context.get_world_size(), loop_config.get("parent_run_id"),
-        loop_config.get("mlflow_run_id"))
+        loop_config.get("mlflow_run_id"), loop_config.get("lease_token"))
 
 
 def _record_start(cfg: Config, resume: Resume) -> None:
@@ -81,7 +81,8 @@ def _record_start(cfg: Config, resume: Resume) -> None:
         log.warning("%s changed from %s to %s at step %d (train.allow_changes)", key, old, new, resume.step)
 
 
-def _train(cfg: Config, dataset_uri: str, run_uri: str, parent_run_id: str | None, run_id: str) -> None:
+def _train(cfg: Config, dataset_uri: str, run_uri: str, parent_run_id: str | None, run_id: str,
+           lease_token: str) -> None:
     """Ray Train's part: start a local Ray if needed, run ``fit`` on the workers, turn a failure into one error."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -101,7 +102,7 @@ def _train(cfg: Config, dataset_uri: str, run_uri: str, parent_run_id: str | Non
     trainer = LoomcfmTrainer(
         _ray_worker,
         train_loop_config={"config_yaml": cfg.to_yaml(), "dataset_uri": dataset_uri, "run_uri": run_uri,
-                           "parent_run_id": parent_run_id, "mlflow_run_id": run_id},
+                           "parent_run_id": parent_run_id, "mlflow_run_id": run_id, "lease_token": lease_token},
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
@@ -139,7 +140,7 @@ def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, 
     cfg = with_absolute_paths(cfg)  # Ray workers run in their own working directories
     run_uri = run_uri_for(cfg, dataset_uri)
     last_step = check_inputs(cfg, dataset_uri)
-    with Lease(run_uri, cfg.train.lease_seconds, wait=wait):
+    with Lease(run_uri, cfg.train.lease_seconds, wait=wait) as lease:
         resume = plan_resume(cfg, dataset_uri, run_uri)
         if resume.step >= last_step and _finished_at(run_uri, resume.checkpoint_uri):
             log.info("%s finished at step %d already (%s): nothing to train", run_uri, resume.step,
@@ -148,6 +149,6 @@ def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, 
         tags = {"loomcfm.run_uri": run_uri, "loomcfm.dataset_uri": dataset_uri}
         with tracking.start_run(cfg, train_label(cfg), parent_run_id, tags, run_id=resume.mlflow_run_id) as run:
             _record_start(cfg, resume)
-            _train(cfg, dataset_uri, run_uri, parent_run_id, run.info.run_id)
+            _train(cfg, dataset_uri, run_uri, parent_run_id, run.info.run_id, lease.token)
     # Ray Train V2 keeps metrics only alongside Ray checkpoints; rank 0 commits its summary to storage instead.
     return read_summary(run_uri)

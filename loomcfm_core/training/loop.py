@@ -18,6 +18,7 @@ from loomcfm_core.coupling import Coupling
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.errors import TrainingError
 from loomcfm_core.identity import default_run_name
+from loomcfm_core.lease import check_held
 from loomcfm_core.storage import absolute, join
 from loomcfm_core.training.distributed import barrier, gather_objects
 from loomcfm_core.training.preflight import apply_schedule, check_resume, total_steps
@@ -93,11 +94,14 @@ def initialise_from(state: TrainState, uri: str) -> None:
     state.ema.model.load_state_dict(weights)
 
 
-def _save(state: TrainState, run_uri: str, dataset_uri: str, rank: int, tracker: Tracker) -> str:
+def _save(state: TrainState, run_uri: str, dataset_uri: str, rank: int, tracker: Tracker,
+          lease_token: str | None) -> str:
     rngs = gather_objects(_rng_state(state))
     _check_tables_agree(state)
     uri = join(run_uri, "checkpoints", f"step-{state.step:08d}.pt")
     if rank == 0:
+        if lease_token:
+            check_held(run_uri, lease_token)
         uri = save_checkpoint(checkpoint_state(state, rngs, tracker.run_id, dataset_uri), run_uri, state.step,
                               state.cfg.train.keep_checkpoints)
         tracker.checkpoint_saved(uri)
@@ -108,7 +112,8 @@ def _save(state: TrainState, run_uri: str, dataset_uri: str, rank: int, tracker:
 # ---- the loop --------------------------------------------------------------------------------------------
 
 def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank: int = 0, world_size: int = 1,
-        parent_run_id: str | None = None, mlflow_run_id: str | None = None) -> TrainSummary:
+        parent_run_id: str | None = None, mlflow_run_id: str | None = None,
+        lease_token: str | None = None) -> TrainSummary:
     """Train one rank to ``train.max_steps`` (or ``train.epochs``), resuming from the run's latest checkpoint.
 
     Rank 0 logs to MLflow, writes checkpoints and commits the summary to ``<run_uri>/result.json``; every
@@ -118,6 +123,8 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
     Args:
         mlflow_run_id: the MLflow run the driver opened for this training (rank 0 logs into it); without
             one, rank 0 opens its own (or reopens the checkpoint's).
+        lease_token: the driver's lease on the run folder; rank 0 checks it is still held before it writes
+            (:func:`~loomcfm_core.lease.check_held`).
 
     Returns:
         The summary (rank 0's view): the final checkpoint, every rank's table hash, the last logged metrics.
@@ -160,15 +167,17 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
                 tracker.step_done(metrics, len(x1) * world_size)
                 bar.update(1)
                 if state.step % cfg.train.checkpoint_every == 0 or state.step == last_step:
-                    last_ckpt = _save(state, run_uri, dataset_uri, rank, tracker)
+                    last_ckpt = _save(state, run_uri, dataset_uri, rank, tracker, lease_token)
                 if state.step >= last_step:
                     break
         bar.close()
         if last_ckpt is None or not last_ckpt.endswith(f"step-{state.step:08d}.pt"):
-            last_ckpt = _save(state, run_uri, dataset_uri, rank, tracker)  # e.g. resumed at the end already
+            last_ckpt = _save(state, run_uri, dataset_uri, rank, tracker, lease_token)  # e.g. resumed at the end already
         summary = TrainSummary(run_uri=run_uri, dataset_uri=dataset_uri, step=state.step, checkpoint_uri=last_ckpt,
                                mlflow_run_id=tracker.run_id, table_hashes=_check_tables_agree(state),
                                metrics=dict(tracker.last))
         if rank == 0:
+            if lease_token:
+                check_held(run_uri, lease_token)
             write_summary(summary)
         return summary
