@@ -12,20 +12,20 @@ from mlflow.tracking import MlflowClient
 
 from loomcfm_core import stages
 from loomcfm_core.config import load_config
-from loomcfm_core.data.cache import cache_dataset
 from tests.conftest import SMALL
 from tests.run_cli import error_line, run, sets, start, wait_for
 
 
 @pytest.fixture()
 def setup(tmp_path, checkpoint):
-    """A config tracking under tmp_path, its cached dataset, and a pipeline parent run opened as KFP's prepare
-    step opens it (then closed: the steps run elsewhere)."""
+    """A config tracking under tmp_path, its cached dataset (with the classifier evaluation scores with), and
+    a pipeline parent run opened as KFP's prepare step opens it (then closed: the steps run elsewhere)."""
     overrides = [*SMALL, f"storage.root={tmp_path}/store", f"tracking.local_dir={tmp_path}/runs"]
     cfg = load_config("digits", overrides)
+    dataset = stages.cache(cfg).dataset_uri
     parent = stages.start_pipeline_run(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    return cfg, overrides, cache_dataset(cfg).uri, parent, client
+    return cfg, overrides, dataset, parent, client
 
 
 def _slow_evaluation(tmp_path, checkpoint, dataset, parent, overrides):
@@ -35,15 +35,16 @@ def _slow_evaluation(tmp_path, checkpoint, dataset, parent, overrides):
                  cwd=tmp_path)
 
 
-def _stage_runs(client, cfg, stage):
+def _stage_runs(client, cfg, stage, status=None):
     experiment = client.get_experiment_by_name(f"loomcfm-{cfg.name}").experiment_id
-    return client.search_runs([experiment], filter_string=f"tags.`loomcfm.stage` = '{stage}'")
+    return client.search_runs([experiment], filter_string=f"tags.`loomcfm.stage` = '{stage}'"
+                              + (f" and attributes.status = '{status}'" if status else ""))
 
 
 def test_sigterm_ends_the_stage_and_its_parent_killed(tmp_path, checkpoint, setup):
     cfg, overrides, dataset, parent, client = setup
     proc = _slow_evaluation(tmp_path, checkpoint, dataset, parent, overrides)
-    wait_for(lambda: _stage_runs(client, cfg, "evaluate"), proc, what="the evaluate run")
+    wait_for(lambda: _stage_runs(client, cfg, "evaluate", "RUNNING"), proc, what="the running evaluate run")
     os.kill(proc.pid, signal.SIGTERM)
     stopped = proc.finish(timeout=300)
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
@@ -56,7 +57,7 @@ def test_sigterm_ends_the_stage_and_its_parent_killed(tmp_path, checkpoint, setu
 def test_a_stage_killed_outright_is_marked_failed_by_the_next(tmp_path, checkpoint, setup):
     cfg, overrides, dataset, parent, client = setup
     proc = _slow_evaluation(tmp_path, checkpoint, dataset, parent, overrides)
-    wait_for(lambda: _stage_runs(client, cfg, "evaluate"), proc, what="the evaluate run")
+    wait_for(lambda: _stage_runs(client, cfg, "evaluate", "RUNNING"), proc, what="the running evaluate run")
     os.kill(proc.pid, signal.SIGKILL)
     proc.proc.wait()
     (dead,) = _stage_runs(client, cfg, "evaluate")  # created with its holder: there is no moment without one
