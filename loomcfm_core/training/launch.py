@@ -60,9 +60,12 @@ def _ray_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from loomcfm_core.training.ray_trainer import quiet_user_errors
+
     context = ray.train.get_context()
     cfg = load_config_text(loop_config["config_yaml"])
     logging.basicConfig(level=logging.INFO)
+    quiet_user_errors()
     fit(cfg, loop_config["dataset_uri"], loop_config["run_uri"], ray.train.torch.get_device(),
         context.get_world_rank(), context.get_world_size(), loop_config.get("parent_run_id"),
         loop_config.get("mlflow_run_id"), loop_config.get("lease_token"))
