@@ -184,7 +184,7 @@ def test_cache_repairs_a_damaged_dataset(world, tmp_path):
     copy = _copy_dataset(world, tmp_path)
     shard = copy / "train" / "shard-00000.h5"
     _modify_shard(shard)
-    proc = run("cache", *store_sets(tmp_path), cwd=tmp_path, timeout=300)
+    proc = run("cache", *store_sets(tmp_path), cwd=tmp_path, timeout=900)  # trains the classifier: minutes under load
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["dataset_uri"] == str(copy)
     assert f"{copy}: rebuilding it ({shard}: checksum mismatch" in proc.stderr
