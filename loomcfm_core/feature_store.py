@@ -11,6 +11,7 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loomcfm_core.checksums import expected_sha256, fetch_verified, sha256_file
@@ -76,6 +77,12 @@ def train_dataset_classifier(dataset_uri: str, local_cache: str, seed: int = 0) 
         Its accuracy on the val split (the cache stage logs it: a poor classifier makes a poor metric).
     """
     train = ShardedDataset(dataset_uri, "train", local_cache=local_cache)
+    classes = np.unique(train.labels)
+    if len(classes) < 2:
+        raise MetricsError(f"eval.feature_network=classifier: {dataset_uri} has {len(classes)} class, and a "
+                           "classifier of one class has no features to compare; for FID set "
+                           "eval.feature_network=inception and eval.inception_weights=<path or URI of the "
+                           "TF-Inception weights> (`loomcfm weights fetch --to URI` downloads them once)")
     val = ShardedDataset(dataset_uri, "val", local_cache=local_cache)
     images = torch.stack([train[i][0] for i in range(len(train))])
     model = train_classifier(images, torch.from_numpy(train.labels), seed=seed)

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from loomcfm_core.config import Config
-from loomcfm_core.data.cache import commit_manifest, read_manifest
+from loomcfm_core.data.cache import commit_manifest, intact_manifest
 from loomcfm_core.generation import pairs_on_workers
+from loomcfm_core.models.loading import fitting_weights
 from loomcfm_core.sampling import sample_seeds
 from loomcfm_core.storage import absolute, join
 
@@ -42,10 +43,11 @@ def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None
         device: where a single worker samples (default: the GPU if there is one); Ray workers pick their own.
     """
     uri, key = pairs_uri_for(cfg, checkpoint_uri)
-    existing = read_manifest(uri)
-    if existing is not None and existing.get("config_hash") == key:
+    existing = intact_manifest(uri, key, cfg.data.local_cache)
+    if existing is not None:
         log.info("pairs already generated at %s: nothing to do", uri)
         return uri, existing
+    fitting_weights(cfg, checkpoint_uri)  # a checkpoint that does not fit fails here, not in every worker
     seeds = sample_seeds(cfg.reflow.num_pairs, offset=PAIR_SEED_OFFSET)
     shards, nfes, space = pairs_on_workers(cfg, absolute(checkpoint_uri), uri, seeds, device)
     manifest = {"name": f"{cfg.data.name}-pairs", "kind": "pairs", "config_hash": key, "shape": list(cfg.flow_shape),

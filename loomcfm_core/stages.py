@@ -16,22 +16,25 @@ import mlflow
 import torch
 
 from loomcfm_core import IMAGE, kube, reflow, tracking
+from loomcfm_core.checkpoint import checkpoint_sha256
 from loomcfm_core.config import Config
-from loomcfm_core.data.cache import cache_dataset, read_manifest
+from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.data.latents import cache_latents, image_dataset_of
+from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import UsageError
 from loomcfm_core.evaluation import evaluate as evaluate_checkpoint
-from loomcfm_core.evaluation import plot_fd_vs_nfe
 from loomcfm_core.feature_store import classifier_uri, train_dataset_classifier
 from loomcfm_core.metrics import feature_network, feature_network_kind, reference_stats
-from loomcfm_core.models.loading import default_device, load_flow, load_model
+from loomcfm_core.models.loading import check_buildable, default_device, fitting_weights, load_flow, load_model
+from loomcfm_core.pipeline_summary import base_rows, record_summary, summary_table
 from loomcfm_core.results import CacheResult, EvalResult, PairsResult, RunResult, SampleResult, TrainResult
-from loomcfm_core.sampling import generate, sample_seeds, save_grid
+from loomcfm_core.sampling import check_method, generate, sample_seeds, save_grid
 from loomcfm_core.storage import is_remote, join, storage_for
 from loomcfm_core.training.launch import run_on_ray
 from loomcfm_core.training.loop import run_uri_for
 
 LAUNCHERS = ("local", "rayjob")
+EVALUATE_REFLOW = "evaluate_reflow"  # the label of the reflow model's evaluation, the last stage of a pipeline
 
 
 @contextmanager
@@ -80,15 +83,22 @@ def image_dataset_uri(cfg: Config, parent_run_id: str | None = None) -> str:
     return image_dataset_of(cache(cfg, parent_run_id).dataset_uri)
 
 
-def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None) -> TrainResult:
+def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None,
+          wait: bool = False) -> TrainResult:
     """Train on Ray Train (resuming a rerun) and register the EMA model under the alias ``base`` or ``reflow``
     (MLflow reserves ``latest``). The run's ``result.json`` (written by training) gets the registration
-    beside it, so a launcher in another process reads the same result back."""
+    beside it, so a launcher in another process reads the same result back.
+
+    Args:
+        wait: when another training holds the run folder's lease, wait for it instead of failing.
+    """
+    check_buildable(cfg)  # before a dataset is cached for a network that cannot exist
     dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id).dataset_uri
-    summary = run_on_ray(cfg, dataset_uri, parent_run_id)
+    summary = run_on_ray(cfg, dataset_uri, parent_run_id, wait=wait)
     model = load_model(cfg, summary.checkpoint_uri, torch.device("cpu"))
     alias = "reflow" if cfg.coupling.kind == "pairs" else "base"
-    version = tracking.register_model(cfg, summary.mlflow_run_id, model, alias)
+    version = tracking.register_model(cfg, summary.mlflow_run_id, model, alias, summary.checkpoint_uri,
+                                      checkpoint_sha256(summary.checkpoint_uri))
     result = TrainResult(**vars(summary), model_version=version, model_alias=alias)
     result.commit_registration()
     return result
@@ -130,7 +140,13 @@ def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None
 
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, methods: list[str] | None = None,
              parent_run_id: str | None = None, label: str = "evaluate") -> EvalResult:
-    """Distance to the data (FID, or fd_<dataset>) and NFE for each sampling method, with grids and a plot."""
+    """Distance to the data (FID, or fd_<dataset>) and NFE for each sampling method, with grids and a plot.
+
+    Every method is checked and the checkpoint is loaded before anything else (no dataset is cached for a
+    checkpoint that does not fit, no method samples before a later one is found misspelt).
+    """
+    methods = [check_method(method) for method in (methods or cfg.eval.methods)]
+    fitting_weights(cfg, checkpoint_uri)
     dataset_uri = dataset_uri or image_dataset_uri(cfg, parent_run_id)
     with stage_run(cfg, label, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
@@ -143,6 +159,8 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, m
                 mlflow.log_artifact(str(path), "eval")
         mlflow.set_tag("loomcfm.eval_uri", evaluation.output_uri)
     print(evaluation.table())
+    if label == EVALUATE_REFLOW and parent_run_id:  # the last stage of both pipelines
+        record_summary(cfg, parent_run_id, evaluation.metric, base_rows(cfg, parent_run_id), evaluation.rows)
     return EvalResult(evaluation.metric, evaluation.output_uri, checkpoint_uri, evaluation.rows, evaluation.table())
 
 
@@ -188,7 +206,8 @@ def start_pipeline_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
 
 
 def run(cfg: Config, tags: dict[str, str] | None = None) -> RunResult:
-    """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow → evaluate."""
+    """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow → evaluate;
+    the reflow evaluation records the summary on the parent run (:mod:`loomcfm_core.pipeline_summary`)."""
     with tracking.start_run(cfg, "pipeline", tags=tags) as parent:
         tracking.log_config(cfg)
         parent_id = parent.info.run_id
@@ -199,23 +218,7 @@ def run(cfg: Config, tags: dict[str, str] | None = None) -> RunResult:
         reflowed = launch_train(cfg, cached.dataset_uri, parent_id, pairs_uri=generated.pairs_uri,
                                 init_from=base.checkpoint_uri)
         reflow_eval = evaluate(cfg, reflowed.checkpoint_uri, cached.dataset_uri, parent_run_id=parent_id,
-                               label="evaluate_reflow")
-        summary = _summary(base_eval, reflow_eval)
-        with tempfile.TemporaryDirectory() as tmp:
-            curves = {"base": base_eval.rows, "reflow": reflow_eval.rows}
-            mlflow.log_artifact(str(plot_fd_vs_nfe(curves, base_eval.metric, Path(tmp) / "fd_vs_nfe.png")))
-            (Path(tmp) / "summary.md").write_text(summary + "\n")
-            mlflow.log_artifact(str(Path(tmp) / "summary.md"))
+                               label=EVALUATE_REFLOW)
+    summary = summary_table(base_eval.metric, base_eval.rows, reflow_eval.rows)
     return RunResult(parent_id, tracking.tracking_uri(cfg), cached.dataset_uri, base, base_eval, generated, reflowed,
                      reflow_eval, summary)
-
-
-def _summary(base_eval: EvalResult, reflow_eval: EvalResult) -> str:
-    metric = base_eval.metric
-    reflowed = {row.method: row for row in reflow_eval.rows}
-    lines = [f"| method | NFE base | {metric} base | NFE reflow | {metric} reflow |", "|---|---|---|---|---|"]
-    for row in base_eval.rows:
-        other = reflowed.get(row.method)
-        tail = f"{other.nfe:.1f} | {other.distance:.3f}" if other else "- | -"
-        lines.append(f"| {row.method} | {row.nfe:.1f} | {row.distance:.3f} | {tail} |")
-    return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -42,13 +43,17 @@ def arguments(pipeline: str, config: str | None, overrides: list[str], checkpoin
     return args
 
 
-def run_local(pipeline: str, args: dict, pipeline_root: str) -> dict:
-    """Run with kfp.local in this Python environment (no containers); returns the pipeline's outputs."""
+def run_local(pipeline: str, args: dict, pipeline_root: str) -> str:
+    """Run with kfp.local in this Python environment (no containers); returns the parent MLflow run's id,
+    which the ``prepare`` step reported in this run's folder under ``pipeline_root``."""
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root)
     func, _ = PIPELINES[pipeline]
-    return func(**args)
+    before = set(Path(pipeline_root).glob("*/prepare/executor_output.json"))
+    func(**args)
+    (output,) = set(Path(pipeline_root).glob("*/prepare/executor_output.json")) - before
+    return json.loads(output.read_text())["parameterValues"]["parent_run_id"]
 
 
 def submit(host: str, pipeline: str, args: dict, experiment: str | None = None) -> str:

@@ -1,7 +1,8 @@
 """Random-access reading of a cached dataset, from a node-local copy of its shards.
 
-Remote shards are downloaded once per node into ``data.local_cache`` and checked against the manifest's
-sha256 before use, so a torn or stale copy is never read. With ``hflip`` the dataset doubles: index
+Every shard is checked against the manifest before use (:mod:`loomcfm_core.data.manifest`): remote ones are
+copied once per node into ``data.local_cache`` and checked there, local ones where they are, so a torn,
+stale or modified shard is never read. With ``hflip`` the dataset doubles: index
 ``i + N`` is image ``i`` mirrored, so a flipped image is a data point of its own (LOOM gives it its own
 noise seeds). A latent cache stores those points already (flipped in pixel space, then encoded).
 """
@@ -9,33 +10,14 @@ noise seeds). A latent cache stores those points already (flipped in pixel space
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from loomcfm_core.checksums import fetch_verified
-from loomcfm_core.data.cache import read_manifest
-from loomcfm_core.errors import StorageError, UsageError
-from loomcfm_core.storage import is_remote, join, to_local_path
-
-
-def local_shards(uri: str, manifest: dict, split: str, local_cache: str) -> list[Path]:
-    """Local paths of a split's shards, downloading and verifying remote ones that are not yet on this node."""
-    if split not in manifest["splits"]:
-        raise StorageError(f"{uri}: no split {split!r} (has {', '.join(manifest['splits'])})")
-    paths = []
-    for shard in manifest["splits"][split]["shards"]:
-        remote = join(uri, shard["path"])
-        if not is_remote(uri):
-            paths.append(to_local_path(remote))
-            continue
-        local = Path(local_cache).expanduser() / "datasets" / uri.rstrip("/").rsplit("/", 1)[-1] / shard["path"]
-        paths.append(fetch_verified(remote, local, shard["sha256"],
-                                    hint="the dataset is corrupt, re-run `loomcfm cache`"))
-    return paths
+from loomcfm_core.data.manifest import local_shards, require_manifest
+from loomcfm_core.errors import UsageError
 
 
 class ShardedDataset(Dataset):
@@ -48,10 +30,7 @@ class ShardedDataset(Dataset):
 
     def __init__(self, uri: str, split: str = "train", hflip: bool = False,
                  local_cache: str = "~/.cache/loomcfm") -> None:
-        manifest = read_manifest(uri)
-        if manifest is None:
-            raise StorageError(f"{uri}: no manifest.json; the dataset is missing or incomplete "
-                               "(run `loomcfm cache` first)")
+        manifest = require_manifest(uri)
         self.is_pairs = manifest.get("kind") == "pairs"
         if self.is_pairs and hflip:
             raise UsageError(f"{uri} holds reflow pairs, whose noise is fixed per target: set data.hflip=false")

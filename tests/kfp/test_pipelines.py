@@ -1,5 +1,7 @@
 """Kubeflow Pipelines: compiled packages up to date, real kfp.local runs and early config errors."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -10,7 +12,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core import IMAGE
-from loomcfm_core.config import ConfigError
+from loomcfm_core.cli import main
+from loomcfm_core.config import ConfigError, load_config_text
+from loomcfm_core.pipeline_summary import read_summary_table
 from pipelines import runner
 
 TINY = ["train.max_steps=30", "reflow.max_steps=20", "reflow.num_pairs=256", "eval.num_samples=300",
@@ -29,6 +33,8 @@ def test_compiled_packages_are_up_to_date(tmp_path):
     assert all(e["secretAsEnv"][0]["keyToEnv"][0]["envVar"] == "AWS_ACCESS_KEY_ID" for e in executors.values())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {IMAGE}
+    assert "evaluate" in spec["root"]["dag"]["tasks"]["evaluate-2"]["dependentTasks"], \
+        "the reflow evaluation records the summary with the base rows: it must wait for the base evaluation"
 
 
 def test_bad_overrides_fail_before_anything_runs(tmp_path, capfd):
@@ -54,15 +60,19 @@ def local_runs(tmp_path_factory):
     sets = [*TINY, f"storage.root={root}/store", f"tracking.local_dir={root}/runs"]
     cwd = os.getcwd()
     os.chdir(root)
+    printed = io.StringIO()
     try:
-        runner.run_local("full", runner.arguments("full", "digits", sets, None), str(root / "full"))
+        with contextlib.redirect_stdout(printed):  # the full pipeline as `loomcfm pipeline run-local` runs it
+            code = main(["pipeline", "run-local", "--pipeline-root", str(root / "full"),
+                         *[arg for item in sets for arg in ("--set", item)]])
+        assert code == 0
         model = json.loads(next((root / "full").glob("*/train/model")).read_text())
         reflow_sets = [*sets, "reflow.num_pairs=128", "reflow.method=euler-2", "reflow.max_steps=10"]
         runner.run_local("reflow", runner.arguments("reflow", "digits", reflow_sets, model["uri"]),
                          str(root / "reflow"))
     finally:
         os.chdir(cwd)
-    return root, model
+    return root, model, printed.getvalue()
 
 
 def _outputs(root, pipeline, step):
@@ -70,7 +80,7 @@ def _outputs(root, pipeline, step):
 
 
 def test_full_pipeline_steps_and_lineage(local_runs):
-    root, model = local_runs
+    root, model, _ = local_runs
     steps = {p.name for p in (root / "full").glob("*/*")}
     assert steps == {"prepare", "cache", "train", "evaluate", "pairs", "train-2", "evaluate-2"}
     assert model["uri"].endswith("step-00000030.pt") and Path(model["uri"]).is_file()
@@ -83,19 +93,28 @@ def test_full_pipeline_steps_and_lineage(local_runs):
 
 
 def test_mlflow_runs_of_the_pipelines(local_runs):
-    root, _ = local_runs
+    root, _, printed = local_runs
     client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("loomcfm-digits").experiment_id])
     parents = [r for r in runs if r.data.tags.get("loomcfm.stage") == "pipeline"]
     assert len(parents) == 2 and all(r.data.tags.get("kfp.run_id") for r in parents)
     by_parent = {p.info.run_id: sorted(r.data.tags["loomcfm.stage"] for r in runs
                                        if r.data.tags.get("mlflow.parentRunId") == p.info.run_id) for p in parents}
-    assert sorted(by_parent.values()) == [["cache", "evaluate", "evaluate_reflow", "pairs", "train", "train"],
-                                          ["cache", "evaluate_reflow", "pairs", "train"]]
+    assert sorted(by_parent.values()) == [["cache", "evaluate", "evaluate_reflow", "pairs", "train", "train_reflow"],
+                                          ["cache", "evaluate_reflow", "pairs", "train_reflow"]]
+    full = next(p for p in parents if len(by_parent[p.info.run_id]) == 6)
+    assert {"base/fd_digits/euler-1", "base/nfe/euler-4", "reflow/fd_digits/euler-4", "reflow/nfe/euler-1"} <= \
+        set(full.data.metrics), "the parent run carries the summary (what the runs table compares)"
+    table = read_summary_table(load_config_text("digits", [f"tracking.local_dir={root / 'runs'}"]), full.info.run_id)
+    assert table.startswith("| method | NFE base | fd_digits base | NFE reflow | fd_digits reflow |")
+    assert f"\n{table}\n" in printed, "run-local ends with the table `loomcfm run` prints"
+    reflow_only = next(p for p in parents if p is not full)
+    assert "| euler-4 | - | - |" in read_summary_table(load_config_text("digits", [f"tracking.local_dir={root / 'runs'}"]),
+                                                          reflow_only.info.run_id), "no base model in that pipeline"
 
 
 def test_reflow_pipeline_applied_its_overrides(local_runs):
-    root, model = local_runs
+    root, model, _ = local_runs
     pairs = json.loads(next((root / "reflow").glob("*/pairs/dataset")).read_text())
     assert pairs["num_pairs"] == 128 and pairs["method"] == "euler-2"
     trained = json.loads(next((root / "reflow").glob("*/train/model")).read_text())

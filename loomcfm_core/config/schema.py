@@ -1,35 +1,31 @@
-"""The one configuration tree every front door (CLI, KFP component, k8s Job) validates.
+"""The config tree: its sections, their fields, ranges and allowed values, and the checks across fields.
 
-A config is YAML text: a shipped preset (``digits``, ``cifar10``, ...), a user's file, or the text a KFP
-parameter / ConfigMap / MLflow artifact carries. A file may ``extends:`` a preset or another file and
-override parts of it; dotted ``key=value`` overrides go on top. Every error names the dotted key, so a
-typo in ``--set`` fails before any work starts.
+Allowed values come from the modules that implement them (coupling kinds, solvers, source kinds, URI
+forms, schedule keys); the schema only checks against them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_serializer, model_validator
-
-from loomcfm_core.config_tree import Section as _Section
-from loomcfm_core.config_tree import deep_merge, flatten, read_yaml, schema_keys, suggest
+from pydantic import AfterValidator, Field, field_validator, model_serializer, model_validator
 
 # The allowed values are defined by the modules that implement them; the config only checks against them.
 from loomcfm_core.coupling import COSTS, KINDS
+from loomcfm_core.config.tree import Section as _Section
+from loomcfm_core.config.tree import flatten
 from loomcfm_core.coupling_solve import SOLVERS
 from loomcfm_core.data.sources import check_source, source_forms
-from loomcfm_core.errors import ConfigError
+from loomcfm_core.errors import did_you_mean
+from loomcfm_core.identity import SCHEDULE_KEYS
 from loomcfm_core.models.autoencoder import KINDS as AUTOENCODER_KINDS
 from loomcfm_core.sampling import check_method
+from loomcfm_core.storage import check_uri
 
-PRESETS_PACKAGE = "loomcfm_core.presets"
-DEFAULT_PRESET = "digits"
+# Locations: any storage URI, or only a node-local folder (checked by :func:`loomcfm_core.storage.check_uri`).
+Uri = Annotated[str, AfterValidator(check_uri)]
+LocalDir = Annotated[str, AfterValidator(lambda value: check_uri(value, local=True))]
 
 
 class DataConfig(_Section):
@@ -40,11 +36,14 @@ class DataConfig(_Section):
     resolution: int = Field(8, ge=4, le=1024, description="images are H=W=resolution")
     resize: bool = Field(False, description="imagefolder: resize images to resolution instead of rejecting "
                          "other sizes")
+    convert: bool = Field(False, description="imagefolder: convert images of another colour mode to "
+                          "data.channels (RGB to grey by luminance, grey to RGB by copying) instead of rejecting "
+                          "them; every conversion is logged")
     hflip: bool = Field(False, description="a horizontally flipped image is its own data point (index i + N)")
     shard_size: int = Field(100_000, ge=1, description="images per HDF5 shard")
-    uri: str | None = Field(None, description="use this cached dataset URI instead of the one derived from "
+    uri: Uri | None = Field(None, description="use this cached dataset URI instead of the one derived from "
                             "the source (e.g. reflow pairs)")
-    local_cache: str = Field("~/.cache/loomcfm", description="node-local folder for copies of remote shards")
+    local_cache: LocalDir = Field("~/.cache/loomcfm", description="node-local folder for copies of remote shards")
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes")
 
     @property
@@ -58,10 +57,10 @@ class AutoencoderConfig(_Section):
 
     kind: Literal[AUTOENCODER_KINDS] = Field(description="kl: a KL (Gaussian posterior) autoencoder; vq: a "
                                              "vector-quantised one")
-    weights: str = Field(description="path/URI: a diffusers folder (config.json + diffusion_pytorch_model."
+    weights: Uri = Field(description="path/URI: a diffusers folder (config.json + diffusion_pytorch_model."
                          "safetensors), a latent-diffusion / Stable Diffusion single file, or a reference "
                          "LOOM-CFM checkpoint holding ae.*; never downloaded")
-    config: str | None = Field(None, description="a single file's diffusers config.json (or a folder holding "
+    config: Uri | None = Field(None, description="a single file's diffusers config.json (or a folder holding "
                                "it); null: derived from the weights' shapes")
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$", description="expected sha256 of the weights "
                                "file (or a prefix); default: the .sha256 file beside it")
@@ -133,10 +132,24 @@ class TrainConfig(_Section):
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
-    init_from: str | None = Field(None, description="checkpoint URI whose EMA weights initialise the model")
+    init_from: Uri | None = Field(None, description="checkpoint URI whose EMA weights initialise the model")
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="folder under "
-                                 "<storage.root>/runs/; default: <name>-<hash of data, model, coupling, train>. "
+                                 "<storage.root>/runs/; default: <name>-<hash of the identity keys and the dataset> (identity.py). "
                                  "A rerun with the same name resumes from its latest checkpoint")
+    allow_changes: list[str] = Field([], description="schedule keys (train.lr, train.warmup_steps, ...) that "
+                                     "may differ from the checkpoint's on resume; the new values are applied "
+                                     "and recorded on the MLflow run")
+    lease_seconds: float = Field(60.0, ge=2.0, description="the run folder's lease expires this long after its "
+                                 "holder's last heartbeat (every third of it); then another training takes over")
+
+    @field_validator("allow_changes")
+    @classmethod
+    def _schedule_keys(cls, value: list[str]) -> list[str]:
+        unknown = [key for key in value if key not in SCHEDULE_KEYS]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a schedule key{did_you_mean(unknown[0], list(SCHEDULE_KEYS))}; "
+                             f"the keys that may change on resume are {', '.join(SCHEDULE_KEYS)}")
+        return value
 
     @field_validator("betas")
     @classmethod
@@ -163,7 +176,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(500, ge=1)
     feature_network: Literal["auto", "inception", "classifier"] = Field(
         "auto", description="auto: the stored classifier for builtin:digits (fd_<name>), Inception (FID) otherwise")
-    inception_weights: str | None = Field(None, description="path/URI of the TF-Inception 2015-12-05 weights "
+    inception_weights: Uri | None = Field(None, description="path/URI of the TF-Inception 2015-12-05 weights "
                                           "(torch-fidelity format)")
     inception_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$", description="expected sha256 "
                                          "(or a prefix); default: the .sha256 file beside the weights")
@@ -180,12 +193,12 @@ class ReflowConfig(_Section):
 
 
 class StorageConfig(_Section):
-    root: str = Field("loomcfm-data", description="local path, file:// or s3://bucket/prefix")
+    root: Uri = Field("loomcfm-data", description="local path, file:// or s3://bucket/prefix")
 
 
 class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite under local_dir")
-    local_dir: str = Field("loomcfm-runs", description="folder of the default local MLflow store")
+    local_dir: LocalDir = Field("loomcfm-runs", description="folder of the default local MLflow store")
     experiment: str | None = Field(None, description="default: loomcfm-<config name>")
 
 
@@ -245,105 +258,3 @@ class Config(_Section):
         """Dotted key -> value, the form MLflow params and ``--set`` use."""
         return flatten(self.model_dump(mode="json"))
 
-    def digest(self, *sections: str) -> str:
-        """A short stable hash of the whole config or of the named sections."""
-        dumped = self.model_dump(mode="json")
-        chosen = {s: dumped[s] for s in sections} if sections else dumped
-        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def preset_names() -> list[str]:
-    files = resources.files(PRESETS_PACKAGE).iterdir()
-    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
-
-
-def config_text(ref: str | None = None) -> str:
-    """What ``--config`` names, as text :func:`load_config_text` takes in any process: a preset's name as it
-    is (every process ships the presets), a file's contents (the file is on this machine only); anything else
-    is a :class:`ConfigError` listing the presets."""
-    ref = ref or DEFAULT_PRESET
-    if ref in preset_names():
-        return ref
-    if Path(ref).is_file():
-        return Path(ref).read_text()
-    raise ConfigError(f"config {ref!r} is neither a preset ({', '.join(preset_names())}) nor a file")
-
-
-def _load_tree(ref: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read a preset name or a YAML file, resolving ``extends:`` chains."""
-    if ref in seen:
-        raise ConfigError(f"extends: cycle {' -> '.join(seen + (ref,))}")
-    if ref in preset_names():
-        text = resources.files(PRESETS_PACKAGE).joinpath(f"{ref}.yaml").read_text()
-    else:
-        text = config_text(ref)  # a file, or the error that lists the presets
-    return _resolve_extends(read_yaml(text, ref), ref, seen + (ref,))
-
-
-def _resolve_extends(tree: dict[str, Any], origin: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    parent = tree.pop("extends", None)
-    if parent is None:
-        return tree
-    if not isinstance(parent, str):
-        raise ConfigError(f"{origin}: extends: expected a preset name or file path, got {parent!r}")
-    return deep_merge(_load_tree(parent, seen), tree)
-
-
-def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted ``key=value`` pairs (values parsed as YAML) on a config tree, rejecting unknown keys."""
-    tree = json.loads(json.dumps(tree))
-    known = schema_keys(Config)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
-        if key not in known:
-            raise ConfigError(f"{key}: unknown config key{suggest(key, known, list(Config.model_fields))}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
-        if value is not None and not isinstance(value, str) and known[key] in (str, str | None):
-            value = raw.strip()  # a hash like 00000000 or a name like 2024 stays text
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if node.get(part) is None:  # a section absent or null (model.autoencoder) starts empty
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {part} is not a section")
-        node[leaf] = value
-    return tree
-
-
-def validate(tree: dict[str, Any], origin: str = "config") -> Config:
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            message = err["msg"].removeprefix("Value error, ")
-            if not err["loc"]:  # cross-field checks name their keys in the message
-                lines.append(message)
-                continue
-            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-            lines.append(f"{'.'.join(str(p) for p in err['loc'])}: {message}{got}")
-        raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(lines)) from None
-
-
-def load_config(ref: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Resolve a preset name or YAML file (default: the embedded ``digits`` preset) plus overrides."""
-    ref = ref or DEFAULT_PRESET
-    tree = apply_overrides(_load_tree(ref), overrides or [])
-    return validate(tree, ref)
-
-
-def load_config_text(text: str, overrides: list[str] | None = None, origin: str = "config_yaml") -> Config:
-    """Like :func:`load_config` for YAML text (a KFP parameter, a ConfigMap); a bare preset name also works."""
-    stripped = text.strip()
-    if stripped in preset_names():
-        return load_config(stripped, overrides)
-    tree = _resolve_extends(read_yaml(text, origin), origin)
-    return validate(apply_overrides(tree, overrides or []), origin)

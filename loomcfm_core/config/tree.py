@@ -1,13 +1,12 @@
 """The config tree's generic parts: the section base class, YAML mappings, and the dotted keys of a schema.
 
-:mod:`loomcfm_core.config` defines the sections; this module knows nothing of their contents. Keys are read
+:mod:`loomcfm_core.config.schema` defines the sections; this module knows nothing of their contents. Keys are read
 from the schema rather than from a default instance, so an optional section that defaults to ``null``
 (``model.autoencoder``) still has keys ``--set`` can name.
 """
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from typing import Any
@@ -79,13 +78,3 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
-
-
-def suggest(key: str, known: dict[str, Any], sections: list[str]) -> str:
-    """What to say after "unknown config key": close matches, else the section's keys, else the sections."""
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    if close:
-        return f"; did you mean {' or '.join(close)}?"
-    section = key.split(".")[0] + "."
-    siblings = sorted(k for k in known if k.startswith(section))
-    return f"; {section[:-1]} has: {', '.join(siblings)}" if siblings else f"; sections: {', '.join(sections)}"
