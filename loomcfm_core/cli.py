@@ -7,15 +7,21 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from loomcfm_core import stages
 from loomcfm_core.config import Config, load_config, load_config_text, preset_names
-from loomcfm_core.errors import ConfigError, LoomcfmError
+from loomcfm_core.errors import ConfigError, LoomcfmError, UriError, UsageError
 from loomcfm_core.feature_store import fetch_inception_weights
 from loomcfm_core.kube.rayjob import CONFIG_ENV
+from loomcfm_core.pipeline_summary import read_summary_table
+from loomcfm_core.processes import stop_on_signal, stopped_by
 from loomcfm_core.sampling import parse_method
+from loomcfm_core.storage import check_uri
+from loomcfm_core.tracking import tracking_uri
 
 
 def _config_options() -> argparse.ArgumentParser:
@@ -58,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", parents=[stage], help="train on Ray Train (resumes a rerun)")
     train.add_argument("--dataset", default=None, metavar="URI",
                        help="cached dataset URI; default: data.uri, else this config's cache (built if missing)")
+    train.add_argument("--wait", action="store_true", help="if another training holds the run folder, wait for "
+                       "it to finish (or die) instead of failing")
+    train.add_argument("--allow-change", dest="allow_changes", action="append", default=[], metavar="KEY",
+                       help="a schedule key (train.lr, train.warmup_steps, ...) that may differ from the run's "
+                       "checkpoint on resume; the new value is applied and recorded (repeatable)")
     train.add_argument("--launcher", choices=stages.LAUNCHERS, default="local",
                        help="local: Ray on this machine; rayjob: a KubeRay RayJob on the cluster of your kubeconfig, "
                        "shaped by the kube.* settings")
@@ -93,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_opts.add_argument("--launcher", choices=stages.LAUNCHERS, default="local",
                           help="train in the step (local Ray) or as a KubeRay RayJob")
     local = pipeline_commands.add_parser("run-local", parents=[run_opts], help="run with kfp.local (no cluster)")
-    local.add_argument("--pipeline-root", default="kfp-local", help="where kfp.local keeps step outputs")
+    local.add_argument("--pipeline-root", default="kfp-local", help="where kfp.local keeps step outputs (a local "
+                       "folder)")
     local.add_argument("--cache", action="store_true", help="reuse steps whose inputs match an earlier run under "
                        "the same --pipeline-root (as KFP caching does on a cluster)")
     submit = pipeline_commands.add_parser("submit", parents=[run_opts], help="upload the pipeline as a version "
@@ -114,7 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Arguments that name a location, and whether it must be local: checked before any work, naming the flag.
+LOCATION_ARGS = {"ckpt": ("--ckpt", False), "dataset": ("--dataset", False), "output": ("--output", False),
+                 "checkpoint": ("--checkpoint", False), "to": ("--to", False), "pipeline_root": ("--pipeline-root", True)}
+
+
+def check_locations(args: argparse.Namespace) -> None:
+    """Every location argument is a URI storage takes (:func:`loomcfm_core.storage.check_uri`)."""
+    for dest, (flag, local) in LOCATION_ARGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            try:
+                check_uri(value, local=local)
+            except UriError as exc:
+                raise UsageError(f"{flag}: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    check_locations(args)
+    if getattr(args, "allow_changes", None):
+        args.overrides.append(f"train.allow_changes={json.dumps(args.allow_changes)}")
     if args.command == "config" and args.config_command == "presets":
         print("\n".join(preset_names()))
         return 0
@@ -131,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "cache":
         result = stages.cache(cfg, args.parent_run_id)
     elif args.command == "train":
-        result = stages.launch_train(cfg, args.dataset, args.parent_run_id, launcher=args.launcher)
+        result = stages.launch_train(cfg, args.dataset, args.parent_run_id, launcher=args.launcher, wait=args.wait)
     elif args.command == "evaluate":
         result = stages.evaluate(cfg, args.ckpt, args.dataset, args.methods, args.parent_run_id)
     elif args.command == "pairs":
@@ -160,8 +191,12 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
     config = args.config or (None if local else "cluster")
     pipeline_args = runner.arguments(args.pipeline, config, args.overrides, args.checkpoint, args.launcher)
     if local:
-        runner.run_local(args.pipeline, pipeline_args, str(Path(args.pipeline_root).resolve()), args.cache)
-        print(f"pipeline {args.pipeline} finished; step outputs under {args.pipeline_root}/")
+        parent_run_id = runner.run_local(args.pipeline, pipeline_args, str(Path(args.pipeline_root).resolve()),
+                                         args.cache)
+        cfg = load_config_text(pipeline_args["config_yaml"], args.overrides)
+        print(f"\n{read_summary_table(cfg, parent_run_id)}\n\npipeline {args.pipeline} finished; step outputs under "
+              f"{args.pipeline_root}/\nBrowse the runs (parent run {parent_run_id}):\n"
+              f"  {mlflow_ui_command(tracking_uri(cfg))}")
     else:
         print(runner.submit(args.host, args.pipeline, pipeline_args, args.experiment, args.schedule,
                             args.service_account))
@@ -174,9 +209,20 @@ def mlflow_ui_command(uri: str) -> str:
     return f"open {uri}"
 
 
+def _stop_local_ray() -> None:
+    """Shut down a local Ray this command started, and what survives of it (nothing if none was started)."""
+    if "ray" in sys.modules:
+        from loomcfm_core.training.local_ray import stop_local_ray
+
+        stop_local_ray()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: importing mlflow.pytorch already configured the root logger at ERROR, which hid every message
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_on_signal)  # like Ctrl-C: the stage's MLflow run ends KILLED, Ray is stopped
     try:
         return run(args)
     except ConfigError as exc:
@@ -185,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     except (LoomcfmError, OSError) as exc:  # a deliberate error, or the machine's (disk full, permissions)
         print(f"loomcfm: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"loomcfm: stopped by {stopped_by()}", file=sys.stderr)
+        return 128 + signal.Signals[stopped_by()].value
+    finally:
+        _stop_local_ray()
 
 
 if __name__ == "__main__":

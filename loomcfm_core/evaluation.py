@@ -2,11 +2,13 @@
 
 Every method samples from the same noise seeds, so differences between rows are the solver's and the
 model's, not the noise's. Results are written to storage (``results.json``, ``results.md``, one grid per
-method, ``fd_vs_nfe.png``) so a KFP artifact or an MLflow run can point at them.
+method, ``fd_vs_nfe.png``), in a folder of their own per evaluation, so a KFP artifact or an MLflow run can
+point at them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from loomcfm_core.config import Config
+from loomcfm_core.data.latents import image_dataset_of
 from loomcfm_core.generation import HEAD, eval_on_workers
 from loomcfm_core.metrics import FeatureStats, feature_network, frechet_distance, reference_stats
 from loomcfm_core.models.loading import default_device
@@ -36,6 +39,7 @@ class Evaluation:
     rows: list[MethodResult]
     output_uri: str
     files: list[Path]           # local copies of what was written to output_uri (for MLflow artifacts)
+    latent_space: dict | None = None  # a latent model's autoencoder identity and scale
 
     def table(self) -> str:
         lines = [f"| method | NFE | {self.metric} | seconds |", "|---|---|---|---|"]
@@ -43,36 +47,76 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def output_uri_for(cfg: Config, checkpoint_uri: str) -> str:
-    """``<run>/eval/<checkpoint name>`` for our runs, ``<storage.root>/eval/<name>`` for outside checkpoints."""
+def output_uri_for(cfg: Config, checkpoint_uri: str, metric: str, methods: list[str], dataset_uri: str) -> str:
+    """Where one evaluation's results go: ``<run>/eval/<checkpoint>/<metric>-n<samples>-<hash>`` for our runs
+    (``<storage.root>/eval/<name>/...`` for outside checkpoints).
+
+    The last part is keyed by what decides the numbers (metric, sample count, methods, dataset), so a second
+    evaluation of the same checkpoint with other methods gets its own folder: nothing an earlier one wrote
+    is overwritten or left beside results it does not belong to, and repeating one rewrites the same files.
+    """
     run, sep, name = checkpoint_uri.rpartition("/checkpoints/")
     stem = name.rsplit(".", 1)[0] if sep else checkpoint_uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    return join(run, "eval", stem) if sep else join(absolute(cfg.storage.root), "eval", stem)
+    base = join(run, "eval", stem) if sep else join(absolute(cfg.storage.root), "eval", stem)
+    identity = {"metric": metric, "num_samples": cfg.eval.num_samples, "methods": methods, "dataset": dataset_uri}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return join(base, f"{metric}-n{cfg.eval.num_samples}-{digest}")
+
+
+def _place_labels(ax, points: list[tuple[float, float, str]], color: str, below: bool, placed: list) -> None:
+    """Label each point with its method, moving a label further out until it overlaps none in ``placed``
+    (the curves of two models share NFE values, so fixed offsets would print labels on top of each other)."""
+    renderer = ax.figure.canvas.get_renderer()
+    for x, y, text in points:
+        for step in range(12):
+            dy = (-10 - 9 * step) if below else (5 + 9 * step)
+            label = ax.annotate(text, (x, y), textcoords="offset points", xytext=(3, dy), fontsize=7, color=color,
+                                va="top" if below else "bottom")
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            label.remove()
+        placed.append(box)
 
 
 def plot_fd_vs_nfe(curves: dict[str, list[MethodResult]], metric: str, path: Path) -> Path:
-    """One line per model: distance against NFE (log axis), each point labelled with its method."""
+    """:func:`draw_fd_vs_nfe` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_fd_vs_nfe(curves, metric)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def draw_fd_vs_nfe(curves: dict[str, list[MethodResult]], metric: str):
+    """One line per model: distance against NFE (log axis with the NFE values as plain ticks), each point
+    labelled with its method, no two labels overlapping; returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, rows in curves.items():
-        rows = sorted(rows, key=lambda r: r.nfe)
-        ax.plot([r.nfe for r in rows], [r.distance for r in rows], marker="o", label=label)
-        for r in rows:
-            ax.annotate(r.method, (r.nfe, r.distance), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    curves = {label: sorted(rows, key=lambda r: r.nfe) for label, rows in curves.items()}
+    lines = [ax.plot([r.nfe for r in rows], [r.distance for r in rows], marker="o", label=label)[0]
+             for label, rows in curves.items()]
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(sorted({r.nfe for rows in curves.values() for r in rows})))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.margins(x=0.12, y=0.18)
     ax.set_xlabel("NFE (network evaluations per sample)")
     ax.set_ylabel(metric.upper() if metric == "fid" else metric)
     ax.set_title(f"{metric} vs NFE")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    placed: list = []
+    for i, (line, rows) in enumerate(zip(lines, curves.values())):
+        _place_labels(ax, [(r.nfe, r.distance, r.method) for r in rows], line.get_color(), i % 2 == 1, placed)
+    return fig
 
 
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, methods: list[str] | None = None,
@@ -80,14 +124,18 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, 
     """Score the checkpoint's EMA model with each method against the dataset's train statistics, sampling and
     extracting features on ``ray.num_workers`` workers (:mod:`loomcfm_core.generation`).
 
-    Grids, plot and tables are written to ``workdir`` (kept for the caller, e.g. to log them to MLflow)
-    and uploaded to ``output_uri``.
+    A latent model's samples are decoded first: distances and grids are always of images, scored against
+    the images a latent cache was encoded from. Grids, plot and tables are written to ``workdir`` (kept for
+    the caller, e.g. to log them to MLflow) and uploaded to the evaluation's own folder
+    (:func:`output_uri_for`), ``results.json`` last.
     """
     methods = methods or cfg.eval.methods
-    output_uri = output_uri or output_uri_for(cfg, checkpoint_uri)
-    network = feature_network(cfg, dataset_uri, device or default_device())
-    reference = reference_stats(cfg, dataset_uri, network)
-    sampled = eval_on_workers(cfg, checkpoint_uri, dataset_uri, methods, sample_seeds(cfg.eval.num_samples), device)
+    images_uri = image_dataset_of(dataset_uri)
+    network = feature_network(cfg, images_uri, device or default_device())
+    reference = reference_stats(cfg, images_uri, network)
+    output_uri = output_uri or output_uri_for(cfg, checkpoint_uri, network.metric, methods, dataset_uri)
+    sampled, space = eval_on_workers(cfg, checkpoint_uri, images_uri, methods, sample_seeds(cfg.eval.num_samples),
+                                     device)
     rows, files = [], []
     for method in methods:
         kept = sampled[method]
@@ -97,11 +145,12 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, 
         grid = workdir / f"samples_{method}.png"
         save_grid(torch.cat(kept.head)[:HEAD], grid, nrow=8)
         files.append(grid)
-    evaluation = Evaluation(network.metric, rows, output_uri, files)
+    evaluation = Evaluation(network.metric, rows, output_uri, files, space)
     files.append(plot_fd_vs_nfe({cfg.name: rows}, network.metric, workdir / "fd_vs_nfe.png"))
     (workdir / "results.json").write_text(json.dumps(
         {"metric": network.metric, "checkpoint_uri": checkpoint_uri, "dataset_uri": dataset_uri,
-         "num_samples": cfg.eval.num_samples, "rows": [asdict(r) for r in rows]}, indent=2))
+         "images_uri": images_uri, "num_samples": cfg.eval.num_samples, "methods": methods, "latent_space": space,
+         "rows": [asdict(r) for r in rows]}, indent=2))
     (workdir / "results.md").write_text(evaluation.table() + "\n")
     files += [workdir / "results.md", workdir / "results.json"]
     for path in files:  # results.json last: its presence means the evaluation is complete

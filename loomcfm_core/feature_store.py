@@ -11,9 +11,10 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from loomcfm_core.checksums import fetch_verified, sha256_file
+from loomcfm_core.checksums import expected_sha256, fetch_verified, sha256_file
 from loomcfm_core.config import Config
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.errors import MetricsError
@@ -27,16 +28,6 @@ CLASSIFIER_FILE = "classifier.pt"
 
 # ---- Inception weights -----------------------------------------------------------------------------------
 
-def _expected_sha256(cfg: Config, uri: str) -> str:
-    if cfg.eval.inception_sha256:
-        return cfg.eval.inception_sha256.lower()
-    sidecar = uri + ".sha256"
-    if storage_for(sidecar).exists(sidecar):
-        return storage_for(sidecar).read_text(sidecar).split()[0].lower()
-    raise MetricsError(f"eval.inception_weights={uri}: no hash to check it against; set eval.inception_sha256 "
-                       f"or keep the {sidecar} that `loomcfm weights fetch` writes")
-
-
 def inception_weights(cfg: Config) -> Path:
     """A verified local copy of the configured Inception weights (``eval.inception_weights``)."""
     uri = cfg.eval.inception_weights
@@ -46,7 +37,9 @@ def inception_weights(cfg: Config) -> Path:
     if not storage_for(uri).exists(uri):
         raise MetricsError(f"eval.inception_weights={uri}: file not found (`loomcfm weights fetch --to {uri}` "
                            "downloads it on a machine with internet access)")
-    expected = _expected_sha256(cfg, uri)
+    expected = expected_sha256(uri, cfg.eval.inception_sha256, name=f"eval.inception_weights={uri}",
+                               key="eval.inception_sha256", hint=" that `loomcfm weights fetch` writes",
+                               error=MetricsError)
     local = Path(cfg.data.local_cache).expanduser() / "weights" / f"inception-{expected[:16]}.pth"
     return fetch_verified(uri, local, expected, name=f"eval.inception_weights={uri}", error=MetricsError,
                           hint="the file is corrupt or not the pt_inception-2015-12-05 weights")
@@ -84,6 +77,12 @@ def train_dataset_classifier(dataset_uri: str, local_cache: str, seed: int = 0) 
         Its accuracy on the val split (the cache stage logs it: a poor classifier makes a poor metric).
     """
     train = ShardedDataset(dataset_uri, "train", local_cache=local_cache)
+    classes = np.unique(train.labels)
+    if len(classes) < 2:
+        raise MetricsError(f"eval.feature_network=classifier: {dataset_uri} has {len(classes)} class, and a "
+                           "classifier of one class has no features to compare; for FID set "
+                           "eval.feature_network=inception and eval.inception_weights=<path or URI of the "
+                           "TF-Inception weights> (`loomcfm weights fetch --to URI` downloads them once)")
     val = ShardedDataset(dataset_uri, "val", local_cache=local_cache)
     images = torch.stack([train[i][0] for i in range(len(train))])
     model = train_classifier(images, torch.from_numpy(train.labels), seed=seed)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from loomcfm_core.config import Config
-from loomcfm_core.data.cache import read_manifest
+from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.errors import MetricsError, StorageError, UsageError
 from loomcfm_core.feature_store import inception_weights, load_classifier

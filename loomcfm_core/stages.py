@@ -16,24 +16,28 @@ import mlflow
 import torch
 
 from loomcfm_core import kfp_env, reflow, tracking
+from loomcfm_core.checkpoint import checkpoint_sha256
 from loomcfm_core.config import Config
-from loomcfm_core.data.cache import cache_dataset, read_manifest
+from loomcfm_core.data.cache import cache_dataset
+from loomcfm_core.data.latents import cache_latents, image_dataset_of
+from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import UsageError
 from loomcfm_core.evaluation import evaluate as evaluate_checkpoint
-from loomcfm_core.evaluation import plot_fd_vs_nfe
 from loomcfm_core.feature_store import classifier_uri, train_dataset_classifier
 from loomcfm_core.kube.client import connect
 from loomcfm_core.kube.launcher import run_rayjob
 from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, load_template
 from loomcfm_core.metrics import feature_network, feature_network_kind, reference_stats
-from loomcfm_core.models.loading import default_device, load_model
+from loomcfm_core.models.loading import check_buildable, default_device, fitting_weights, load_flow, load_model
+from loomcfm_core.pipeline_summary import base_rows, record_summary, summary_table
 from loomcfm_core.results import CacheResult, EvalResult, PairsResult, RunResult, SampleResult, TrainResult
-from loomcfm_core.sampling import generate, sample_seeds, save_grid, to_uint8
+from loomcfm_core.sampling import check_method, generate, sample_seeds, save_grid
 from loomcfm_core.storage import is_remote, join, storage_for
 from loomcfm_core.training.launch import run_on_ray
 from loomcfm_core.training.loop import run_uri_for
 
 LAUNCHERS = ("local", "rayjob")
+EVALUATE_REFLOW = "evaluate_reflow"  # the label of the reflow model's evaluation, the last stage of a pipeline
 
 
 @contextmanager
@@ -47,7 +51,8 @@ def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None,
 
 def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
     """Cache ``cfg.data.source`` as HDF5 shards (a no-op when already cached), with what evaluation needs
-    beside it: the digits classifier and the reference feature statistics of the train split."""
+    beside it: the digits classifier and the reference feature statistics of the train split. With
+    ``model.autoencoder`` the train split is then encoded into a latent cache, which is what training reads."""
     with stage_run(cfg, "cache", parent_run_id):
         cached = cache_dataset(cfg)
         splits = cached.manifest["splits"]
@@ -58,7 +63,13 @@ def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
                                                                           cfg.train.seed)
             reference_stats(cfg, cached.uri, feature_network(cfg, cached.uri))
         # Inception statistics of a large train split are left to the first evaluation, which has a GPU.
-        mlflow.set_tag("loomcfm.dataset_uri", cached.uri)
+        if cfg.model.autoencoder is not None:
+            latents = cache_latents(cfg, cached)
+            result.dataset_uri, result.images_uri = latents.uri, cached.uri
+            result.created = cached.created or latents.created
+            result.latent_scale = latents.manifest["latent_space"]["scale"]
+            tracking.log_latent_space(latents.manifest["latent_space"])
+        mlflow.set_tag("loomcfm.dataset_uri", result.dataset_uri)
         numbers = {"num_train": result.num_train, "num_val": result.num_val,
                    "classifier_val_accuracy": result.classifier_val_accuracy}
         mlflow.log_metrics({k: float(v) for k, v in numbers.items() if v is not None})
@@ -66,23 +77,31 @@ def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
 
 
 def image_dataset_uri(cfg: Config, parent_run_id: str | None = None) -> str:
-    """The cached image dataset of a config: ``data.uri`` when it holds images, else the cache stage's."""
+    """The cached image dataset of a config: ``data.uri``'s images (its own, or those a latent cache was
+    encoded from) unless it holds reflow pairs, else the cache stage's."""
     if cfg.data.uri:
         manifest = read_manifest(cfg.data.uri)
-        if manifest is not None and manifest.get("kind", "images") == "images":
-            return cfg.data.uri
-    return cache(cfg, parent_run_id).dataset_uri
+        if manifest is not None and manifest.get("kind", "images") != "pairs":
+            return image_dataset_of(cfg.data.uri)
+    return image_dataset_of(cache(cfg, parent_run_id).dataset_uri)
 
 
-def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None) -> TrainResult:
+def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None,
+          wait: bool = False) -> TrainResult:
     """Train on Ray Train (resuming a rerun) and register the EMA model under the alias ``base`` or ``reflow``
     (MLflow reserves ``latest``). The run's ``result.json`` (written by training) gets the registration
-    beside it, so a launcher in another process reads the same result back."""
+    beside it, so a launcher in another process reads the same result back.
+
+    Args:
+        wait: when another training holds the run folder's lease, wait for it instead of failing.
+    """
+    check_buildable(cfg)  # before a dataset is cached for a network that cannot exist
     dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id).dataset_uri
-    summary = run_on_ray(cfg, dataset_uri, parent_run_id)
+    summary = run_on_ray(cfg, dataset_uri, parent_run_id, wait=wait)
     model = load_model(cfg, summary.checkpoint_uri, torch.device("cpu"))
     alias = "reflow" if cfg.coupling.kind == "pairs" else "base"
-    version = tracking.register_model(cfg, summary.mlflow_run_id, model, alias)
+    version = tracking.register_model(cfg, summary.mlflow_run_id, model, alias, summary.checkpoint_uri,
+                                      checkpoint_sha256(summary.checkpoint_uri))
     result = TrainResult(**vars(summary), model_version=version, model_alias=alias)
     result.commit_registration()
     return result
@@ -90,13 +109,15 @@ def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None
 
 def launch_train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None,
                  launcher: str = "local", pairs_uri: str = "", init_from: str = "", kfp_run_id: str = "",
-                 kfp_task: str = "") -> TrainResult:
+                 kfp_task: str = "", wait: bool = False) -> TrainResult:
     """The train (or, given ``pairs_uri``, reflow-train) stage, in-process on Ray or as a KubeRay RayJob
     shaped and run by the config's ``kube`` section.
 
     This is what the KFP train component and ``loomcfm train`` call: the launcher is a parameter, not
     another pipeline. ``kfp_run_id`` and ``kfp_task`` name a pipeline step's RayJob (a retried step finds
-    it again); without them the run folder does.
+    it again); without them the run folder does. ``wait``: a local training waits for another one holding
+    the run folder's lease instead of failing (a RayJob's entrypoint always waits: its retry follows a failed
+    attempt whose lease has to expire first).
     """
     if launcher not in LAUNCHERS:
         raise UsageError(f"launcher must be one of {', '.join(map(repr, LAUNCHERS))}, got {launcher!r}")
@@ -108,7 +129,7 @@ def launch_train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str
     if pairs_uri:
         cfg, dataset_uri = reflow.reflow_config(cfg, pairs_uri, init_from), pairs_uri
     if launcher == "local":
-        return train(cfg, dataset_uri, parent_run_id)
+        return train(cfg, dataset_uri, parent_run_id, wait=wait)
     dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id).dataset_uri
     return train_on_kubernetes(cfg, dataset_uri, parent_run_id, RunIdentity(run_uri_for(cfg, dataset_uri),
                                                                             kfp_run_id, kfp_task))
@@ -135,11 +156,18 @@ def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None
 
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, methods: list[str] | None = None,
              parent_run_id: str | None = None, label: str = "evaluate") -> EvalResult:
-    """Distance to the data (FID, or fd_<dataset>) and NFE for each sampling method, with grids and a plot."""
+    """Distance to the data (FID, or fd_<dataset>) and NFE for each sampling method, with grids and a plot.
+
+    Every method is checked and the checkpoint is loaded before anything else (no dataset is cached for a
+    checkpoint that does not fit, no method samples before a later one is found misspelt).
+    """
+    methods = [check_method(method) for method in (methods or cfg.eval.methods)]
+    fitting_weights(cfg, checkpoint_uri)
     dataset_uri = dataset_uri or image_dataset_uri(cfg, parent_run_id)
     with stage_run(cfg, label, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
             evaluation = evaluate_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
+            tracking.log_latent_space(evaluation.latent_space)
             for row in evaluation.rows:
                 mlflow.log_metrics({f"{evaluation.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe,
                                     f"seconds/{row.method}": row.seconds})
@@ -147,6 +175,8 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, m
                 mlflow.log_artifact(str(path), "eval")
         mlflow.set_tag("loomcfm.eval_uri", evaluation.output_uri)
     print(evaluation.table())
+    if label == EVALUATE_REFLOW and parent_run_id:  # the last stage of both pipelines
+        record_summary(cfg, parent_run_id, evaluation.metric, base_rows(cfg, parent_run_id), evaluation.rows)
     return EvalResult(evaluation.metric, evaluation.output_uri, checkpoint_uri, evaluation.rows, evaluation.table())
 
 
@@ -154,6 +184,7 @@ def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None) ->
     """Generate reflow (noise seed, sample) pairs from a checkpoint with ``reflow.method``."""
     with stage_run(cfg, "pairs", parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         uri, manifest = reflow.generate_pairs(cfg, checkpoint_uri)
+        tracking.log_latent_space(manifest.get("latent_space"))
         count = manifest["splits"]["train"]["count"]
         mlflow.set_tag("loomcfm.pairs_uri", uri)
         mlflow.log_metric("num_pairs", count)
@@ -162,22 +193,23 @@ def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None) ->
 
 def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, method: str, batch_size: int,
            nrows: int) -> SampleResult:
-    """PNG files and a grid from a checkpoint's EMA model (the reference's ``sample.py``)."""
+    """PNG files and a grid from a checkpoint's EMA model (the reference's ``sample.py``); a latent model's
+    samples are decoded to images."""
     from PIL import Image
 
     device = default_device()
-    model = load_model(cfg, checkpoint_uri, device)
-    shape = cfg.data.shape
-    samples = generate(model, shape, method, sample_seeds(num_images, offset=cfg.train.seed << 32), batch_size,
-                       device)
+    flow = load_flow(cfg, checkpoint_uri, device)
+    samples = generate(flow.model, cfg.flow_shape, method, sample_seeds(num_images, offset=cfg.train.seed << 32),
+                       batch_size, device)
+    images = flow.images(samples.images, device)
     store = storage_for(output)
     with tempfile.TemporaryDirectory() as tmp:
-        for i, image in enumerate(to_uint8(samples.images).numpy()):
+        for i, image in enumerate(images.numpy()):
             path = Path(tmp) / f"{i:05d}.png"
             Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(path)
             store.put(path, join(output, path.name))
         grid = Path(tmp) / "grid.png"
-        save_grid(samples.images, grid, nrow=nrows)
+        save_grid(images, grid, nrow=nrows)
         store.put(grid, join(output, "grid.png"))
     return SampleResult(output, num_images, method, samples.nfe, join(output, "grid.png"))
 
@@ -194,7 +226,8 @@ def start_pipeline_run(cfg: Config) -> str:
 
 
 def run(cfg: Config, tags: dict[str, str] | None = None) -> RunResult:
-    """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow → evaluate."""
+    """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow → evaluate;
+    the reflow evaluation records the summary on the parent run (:mod:`loomcfm_core.pipeline_summary`)."""
     with tracking.start_run(cfg, tracking.PIPELINE_STAGE, tags=tags) as parent:
         tracking.log_config(cfg)
         parent_id = parent.info.run_id
@@ -205,23 +238,7 @@ def run(cfg: Config, tags: dict[str, str] | None = None) -> RunResult:
         reflowed = launch_train(cfg, cached.dataset_uri, parent_id, pairs_uri=generated.pairs_uri,
                                 init_from=base.checkpoint_uri)
         reflow_eval = evaluate(cfg, reflowed.checkpoint_uri, cached.dataset_uri, parent_run_id=parent_id,
-                               label="evaluate_reflow")
-        summary = _summary(base_eval, reflow_eval)
-        with tempfile.TemporaryDirectory() as tmp:
-            curves = {"base": base_eval.rows, "reflow": reflow_eval.rows}
-            mlflow.log_artifact(str(plot_fd_vs_nfe(curves, base_eval.metric, Path(tmp) / "fd_vs_nfe.png")))
-            (Path(tmp) / "summary.md").write_text(summary + "\n")
-            mlflow.log_artifact(str(Path(tmp) / "summary.md"))
+                               label=EVALUATE_REFLOW)
+    summary = summary_table(base_eval.metric, base_eval.rows, reflow_eval.rows)
     return RunResult(parent_id, tracking.tracking_uri(cfg), cached.dataset_uri, base, base_eval, generated, reflowed,
                      reflow_eval, summary)
-
-
-def _summary(base_eval: EvalResult, reflow_eval: EvalResult) -> str:
-    metric = base_eval.metric
-    reflowed = {row.method: row for row in reflow_eval.rows}
-    lines = [f"| method | NFE base | {metric} base | NFE reflow | {metric} reflow |", "|---|---|---|---|---|"]
-    for row in base_eval.rows:
-        other = reflowed.get(row.method)
-        tail = f"{other.nfe:.1f} | {other.distance:.3f}" if other else "- | -"
-        lines.append(f"| {row.method} | {row.nfe:.1f} | {row.distance:.3f} | {tail} |")
-    return "\n".join(lines)

@@ -10,6 +10,7 @@ complete one. S3 endpoint and credentials come from the standard AWS variables (
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -17,10 +18,52 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from loomcfm_core.errors import StorageError
+from loomcfm_core.errors import PERMANENT_ERRNOS, StorageError, StorageUnavailable, UriError
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 S3_MAX_ATTEMPTS = 8
+TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "500", "502", "503", "504")
+
+# The URI forms every location takes (``storage.root``, ``data.uri``, ``--ckpt`` ...), defined here only.
+S3_PREFIX, FILE_PREFIX = "s3://", "file://"
+URI_FORMS = "a local path, file:///absolute/path or s3://bucket/prefix"
+LOCAL_FORMS = "a local path or file:///absolute/path"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
+
+
+def check_uri(uri: str, *, local: bool = False) -> str:
+    """``uri`` when it is one of the forms storage takes, else a :class:`UriError` saying what is expected.
+
+    A location that looks like a URI but is not one of ours (``S3://b``, ``s3:/b``, ``http://x``) is refused
+    rather than read as a local folder named ``s3:``, which would silently write where nobody looks.
+
+    Args:
+        local: only local forms are allowed (node-local folders such as ``data.local_cache``).
+    """
+    forms = LOCAL_FORMS if local else URI_FORMS
+    if not isinstance(uri, str) or not uri.strip():
+        raise UriError(f"{uri!r} is not a storage URI; expected {forms}")
+    scheme = _SCHEME.match(uri)
+    if scheme is None:
+        return uri
+    name, why = scheme.group(1), ""
+    if uri.startswith(S3_PREFIX):
+        bucket = urlparse(uri).netloc
+        if _BUCKET.match(bucket) and not local:
+            return uri
+        why = " (a node-local folder, not object storage)" if local else \
+            f" (bucket name {bucket!r}: lower-case letters, digits, '.' or '-')"
+    elif uri.startswith(FILE_PREFIX):
+        parsed = urlparse(uri)
+        if parsed.netloc in ("", "localhost") and parsed.path.startswith("/"):
+            return uri
+        why = " (file:// takes an absolute path: file:///data/x)"
+    elif name.lower() in ("s3", "file"):
+        prefix = f"{name.lower()}://"
+        why = f" (the scheme is {prefix} in lower case)" if uri.lower().startswith(prefix) else \
+            f" (missing '/': {prefix} then {'a bucket' if name.lower() == 's3' else 'an absolute path'})"
+    raise UriError(f"{uri!r} is not a storage URI{why}; expected {forms}")
 
 
 def join(uri: str, *parts: str) -> str:
@@ -32,7 +75,7 @@ def join(uri: str, *parts: str) -> str:
 
 
 def is_remote(uri: str) -> bool:
-    return uri.startswith("s3://")
+    return check_uri(uri).startswith(S3_PREFIX)
 
 
 def absolute(uri: str) -> str:
@@ -48,6 +91,10 @@ class Storage:
 
     def list(self, uri: str) -> list[str]:
         """URIs of all objects under a prefix/folder (recursively), sorted."""
+        raise NotImplementedError
+
+    def size(self, uri: str) -> int | None:
+        """The size in bytes of one object, None when there is none."""
         raise NotImplementedError
 
     def get(self, uri: str, local_path: str | Path) -> Path:
@@ -74,17 +121,28 @@ class Storage:
 
 def to_local_path(uri: str) -> Path:
     """The filesystem path of a plain path or ``file://`` URI."""
-    return Path(urlparse(uri).path if uri.startswith("file://") else uri).expanduser()
+    check_uri(uri, local=True)
+    return Path(urlparse(uri).path if uri.startswith(FILE_PREFIX) else uri).expanduser()
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    """Copy ``src`` to ``dst`` through a temporary sibling, so ``dst`` is whole or absent.
+
+    Raises:
+        StorageError: the disk is full, read-only or forbids the write (what no retry cures), naming ``dst``;
+            the temporary file is removed.
+    """
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, tmp)
         with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible: a crash leaves no empty file
             os.fsync(fh.fileno())
         os.replace(tmp, dst)
+    except OSError as exc:
+        if exc.errno not in PERMANENT_ERRNOS:
+            raise
+        raise StorageError(f"{dst}: cannot write it ({exc.strerror}); nothing was written") from exc
     finally:
         tmp.unlink(missing_ok=True)
     directory = os.open(dst.parent, os.O_RDONLY)
@@ -97,6 +155,10 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 class LocalStorage(Storage):
     def exists(self, uri: str) -> bool:
         return to_local_path(uri).exists()
+
+    def size(self, uri: str) -> int | None:
+        path = to_local_path(uri)
+        return path.stat().st_size if path.is_file() else None
 
     def list(self, uri: str) -> list[str]:
         root = to_local_path(uri)
@@ -173,9 +235,10 @@ class S3Storage(Storage):
                                    "AWS_SECRET_ACCESS_KEY and the bucket policy") from exc
             if code in ("NoSuchKey", "404"):
                 raise StorageError(f"{uri}: no such object") from exc
-            raise StorageError(f"{uri}: S3 error {code}: {exc}") from exc
+            error = StorageUnavailable if code in TRANSIENT_CODES else StorageError
+            raise error(f"{uri}: S3 error {code}: {exc}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"{uri}: S3 request failed after {S3_MAX_ATTEMPTS} attempts: {exc}") from exc
+            raise StorageUnavailable(f"{uri}: S3 request failed after {S3_MAX_ATTEMPTS} attempts: {exc}") from exc
 
     def exists(self, uri: str) -> bool:
         bucket, key = self.split(uri)
@@ -186,6 +249,15 @@ class S3Storage(Storage):
             if "no such object" in str(exc):
                 self._call(uri, self.client.head_bucket, Bucket=bucket)  # a missing bucket is an error
                 return False
+            raise
+
+    def size(self, uri: str) -> int | None:
+        bucket, key = self.split(uri)
+        try:
+            return self._call(uri, self.client.head_object, Bucket=bucket, Key=key)["ContentLength"]
+        except StorageError as exc:
+            if "no such object" in str(exc):
+                return None
             raise
 
     def list(self, uri: str) -> list[str]:
@@ -244,10 +316,8 @@ def _s3(endpoint: str | None, access_key: str | None) -> S3Storage:
 
 
 def storage_for(uri: str) -> Storage:
-    """The backend for a URI: ``s3://`` goes to S3, plain paths and ``file://`` to the local disk."""
-    scheme = urlparse(uri).scheme
-    if scheme == "s3":
+    """The backend for a URI (:func:`check_uri`): ``s3://`` goes to S3, plain paths and ``file://`` to the
+    local disk."""
+    if is_remote(uri):
         return _s3(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"))
-    if scheme in ("", "file") or len(scheme) == 1:  # len 1: a Windows drive letter
-        return LocalStorage()
-    raise StorageError(f"{uri}: unsupported scheme {scheme!r}; use a local path, file:// or s3://")
+    return LocalStorage()

@@ -28,11 +28,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core.config import Config
-from loomcfm_core.errors import TrackingError
+from loomcfm_core.errors import TrackingError, TrackingUnavailable
+from loomcfm_core.models.autoencoder import LatentSpace
+from loomcfm_core.processes import stopped_by
+from loomcfm_core.run_status import FAILED, KILLED, alive, end_as, holder_tags, reap_dead_runs
 
 STAGE_TAG = "loomcfm.stage"
 KFP_RUN_TAG = "kfp.run_id"  # on a pipeline's parent run: the KFP run it belongs to
 PIPELINE_STAGE = "pipeline"
+CHECKPOINT_TAG, CHECKPOINT_SHA_TAG = "loomcfm.checkpoint_uri", "loomcfm.checkpoint_sha256"
 CONFIG_ARTIFACT = "config.yaml"
 log = logging.getLogger(__name__)
 SERVER_SCHEMES = ("http", "https")
@@ -93,7 +97,7 @@ def _name_unreachable_server(uri: str) -> Iterator[None]:
         yield
     except MlflowException as exc:
         if _is_connection_failure(exc):
-            raise TrackingError(f"cannot reach the MLflow tracking server at {uri}; is it running and is "
+            raise TrackingUnavailable(f"cannot reach the MLflow tracking server at {uri}; is it running and is "
                                 f"tracking.uri right? ({exc.message})") from exc
         if exc.error_code == "UNAUTHENTICATED":
             raise TrackingError(f"the MLflow tracking server at {uri} refused the credentials: set "
@@ -137,29 +141,70 @@ def _run_exists(uri: str, run_id: str) -> bool:
 
 
 @contextmanager
-def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None,
-              tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+              run_id: str | None = None, attach: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Make ``run_name`` the active MLflow run in the config's store and experiment for the ``with`` body.
 
     ``parent_run_id`` makes it a child run even in another process (a Ray worker, a KFP pod); pass the id
     explicitly rather than through ``MLFLOW_RUN_ID``, which would make MLflow resume that run instead.
     Inside another active run of this process the parent is implied (``parent_run_id``, if given, must be
     that run). The run is tagged ``loomcfm.stage=<run_name>`` (``tags`` may override) so stages can be found
-    across pipeline runs, and it ends FAILED if the body raises. ``run_id`` reopens an existing run instead
-    (a resumed training job keeps logging into the run it started).
+    across pipeline runs. ``run_id`` reopens an existing run instead (a resumed training keeps logging into
+    the run it started).
+
+    The process that opens a run holds it (:mod:`loomcfm_core.run_status`): it first marks FAILED the runs
+    that dead processes left RUNNING, keeps a heartbeat on its own, and ends it KILLED on SIGINT/SIGTERM
+    (``KeyboardInterrupt``) or FAILED on an error, giving a parent that status too. ``attach`` only logs into
+    a run another process holds (Ray workers, into the run their driver opened).
     """
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
     exp_id = experiment_id(cfg)
+    client = MlflowClient(uri)
+    if not attach:
+        reap_dead_runs(client, exp_id)
     if run_id and _run_exists(uri, run_id):
-        with mlflow.start_run(run_id=run_id, nested=True) as run:
-            yield run
-        return
-    # nested=True: without it MLflow refuses a second run in a process even when parent_run_id names the
-    # active one; with no active run it changes nothing.
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=True, parent_run_id=parent_run_id,
-                          tags={STAGE_TAG: run_name, **(tags or {})}) as run:
-        yield run
+        opened = mlflow.start_run(run_id=run_id, nested=True)
+    else:
+        # nested=True: without it MLflow refuses a second run in a process even when parent_run_id names the
+        # active one; with no active run it changes nothing.
+        opened = mlflow.start_run(experiment_id=exp_id, run_name=run_name, nested=True, parent_run_id=parent_run_id,
+                                  tags={STAGE_TAG: run_name, **(tags or {}), **({} if attach else holder_tags())})
+    with opened as run:
+        if attach:
+            try:
+                yield run
+            finally:
+                _leave(run)
+            return
+        parent = parent_run_id or run.data.tags.get("mlflow.parentRunId")
+        try:
+            with alive(client, run.info.run_id):
+                yield run
+        except BaseException as exc:
+            killed = isinstance(exc, KeyboardInterrupt)
+            status = KILLED if killed else FAILED
+            mlflow.end_run(status)
+            reason = f"stopped by {stopped_by()}" if killed else f"{type(exc).__name__}: {str(exc)[:200]}"
+            try:
+                end_as(client, run.info.run_id, status, parent, reason)
+            except Exception as tracking_exc:  # noqa: BLE001 - the store may be what failed: keep exc
+                log.warning("could not record why run %s ended: %s", run.info.run_id, tracking_exc)
+            raise
+
+
+def _leave(run: mlflow.ActiveRun) -> None:
+    """Stop logging into a run another process holds without ending it.
+
+    MLflow's ``ActiveRun.__exit__`` ends the active run FINISHED, or FAILED on any exception, and Ray stops a
+    worker with SIGTERM (``SystemExit``) right after its driver ended the run KILLED: the worker would overwrite
+    that. The holder alone decides how its run ends, so the run is taken off this process's stack of active
+    runs (``mlflow/tracking/fluent.py``, ``end_run`` pops it the same way before ``set_terminated``), which
+    makes ``__exit__`` leave it alone; MLflow has no public call that does only this.
+    """
+    stack = mlflow.tracking.fluent._active_run_stack.get()
+    if stack and stack[-1].info.run_id == run.info.run_id:
+        stack.pop()
 
 
 def find_pipeline_run(cfg: Config, kfp_run_id: str) -> str | None:
@@ -202,19 +247,44 @@ def log_config(cfg: Config) -> None:
     mlflow.log_text(cfg.to_yaml(), CONFIG_ARTIFACT)
 
 
+def log_latent_space(space: dict | None) -> None:
+    """Record a latent run's autoencoder (kind, format, path, sha256, ...) and the scale in effect on the
+    active run, as ``autoencoder.*`` params and ``autoencoder.json``; nothing for a pixel-space run.
 
-def register_model(cfg: Config, run_id: str, model: torch.nn.Module, alias: str) -> str:
-    """Log ``model`` to the run and register it as ``loomcfm-<name>`` with ``alias``; returns the version.
+    The scale is its own param: the config's ``model.autoencoder.scale`` is often null (computed at cache
+    time), and MLflow never lets a param change once logged.
+    """
+    if space is None:
+        return
+    mlflow.log_params(LatentSpace.from_dict(space).params())
+    mlflow.log_dict(space, "autoencoder.json")
 
-    Pickle serialisation with explicit requirements: MLflow's default ``pt2`` export needs an input example
-    and takes seconds for what is a plain ``state_dict`` round trip here.
+
+def register_model(cfg: Config, run_id: str, model: torch.nn.Module, alias: str, checkpoint_uri: str,
+                   checkpoint_sha256: str) -> str:
+    """Register the model of a checkpoint as ``loomcfm-<name>`` with ``alias``; returns the version.
+
+    A checkpoint is registered once: its version is tagged with the checkpoint's URI and sha256, and a
+    rerun of a finished training (same checkpoint, same bytes) gets that version back, with the alias
+    moved to it, instead of a new one. Pickle serialisation with explicit requirements: MLflow's default
+    ``pt2`` export needs an input example and takes seconds for what is a plain ``state_dict`` round trip.
     """
     name = f"loomcfm-{cfg.name}"
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    with mlflow.start_run(run_id=run_id, nested=True):
-        info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", registered_model_name=name,
-                                        serialization_format="pickle",
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "loomcfm"])
-    version = str(info.registered_model_version)
-    MlflowClient(tracking_uri(cfg)).set_registered_model_alias(name, alias, version)
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    found = client.search_model_versions(f"name = '{name}' and tags.`{CHECKPOINT_SHA_TAG}` = '{checkpoint_sha256}'")
+    same = [v for v in found if v.tags.get(CHECKPOINT_TAG) == checkpoint_uri]
+    if same:
+        version = str(min(int(v.version) for v in same))
+        log.info("%s is registered already as %s version %s", checkpoint_uri, name, version)
+    else:
+        with mlflow.start_run(run_id=run_id, nested=True):
+            info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", registered_model_name=name,
+                                            serialization_format="pickle",
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "loomcfm"])
+        version = str(info.registered_model_version)
+        client.set_model_version_tag(name, version, CHECKPOINT_TAG, checkpoint_uri)
+        client.set_model_version_tag(name, version, CHECKPOINT_SHA_TAG, checkpoint_sha256)
+    client.set_registered_model_alias(name, alias, version)
     return version

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -44,8 +45,9 @@ def arguments(pipeline: str, config: str | None, overrides: list[str], checkpoin
     return args
 
 
-def run_local(pipeline: str, args: dict, pipeline_root: str, caching: bool = False) -> dict:
-    """Run with kfp.local in this Python environment (no containers); returns the pipeline's outputs.
+def run_local(pipeline: str, args: dict, pipeline_root: str, caching: bool = False) -> str:
+    """Run with kfp.local in this Python environment (no containers); returns the parent MLflow run's id,
+    which the ``prepare`` step reported in this run's folder under ``pipeline_root``.
 
     The steps get a fresh ``KFP_RUN_ID`` (a cluster's pods get it from their ``pipeline/runid`` label), so
     they find this run's parent MLflow run; ``caching`` lets kfp.local reuse a step whose inputs are those of
@@ -57,13 +59,16 @@ def run_local(pipeline: str, args: dict, pipeline_root: str, caching: bool = Fal
     func, _ = PIPELINES[pipeline]
     previous = os.environ.get(RUN_ID_ENV)
     os.environ[RUN_ID_ENV] = f"local-{uuid.uuid4()}"
+    before = set(Path(pipeline_root).glob("*/prepare/executor_output.json"))
     try:
-        return func(**args)
+        func(**args)
     finally:
         if previous is None:
             os.environ.pop(RUN_ID_ENV, None)
         else:
             os.environ[RUN_ID_ENV] = previous
+    (output,) = set(Path(pipeline_root).glob("*/prepare/executor_output.json")) - before
+    return json.loads(output.read_text())["parameterValues"]["parent_run_id"]
 
 
 def submit(host: str, pipeline: str, args: dict, experiment: str | None = None, schedule: str | None = None,

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -21,7 +22,10 @@ def test_sample_writes_pngs_and_a_grid(tmp_path, checkpoint, capsys):
     assert sorted(p.name for p in out.glob("0*.png")) == [f"{i:05d}.png" for i in range(10)]
     assert Image.open(out / "00000.png").size == (8, 8)
     grid = Image.open(out / "grid.png")
-    assert grid.size == (5 * 9 + 1, 2 * 9 + 1)  # 5 per row, 1-pixel padding
+    assert grid.size == (5 * 66 + 2, 2 * 66 + 2)  # 5 per row, each 8x8 image shown at 64x64, 2-pixel padding
+    cell = np.asarray(grid.convert("L"))[2:66, 2:66].reshape(8, 8, 8, 8)  # [row, y in block, col, x in block]
+    assert (cell == cell[:, :1, :, :1]).all(), "enlarged by nearest neighbour: each pixel an 8x8 square"
+    assert np.array_equal(cell[:, 0, :, 0], np.asarray(Image.open(out / "00000.png").convert("L")))
     assert '"nfe": 4.0' in capsys.readouterr().out
 
 
@@ -31,7 +35,8 @@ def test_sample_rejects_bad_input(tmp_path, checkpoint, capsys):
     assert "expected <solver>-<steps>" in capsys.readouterr().err
     assert main(["sample", "--ckpt", checkpoint, "--output", str(tmp_path), "--num_images", "2",
                  "--method", "euler-1", "--set", "model.channels=64"]) == 1
-    assert "weights do not fit the configured model" in capsys.readouterr().err
+    assert "weights do not fit the configured model (--config / --set model.*): it was trained with other " \
+           "model.attn_resolutions ([] -> [4]), model.channels (32 -> 64)" in capsys.readouterr().err
     torch.save({"something": 1}, tmp_path / "junk.pt")
     assert main(["sample", "--ckpt", str(tmp_path / "junk.pt"), "--output", str(tmp_path), "--num_images", "2",
                  "--method", "euler-1", *_sets()]) == 1

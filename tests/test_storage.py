@@ -1,3 +1,4 @@
+import re
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -7,7 +8,8 @@ import pytest
 import requests
 
 from loomcfm_core import storage
-from loomcfm_core.storage import StorageError, join, storage_for
+from loomcfm_core.errors import UriError
+from loomcfm_core.storage import StorageError, check_uri, join, storage_for
 
 
 @pytest.fixture(params=["local", "file", "s3"])
@@ -171,5 +173,36 @@ def test_transient_errors_are_retried(s3_bucket, moto_server, monkeypatch, tmp_p
 
 
 def test_unsupported_scheme():
-    with pytest.raises(StorageError, match="unsupported scheme 'gs'"):
+    with pytest.raises(StorageError, match=r"'gs://bucket/x' is not a storage URI; expected a local path"):
         storage_for("gs://bucket/x")
+
+
+@pytest.mark.parametrize("uri, why", [
+    ("s3:/b/x", "missing '/': s3:// then a bucket"),
+    ("S3://b/x", "the scheme is s3:// in lower case"),
+    ("http://x/y", ""),
+    ("gs://bucket/x", ""),
+    ("file:/x", "missing '/': file:// then an absolute path"),
+    ("file://host/x", "file:// takes an absolute path"),
+    ("s3://My_Bucket/x", "bucket name 'My_Bucket'"),
+    ("", ""),
+])
+def test_locations_that_are_not_storage_uris_are_refused(uri, why):
+    """Nothing that looks like a URI is read as a local folder named after its scheme."""
+    with pytest.raises(UriError, match=re.escape(f"{uri!r} is not a storage URI") + r".*expected a local path"):
+        check_uri(uri)
+    if why:
+        with pytest.raises(UriError, match=re.escape(why)):
+            storage_for(uri)
+
+
+@pytest.mark.parametrize("uri", ["loomcfm-data", "/abs/x", "~/x", "file:///abs/x", "file://localhost/abs/x",
+                                 "s3://bucket", "s3://my-bucket.data/prefix/x"])
+def test_storage_uris_are_taken(uri):
+    assert check_uri(uri) == uri
+
+
+def test_node_local_folders_are_local_only():
+    assert check_uri("/tmp/x", local=True) == "/tmp/x"
+    with pytest.raises(UriError, match="a node-local folder, not object storage"):
+        check_uri("s3://bucket/x", local=True)

@@ -4,10 +4,11 @@ Layout under ``<storage.root>/datasets/<name>-<hash>/``::
 
     train/shard-00000.h5 ...   images uint8 [n,C,H,W] (one chunk per image), labels int64 [n]
     val/shard-00000.h5 ...
-    manifest.json              written last: counts, shape, source, config hash, sha256 per shard
+    manifest.json              written last: counts, shape, source, config hash, sha256 and size per shard
 
 The manifest is the commit marker: a dataset without one is incomplete and is rebuilt, and a dataset whose
-manifest carries the same hash is reused without reading the source again.
+manifest carries the same hash and whose shards are as it lists them is reused without reading the source
+again; one with a damaged shard is rebuilt.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +28,12 @@ from tqdm.auto import tqdm
 
 from loomcfm_core.checksums import sha256_file
 from loomcfm_core.config import Config, DataConfig
+from loomcfm_core.data.manifest import MANIFEST, read_manifest, verify_shards
 from loomcfm_core.data.sources import SPLITS, Source, open_source
 from loomcfm_core.errors import StorageError
 from loomcfm_core.storage import absolute, join, storage_for
 
 FORMAT = "loomcfm-hdf5-v1"
-MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
 
 
@@ -40,17 +41,8 @@ def cache_key(data: DataConfig, source: Source) -> str:
     """Hash of everything that determines the shards' bytes: format, source identity and shape settings."""
     identity = {"format": FORMAT, "source": source.description, "fingerprint": source.fingerprint(),
                 "channels": data.channels, "resolution": data.resolution, "resize": data.resize,
-                "shard_size": data.shard_size}
+                "convert": data.convert, "shard_size": data.shard_size}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def read_manifest(uri: str) -> dict | None:
-    """The manifest of a dataset URI, or None when the dataset is missing or incomplete."""
-    store = storage_for(uri)
-    manifest_uri = join(uri, MANIFEST)
-    if not store.exists(manifest_uri):
-        return None
-    return json.loads(store.read_text(manifest_uri))
 
 
 class ShardWriter:
@@ -97,10 +89,10 @@ class ShardWriter:
     def _flush(self) -> None:
         self._file.close()
         name = self._path.relative_to(self.workdir).as_posix()
-        digest = sha256_file(self._path)
+        digest, size = sha256_file(self._path), self._path.stat().st_size
         self.store.put(self._path, join(self.uri, name))
         self._path.unlink()
-        self.shards.append({"path": name, "count": self._count, "sha256": digest})
+        self.shards.append({"path": name, "count": self._count, "sha256": digest, "size": size})
         self._file = None
 
     def close(self) -> list[dict]:
@@ -111,8 +103,14 @@ class ShardWriter:
 
 
 def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], shard_size: int,
-                  manifest: dict, totals: dict[str, int | None] | None = None, desc: str = "caching") -> dict:
-    """Stream each split's batches into shards under ``uri``, then commit ``manifest.json`` last."""
+                  manifest: dict, totals: dict[str, int | None] | None = None, desc: str = "caching",
+                  finish: Callable[[dict], dict] | None = None) -> dict:
+    """Stream each split's batches into shards under ``uri``, then commit ``manifest.json`` last.
+
+    Args:
+        finish: completes the manifest after the last shard, before it is committed: for what is known only
+            once the data is written (the latent scale).
+    """
     written = {}
     with tempfile.TemporaryDirectory(prefix="loomcfm-cache-") as tmp:
         for split, batches in splits.items():
@@ -123,16 +121,22 @@ def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], 
                     writer.write(arrays)
                     bar.update(len(next(iter(arrays.values()))))
             written[split] = writer.close()
-    return commit_manifest(uri, manifest, written)
+    return commit_manifest(uri, manifest, written, finish)
 
 
-def commit_manifest(uri: str, manifest: dict, shards: dict[str, list[dict]]) -> dict:
-    """Write ``manifest.json`` for shards already uploaded (each split's in order): the dataset's commit."""
+def commit_manifest(uri: str, manifest: dict, shards: dict[str, list[dict]],
+                    finish: Callable[[dict], dict] | None = None) -> dict:
+    """Write ``manifest.json`` for shards already uploaded (each split's in order): the dataset's commit.
+
+    Args:
+        finish: completes the manifest once every split is known to be non-empty (see ``write_dataset``).
+    """
     splits = {split: {"count": sum(s["count"] for s in listed), "shards": listed} for split, listed in shards.items()}
     for split, info in splits.items():
         if info["count"] == 0:
             raise StorageError(f"{uri}: split {split!r} produced no items")
-    manifest = dict(manifest, format=FORMAT, splits=splits,
+    manifest = dict(manifest, format=FORMAT, splits=splits)
+    manifest = dict(finish(manifest) if finish else manifest,
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     storage_for(uri).write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2))
     return manifest
@@ -151,13 +155,30 @@ def dataset_uri(cfg: Config, key: str) -> str:
     return join(absolute(cfg.storage.root), "datasets", f"{cfg.data.name}-{key}")
 
 
+def intact_manifest(uri: str, key: str, local_cache: str) -> dict | None:
+    """The manifest of a complete dataset written for ``key`` whose shards are all as it lists them; None
+    when there is none. A damaged one (a shard modified, truncated or deleted since) loses its manifest
+    first, so while it is rebuilt nothing looks complete."""
+    existing = read_manifest(uri)
+    if existing is None or existing.get("config_hash") != key:
+        return None
+    try:
+        verify_shards(uri, existing, local_cache)
+    except StorageError as exc:
+        log.warning("%s: rebuilding it (%s)", uri, str(exc).split("; ")[0])
+        storage_for(uri).delete(join(uri, MANIFEST))
+        return None
+    return existing
+
+
 def cache_dataset(cfg: Config) -> CachedDataset:
-    """Cache ``cfg.data.source`` under the storage root; a no-op when the same inputs are already cached."""
+    """Cache ``cfg.data.source`` under the storage root; a no-op when the same inputs are already cached and
+    intact, a rebuild when a shard was damaged since."""
     source = open_source(cfg.data)
     key = cache_key(cfg.data, source)
     uri = dataset_uri(cfg, key)
-    existing = read_manifest(uri)
-    if existing is not None and existing.get("config_hash") == key:
+    existing = intact_manifest(uri, key, cfg.data.local_cache)
+    if existing is not None:
         log.info("dataset already cached at %s (%s): nothing to do", uri,
                  ", ".join(f"{s}={v['count']}" for s, v in existing["splits"].items()))
         return CachedDataset(uri, existing, created=False)

@@ -1,65 +1,49 @@
 """Random-access reading of a cached dataset, from a node-local copy of its shards.
 
-Remote shards are downloaded once per node into ``data.local_cache`` and checked against the manifest's
-sha256 before use, so a torn or stale copy is never read. With ``hflip`` the dataset doubles: index
+Every shard is checked against the manifest before use (:mod:`loomcfm_core.data.manifest`): remote ones are
+copied once per node into ``data.local_cache`` and checked there, local ones where they are, so a torn,
+stale or modified shard is never read. With ``hflip`` the dataset doubles: index
 ``i + N`` is image ``i`` mirrored, so a flipped image is a data point of its own (LOOM gives it its own
-noise seeds).
+noise seeds). A latent cache stores those points already (flipped in pixel space, then encoded).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from loomcfm_core.checksums import fetch_verified
-from loomcfm_core.data.cache import read_manifest
-from loomcfm_core.errors import StorageError, UsageError
-from loomcfm_core.storage import is_remote, join, to_local_path
-
-
-def local_shards(uri: str, manifest: dict, split: str, local_cache: str) -> list[Path]:
-    """Local paths of a split's shards, downloading and verifying remote ones that are not yet on this node."""
-    if split not in manifest["splits"]:
-        raise StorageError(f"{uri}: no split {split!r} (has {', '.join(manifest['splits'])})")
-    paths = []
-    for shard in manifest["splits"][split]["shards"]:
-        remote = join(uri, shard["path"])
-        if not is_remote(uri):
-            paths.append(to_local_path(remote))
-            continue
-        local = Path(local_cache).expanduser() / "datasets" / uri.rstrip("/").rsplit("/", 1)[-1] / shard["path"]
-        paths.append(fetch_verified(remote, local, shard["sha256"],
-                                    hint="the dataset is corrupt, re-run `loomcfm cache`"))
-    return paths
+from loomcfm_core.data.manifest import local_shards, require_manifest
+from loomcfm_core.errors import UsageError
 
 
 class ShardedDataset(Dataset):
     """Items are ``(image float32 [C,H,W] in [-1, 1], label, index)``; ``index`` is the LOOM data-point id.
 
     A reflow-pairs dataset (manifest ``kind: pairs``) serves its generated ``target`` instead of an image,
-    and exposes every item's noise seed as ``pair_seeds``.
+    and exposes every item's noise seed as ``pair_seeds``. A latent cache (``kind: latents``) serves its
+    stored rows as float32 (:mod:`loomcfm_core.data.latents`).
     """
 
     def __init__(self, uri: str, split: str = "train", hflip: bool = False,
                  local_cache: str = "~/.cache/loomcfm") -> None:
-        manifest = read_manifest(uri)
-        if manifest is None:
-            raise StorageError(f"{uri}: no manifest.json; the dataset is missing or incomplete "
-                               "(run `loomcfm cache` first)")
+        manifest = require_manifest(uri)
         self.is_pairs = manifest.get("kind") == "pairs"
         if self.is_pairs and hflip:
             raise UsageError(f"{uri} holds reflow pairs, whose noise is fixed per target: set data.hflip=false")
+        # A latent cache holds its flipped points as rows N..2N-1: they are read, not mirrored.
+        self.stored_flips = manifest.get("kind") == "latents" and manifest["hflip"]
+        if manifest.get("kind") == "latents" and split == "train" and hflip != manifest["hflip"]:
+            raise UsageError(f"{uri} was encoded with data.hflip={str(manifest['hflip']).lower()}: set it so")
         self.uri, self.manifest, self.hflip = uri, manifest, hflip
-        self.array = "target" if self.is_pairs else "images"
+        self.array = manifest.get("array", "target" if self.is_pairs else "images")
         self.paths = local_shards(uri, manifest, split, local_cache)
         counts = [s["count"] for s in manifest["splits"][split]["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        self.num_images = int(self.offsets[-1])
+        self.num_images = int(self.offsets[-1]) // (2 if self.stored_flips else 1)
         self.labels = self._read_all("labels")
         self.pair_seeds = torch.from_numpy(self._read_all("seeds")) if self.is_pairs else None
         self._images: dict[int, h5py.Dataset] = {}
@@ -86,19 +70,22 @@ class ShardedDataset(Dataset):
         return self._images[shard]
 
     def read(self, index: int) -> tuple[np.ndarray, int]:
-        """The raw stored item (uint8 images, float32 pair targets) and its label, flipped past N."""
+        """The raw stored item (uint8 images, float32 pair targets, float16 latents) and its label, flipped
+        past N."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
-        flip, image_index = divmod(index, self.num_images)
-        shard = int(np.searchsorted(self.offsets, image_index, side="right")) - 1
-        item = self._shard_images(shard)[image_index - int(self.offsets[shard])]
-        return (item[..., ::-1] if flip else item), int(self.labels[image_index])
+        flip, row = (0, index) if self.stored_flips else divmod(index, self.num_images)
+        shard = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        item = self._shard_images(shard)[row - int(self.offsets[shard])]
+        return (item[..., ::-1] if flip else item), int(self.labels[row])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         item, label = self.read(index)
         image = torch.from_numpy(np.ascontiguousarray(item))
         if image.dtype == torch.uint8:
             image = image.float().div_(127.5).sub_(1.0)
+        elif image.dtype == torch.float16:
+            image = image.float()
         return image, label, index
 
     def __getstate__(self) -> dict:

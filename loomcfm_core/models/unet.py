@@ -83,7 +83,8 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_head_channels: int) -> None:
         super().__init__()
         if channels % num_head_channels:
-            raise UsageError(f"attention channels {channels} not divisible by num_head_channels {num_head_channels}")
+            raise UsageError(f"model.num_head_channels={num_head_channels} does not divide the attention width "
+                             f"{channels} (model.channels x model.channel_mult at an attention resolution)")
         self.num_heads = channels // num_head_channels
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)

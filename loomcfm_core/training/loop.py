@@ -16,10 +16,14 @@ from loomcfm_core.checkpoint import latest_checkpoint, load_checkpoint, load_ema
 from loomcfm_core.config import Config
 from loomcfm_core.coupling import Coupling
 from loomcfm_core.data.dataset import ShardedDataset
+from loomcfm_core.data.latents import training_targets
 from loomcfm_core.errors import TrainingError
+from loomcfm_core.identity import default_run_name
+from loomcfm_core.lease import check_held
 from loomcfm_core.storage import absolute, join
 from loomcfm_core.training.distributed import barrier, gather_objects
 from loomcfm_core.training.pipelined import CouplingPlanner
+from loomcfm_core.training.preflight import apply_schedule, check_resume, total_steps
 from loomcfm_core.training.sampler import GlobalBatchSampler
 from loomcfm_core.training.step import TrainState, build_state, train_step
 from loomcfm_core.training.summary import TrainSummary, write_summary
@@ -28,21 +32,16 @@ from loomcfm_core.training.tracker import Tracker
 log = logging.getLogger(__name__)
 
 
-def default_run_name(cfg: Config, dataset_uri: str) -> str:
-    """``<name>-<hash>`` of what determines the training: data, model, coupling, train settings, dataset."""
-    digest = hashlib.sha256((cfg.digest("data", "model", "coupling", "train") + dataset_uri).encode())
-    return f"{cfg.name}-{digest.hexdigest()[:10]}"
-
-
 def run_uri_for(cfg: Config, dataset_uri: str) -> str:
-    """The run's folder: a rerun of the same training finds its checkpoints there and resumes."""
+    """The run's folder: a rerun of the same training (same identity keys, :mod:`loomcfm_core.identity`)
+    finds its checkpoints there and resumes."""
     return join(absolute(cfg.storage.root), "runs", cfg.train.run_name or default_run_name(cfg, dataset_uri))
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
 
 def _rng_state(state: TrainState) -> dict:
-    rng = {"cpu": torch.get_rng_state(), "t": state.t_generator.get_state()}
+    rng = {"cpu": torch.get_rng_state(), "t": state.t_generator.get_state(), **state.targets.rng_state()}
     if state.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(state.device)
     return rng
@@ -61,12 +60,13 @@ def _check_tables_agree(state: TrainState) -> list[str]:
     return hashes
 
 
-def checkpoint_state(state: TrainState, rank_rngs: list[dict], mlflow_run_id: str | None) -> dict:
-    """Everything a resume needs, ``rank_rngs`` being every rank's RNG states in rank order."""
+def checkpoint_state(state: TrainState, rank_rngs: list[dict], mlflow_run_id: str | None, dataset_uri: str) -> dict:
+    """Everything a resume needs, ``rank_rngs`` being every rank's RNG states in rank order; the config and
+    dataset it was trained with let a resume check that it continues the same training."""
     return {"step": state.step, "model": state.raw.state_dict(), "ema": state.ema.model.state_dict(),
             "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
             "coupling": state.coupling.state_dict(), "rng": rank_rngs, "config_yaml": state.cfg.to_yaml(),
-            "mlflow_run_id": mlflow_run_id}
+            "mlflow_run_id": mlflow_run_id, "dataset_uri": dataset_uri, "latent_space": state.targets.space}
 
 
 def restore(state: TrainState, ckpt: dict, rank: int, world_size: int) -> None:
@@ -85,6 +85,7 @@ def restore(state: TrainState, ckpt: dict, rank: int, world_size: int) -> None:
         rng = ckpt["rng"][rank]
         torch.set_rng_state(rng["cpu"])
         state.t_generator.set_state(rng["t"])
+        state.targets.set_rng_state(rng)
         if "cuda" in rng and state.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], state.device)
 
@@ -96,12 +97,15 @@ def initialise_from(state: TrainState, uri: str) -> None:
     state.ema.model.load_state_dict(weights)
 
 
-def _save(state: TrainState, run_uri: str, rank: int, tracker: Tracker) -> str:
+def _save(state: TrainState, run_uri: str, dataset_uri: str, rank: int, tracker: Tracker,
+          lease_token: str | None) -> str:
     rngs = gather_objects(_rng_state(state))
     _check_tables_agree(state)
     uri = join(run_uri, "checkpoints", f"step-{state.step:08d}.pt")
     if rank == 0:
-        uri = save_checkpoint(checkpoint_state(state, rngs, tracker.run_id), run_uri, state.step,
+        if lease_token:
+            check_held(run_uri, lease_token)
+        uri = save_checkpoint(checkpoint_state(state, rngs, tracker.run_id, dataset_uri), run_uri, state.step,
                               state.cfg.train.keep_checkpoints)
         tracker.checkpoint_saved(uri)
     barrier()  # nobody resumes or finishes before the checkpoint is committed
@@ -111,26 +115,37 @@ def _save(state: TrainState, run_uri: str, rank: int, tracker: Tracker) -> str:
 # ---- the loop --------------------------------------------------------------------------------------------
 
 def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank: int = 0, world_size: int = 1,
-        parent_run_id: str | None = None) -> TrainSummary:
+        parent_run_id: str | None = None, mlflow_run_id: str | None = None,
+        lease_token: str | None = None) -> TrainSummary:
     """Train one rank to ``train.max_steps`` (or ``train.epochs``), resuming from the run's latest checkpoint.
 
     Rank 0 logs to MLflow, writes checkpoints and commits the summary to ``<run_uri>/result.json``; every
-    rank must call this (collectives inside).
+    rank must call this (collectives inside). A resume must continue the same training
+    (:func:`~loomcfm_core.training.preflight.check_resume`) and follows the current schedule.
+
+    Args:
+        mlflow_run_id: the MLflow run the driver opened for this training (rank 0 logs into it); without
+            one, rank 0 opens its own (or reopens the checkpoint's).
+        lease_token: the driver's lease on the run folder; rank 0 checks it is still held before it writes
+            (:func:`~loomcfm_core.lease.check_held`).
 
     Returns:
         The summary (rank 0's view): the final checkpoint, every rank's table hash, the last logged metrics.
     """
     dataset = ShardedDataset(dataset_uri, "train", hflip=cfg.data.hflip, local_cache=cfg.data.local_cache)
     state = build_state(cfg, len(dataset), device, rank, world_size, dataset.pair_seeds)
+    state.targets = training_targets(dataset, cfg.train.seed, rank)
     sampler = GlobalBatchSampler(dataset.num_images, cfg.train.batch_size, rank, world_size, cfg.train.seed,
                                  cfg.data.hflip)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * sampler.steps_per_epoch
+    last_step = total_steps(cfg, dataset.num_images)
 
-    resume_uri, mlflow_run_id = latest_checkpoint(run_uri), None
+    resume_uri, run_id = latest_checkpoint(run_uri), mlflow_run_id
     if resume_uri:
         ckpt = load_checkpoint(resume_uri, map_location="cpu")
+        check_resume(ckpt, resume_uri, cfg, dataset_uri)
         restore(state, ckpt, rank, world_size)
-        mlflow_run_id = ckpt.get("mlflow_run_id")
+        apply_schedule(state)
+        run_id = run_id or ckpt.get("mlflow_run_id")
         log.info("rank %d resumed from %s (step %d)", rank, resume_uri, state.step)
     elif cfg.train.init_from:
         initialise_from(state, cfg.train.init_from)
@@ -142,30 +157,33 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
                                          persistent_workers=cfg.data.num_workers > 0,
                                          generator=torch.Generator().manual_seed(cfg.train.seed))
     tracker = Tracker(cfg, state, rank, sampler.steps_per_epoch, parent_run_id,
-                      {"loomcfm.run_uri": run_uri, "loomcfm.dataset_uri": dataset_uri}, resume_uri, mlflow_run_id)
-    planner = CouplingPlanner(state.coupling, cfg.train.batch_size, cfg.train.checkpoint_every, total_steps,
-                              cfg.coupling.pipelined, device)
+                      {"loomcfm.run_uri": run_uri, "loomcfm.dataset_uri": dataset_uri}, resume_uri, run_id,
+                      attach=mlflow_run_id is not None)
+    planner = CouplingPlanner(state.coupling, cfg.train.batch_size, cfg.train.checkpoint_every, last_step,
+                              cfg.coupling.pipelined, device, state.targets)
     last_ckpt = resume_uri
     with tracker:
-        bar = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc=f"train {cfg.name}",
+        bar = tqdm(total=last_step, initial=state.step, disable=rank != 0, desc=f"train {cfg.name}",
                    unit="step", mininterval=2.0, dynamic_ncols=True)
-        while state.step < total_steps:
+        while state.step < last_step:
             epoch, skip = divmod(state.step, sampler.steps_per_epoch)
             sampler.set_position(epoch, skip)
             for x1, index, assigned in planner.batches(loader, state.step):
                 metrics = train_step(state, x1.to(device, non_blocking=True), index, assigned)
                 tracker.step_done(metrics, len(x1) * world_size)
                 bar.update(1)
-                if state.step % cfg.train.checkpoint_every == 0 or state.step == total_steps:
-                    last_ckpt = _save(state, run_uri, rank, tracker)
-                if state.step >= total_steps:
+                if state.step % cfg.train.checkpoint_every == 0 or state.step == last_step:
+                    last_ckpt = _save(state, run_uri, dataset_uri, rank, tracker, lease_token)
+                if state.step >= last_step:
                     break
         bar.close()
         if last_ckpt is None or not last_ckpt.endswith(f"step-{state.step:08d}.pt"):
-            last_ckpt = _save(state, run_uri, rank, tracker)  # e.g. resumed at the end already
+            last_ckpt = _save(state, run_uri, dataset_uri, rank, tracker, lease_token)  # e.g. resumed at the end already
         summary = TrainSummary(run_uri=run_uri, dataset_uri=dataset_uri, step=state.step, checkpoint_uri=last_ckpt,
                                mlflow_run_id=tracker.run_id, table_hashes=_check_tables_agree(state),
                                metrics=dict(tracker.last))
         if rank == 0:
+            if lease_token:
+                check_held(run_uri, lease_token)
             write_summary(summary)
         return summary

@@ -17,6 +17,11 @@ from loomcfm_core.training.distributed import mean_across_ranks
 from loomcfm_core.training.step import TrainState
 
 
+def train_label(cfg: Config) -> str:
+    """The train stage's MLflow run name: ``train_reflow`` for a reflow training, else ``train``."""
+    return "train_reflow" if cfg.coupling.kind == "pairs" else "train"
+
+
 class Tracker:
     """Logs a training run; ``last`` holds the most recently logged interval's means.
 
@@ -24,12 +29,15 @@ class Tracker:
         tags: set on a new run (the run and dataset URIs).
         resumed_from: the checkpoint a resumed run continues from (the config is then already logged).
         run_id: the MLflow run a resumed training keeps logging into, from its checkpoint.
+        attach: ``run_id`` is held by another process (the driver that started the workers, which logged the
+            config and ends the run); only log into it.
     """
 
     def __init__(self, cfg: Config, state: TrainState, rank: int, steps_per_epoch: int, parent_run_id: str | None,
-                 tags: dict[str, str], resumed_from: str | None, run_id: str | None) -> None:
+                 tags: dict[str, str], resumed_from: str | None, run_id: str | None, attach: bool = False) -> None:
         self.cfg, self.state, self.rank, self.steps_per_epoch = cfg, state, rank, steps_per_epoch
         self.parent_run_id, self.tags, self.resumed_from, self.run_id = parent_run_id, tags, resumed_from, run_id
+        self.attach = attach
         self.last: dict[str, float] = {}
         self._reset()
 
@@ -39,13 +47,15 @@ class Tracker:
 
     def __enter__(self) -> Tracker:
         if self.rank == 0:
-            self._run = tracking.start_run(self.cfg, "train", parent_run_id=self.parent_run_id, tags=self.tags,
-                                           run_id=self.run_id)
+            self._run = tracking.start_run(self.cfg, train_label(self.cfg), parent_run_id=self.parent_run_id,
+                                           tags=self.tags, run_id=self.run_id, attach=self.attach)
             self.run_id = self._run.__enter__().info.run_id
-            if self.resumed_from is None:
+            if not self.attach and self.resumed_from is None:
                 tracking.log_config(self.cfg)
-            else:
+            elif not self.attach:
                 mlflow.set_tag("loomcfm.resumed_from", self.resumed_from)
+            # Only the workers know the latent space (the dataset's); the params are the same on every resume.
+            tracking.log_latent_space(self.state.targets.space)
         return self
 
     def __exit__(self, *exc) -> None:

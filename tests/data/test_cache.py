@@ -13,7 +13,8 @@ from PIL import Image
 from loomcfm_core.cli import main
 from loomcfm_core.config import load_config
 from loomcfm_core.data import cache as cache_module
-from loomcfm_core.data.cache import cache_dataset, read_manifest
+from loomcfm_core.data.cache import cache_dataset
+from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.data.sources import SourceError
 from loomcfm_core.storage import StorageError
@@ -152,7 +153,7 @@ def test_cli_cache_to_s3(tmp_path, s3_bucket, capsys):
     assert (local_cache / "datasets" / name / "val" / "shard-00000.h5").is_file()
     boto3.client("s3").put_object(Bucket=s3_bucket, Key=f"prefix/datasets/{name}/val/shard-00000.h5", Body=b"x")
     (local_cache / "datasets" / name / "val" / "shard-00000.h5").write_bytes(b"stale")
-    with pytest.raises(StorageError, match="checksum mismatch"):
+    with pytest.raises(StorageError, match=r"val/shard-00000.h5: size mismatch: 1 bytes, expected \d+"):
         ShardedDataset(out["dataset_uri"], "val", local_cache=str(local_cache))
 
 

@@ -518,6 +518,7 @@ def test_rayjobs_train_on_their_own_cluster(name, monkeypatch):
         argv = shell_argv(spec["entrypoint"], submitter_env)
         assert argv[:2] == ["loomcfm", "train"]
         args, cfg = cli_run(argv, head_env, monkeypatch)
+        assert args.wait, "a retry (a new cluster) waits for the failed attempt's lease on the run folder"
         # The driver joins this cluster and asks for exactly the worker group's resources.
         limits = [g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in groups]
         assert cfg.ray.address == "auto"

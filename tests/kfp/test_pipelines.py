@@ -1,5 +1,7 @@
 """Kubeflow Pipelines: compiled packages up to date, real kfp.local runs and early config errors."""
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -11,7 +13,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core import IMAGE
-from loomcfm_core.config import ConfigError
+from loomcfm_core.cli import main
+from loomcfm_core.config import ConfigError, load_config_text
+from loomcfm_core.pipeline_summary import read_summary_table
 from pipelines import runner
 from pipelines.common import CLUSTER_PARAMETERS, TRAIN_RETRIES
 
@@ -45,6 +49,8 @@ def test_compiled_packages_are_up_to_date(tmp_path):
     assert all(e["secretAsEnv"][0]["keyToEnv"][0]["envVar"] == "AWS_ACCESS_KEY_ID" for e in executors.values())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {IMAGE}
+    assert "evaluate" in spec["root"]["dag"]["tasks"]["evaluate-2"]["dependentTasks"], \
+        "the reflow evaluation records the summary with the base rows: it must wait for the base evaluation"
 
 
 def test_train_steps_name_their_rayjob_pass_the_cluster_shape_and_are_retried():
@@ -118,11 +124,14 @@ def local_runs(tmp_path_factory):
     level = root_logger.level
     root_logger.addHandler(handler)
     root_logger.setLevel(logging.INFO)  # kfp.local reports a cache hit with logging.info on the root logger
+    printed = io.StringIO()
     try:
-        args = runner.arguments("full", "digits", sets, None)
-        runner.run_local("full", args, str(root / "full"), caching=True)
+        with contextlib.redirect_stdout(printed):  # the full pipeline as `loomcfm pipeline run-local` runs it
+            code = main(["pipeline", "run-local", "--cache", "--pipeline-root", str(root / "full"),
+                         *[arg for item in sets for arg in ("--set", item)]])
+        assert code == 0
         first = len(handler.messages)
-        runner.run_local("full", args, str(root / "full"), caching=True)
+        runner.run_local("full", runner.arguments("full", "digits", sets, None), str(root / "full"), caching=True)
         second = handler.messages[first:]
         model = json.loads(_run_dirs(root, "full")[0].joinpath("train", "model").read_text())
         reflow_sets = [*sets, "reflow.num_pairs=128", "reflow.method=euler-2", "reflow.max_steps=10"]
@@ -132,7 +141,7 @@ def local_runs(tmp_path_factory):
         root_logger.removeHandler(handler)
         root_logger.setLevel(level)
         os.chdir(cwd)
-    return root, model, second
+    return root, model, second, printed.getvalue()
 
 
 def _run_dirs(root, pipeline):
@@ -146,7 +155,7 @@ def _outputs(root, pipeline, step):
 
 
 def test_full_pipeline_steps_and_lineage(local_runs):
-    root, model, _ = local_runs
+    root, model, _, _ = local_runs
     steps = {p.name for p in _run_dirs(root, "full")[0].iterdir()}
     assert steps == {"prepare", "cache", "train", "evaluate", "pairs", "train-2", "evaluate-2"}
     assert model["uri"].endswith("step-00000030.pt") and Path(model["uri"]).is_file()
@@ -161,7 +170,7 @@ def test_full_pipeline_steps_and_lineage(local_runs):
 def test_a_second_run_reuses_the_deterministic_steps(local_runs):
     """Same config, caching on: kfp.local finds cache, evaluate and pairs under the keys of the first run and
     skips them (sdk/local/orchestrator/task_executor.py logs the hit); prepare and training run again."""
-    root, _, second = local_runs
+    root, _, second, _ = local_runs
     hits = {m.split()[1] for m in second if " cache hit " in m}
     assert {"cache", "pairs", "evaluate"} <= hits, second
     assert not hits & {"prepare", "train", "train-2"}, hits
@@ -172,7 +181,7 @@ def test_a_second_run_reuses_the_deterministic_steps(local_runs):
 
 
 def test_mlflow_runs_of_the_pipelines(local_runs):
-    root, _, _ = local_runs
+    root, _, _, printed = local_runs
     client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("loomcfm-digits").experiment_id])
     parents = [r for r in runs if r.data.tags.get("loomcfm.stage") == "pipeline"]
@@ -181,12 +190,21 @@ def test_mlflow_runs_of_the_pipelines(local_runs):
     by_parent = {p.info.run_id: sorted(r.data.tags["loomcfm.stage"] for r in runs
                                        if r.data.tags.get("mlflow.parentRunId") == p.info.run_id) for p in parents}
     assert sorted(by_parent.values()) == sorted([
-        ["cache", "evaluate", "evaluate_reflow", "pairs", "train", "train"], RERUN_CHILDREN,
-        ["cache", "evaluate_reflow", "pairs", "train"]])
+        ["cache", "evaluate", "evaluate_reflow", "pairs", "train", "train_reflow"], RERUN_CHILDREN,
+        ["cache", "evaluate_reflow", "pairs", "train_reflow"]])
+    full = next(p for p in parents if len(by_parent[p.info.run_id]) == 6)
+    assert {"base/fd_digits/euler-1", "base/nfe/euler-4", "reflow/fd_digits/euler-4", "reflow/nfe/euler-1"} <= \
+        set(full.data.metrics), "the parent run carries the summary (what the runs table compares)"
+    table = read_summary_table(load_config_text("digits", [f"tracking.local_dir={root / 'runs'}"]), full.info.run_id)
+    assert table.startswith("| method | NFE base | fd_digits base | NFE reflow | fd_digits reflow |")
+    assert f"\n{table}\n" in printed, "run-local ends with the table `loomcfm run` prints"
+    reflow_only = next(p for p in parents if len(by_parent[p.info.run_id]) == 4)
+    assert "| euler-4 | - | - |" in read_summary_table(load_config_text("digits", [f"tracking.local_dir={root / 'runs'}"]),
+                                                          reflow_only.info.run_id), "no base model in that pipeline"
 
 
 def test_reflow_pipeline_applied_its_overrides(local_runs):
-    root, model, _ = local_runs
+    root, model, _, _ = local_runs
     pairs = json.loads((_run_dirs(root, "reflow")[0] / "pairs" / "dataset").read_text())
     assert pairs["num_pairs"] == 128 and pairs["method"] == "euler-2"
     trained = json.loads((_run_dirs(root, "reflow")[0] / "train" / "model").read_text())

@@ -35,8 +35,14 @@ def test_build_model_follows_the_config():
 def test_weights_of_another_network_are_refused_naming_the_file(tmp_path):
     small = load_config("digits", SMALL)
     uri = save_checkpoint({"ema": build_model(small).state_dict()}, str(tmp_path / "run"), step=1, keep=1)
-    with pytest.raises(CheckpointError, match=r"step-00000001\.pt: weights do not fit the configured model "
-                                              r"\(check --config/model\.\*\): Error\(s\) in loading state_dict"):
+    with pytest.raises(CheckpointError, match=r"step-00000001\.pt: the weights do not fit the configured model "
+                                              r"\(--config / --set model\.\*\): \d+ tensors of another shape "
+                                              r"\(checkpoint vs config\), e\.g\. time_embed\.0\.weight \(128, 32\) "
+                                              r"vs \(256, 64\)"):
         load_model(load_config("digits", [*SMALL, "model.channels=64"]), uri, torch.device("cpu"))
+    trained = save_checkpoint({"ema": build_model(small).state_dict(), "config_yaml": small.to_yaml()},
+                              str(tmp_path / "run2"), step=1, keep=1)
+    with pytest.raises(CheckpointError, match=r"trained with other model\.channels \(32 -> 64\) \(checkpoint -> config\)"):
+        load_model(load_config("digits", [*SMALL, "model.channels=64"]), trained, torch.device("cpu"))
     loaded = load_model(small, uri, torch.device("cpu"))
     assert not loaded.training, "a loaded model is ready to sample (eval mode: no dropout)"

@@ -57,7 +57,7 @@ def test_a_fresh_network_outputs_zero_and_takes_a_scalar_time():
 
 def test_attention_needs_whole_heads():
     assert AttentionBlock(64, 32).num_heads == 2
-    with pytest.raises(UsageError, match="attention channels 48 not divisible by num_head_channels 32"):
+    with pytest.raises(UsageError, match=r"model.num_head_channels=32 does not divide the attention width 48"):
         AttentionBlock(48, 32)
-    with pytest.raises(UsageError, match="not divisible"):  # the middle block attends at 32 channels
+    with pytest.raises(UsageError, match="does not divide the attention width 32"):  # the middle block attends at 32
         UNetModel(1, 8, 32, [1], 1, [], num_head_channels=64)

@@ -1,0 +1,19 @@
+"""The one configuration tree every front door (CLI, KFP component, k8s Job) validates: ``schema`` (the
+sections and their checks) and ``loading`` (presets, files, ``extends:``, ``--set`` overrides)."""
+
+from loomcfm_core.config.loading import (
+    DEFAULT_PRESET,
+    apply_overrides,
+    config_text,
+    load_config,
+    load_config_text,
+    preset_names,
+    suggest_key,
+    validate,
+)
+from loomcfm_core.config.schema import Config, DataConfig, ModelConfig
+from loomcfm_core.config.tree import flatten
+from loomcfm_core.errors import ConfigError
+
+__all__ = ["DEFAULT_PRESET", "Config", "ConfigError", "DataConfig", "ModelConfig", "apply_overrides", "config_text",
+           "flatten", "load_config", "load_config_text", "preset_names", "suggest_key", "validate"]

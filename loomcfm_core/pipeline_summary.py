@@ -1,0 +1,79 @@
+"""A pipeline's result on its parent MLflow run: distance and NFE per method for the base and the reflowed
+model, as metrics (``base/fd_digits/euler-4``, ``reflow/nfe/euler-4``, ...) that compare across pipeline
+runs in the runs table, plus ``summary.md`` (the table ``loomcfm run`` and ``loomcfm pipeline run-local``
+print) and ``fd_vs_nfe.png`` with both curves.
+
+The reflow evaluation, the last stage of both pipelines, records it, wherever it runs: ``loomcfm run``'s
+process or a KFP step that finds the base evaluation among its parent's children.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from loomcfm_core import tracking
+from loomcfm_core.config import Config
+from loomcfm_core.evaluation import MethodResult, plot_fd_vs_nfe
+from loomcfm_core.storage import join, storage_for
+
+SUMMARY_FILE = "summary.md"
+
+
+def summary_table(metric: str, base: list[MethodResult], reflowed: list[MethodResult]) -> str:
+    """The base-vs-reflow table, one row per method of either (``-`` where one of them lacks it)."""
+    rows = {"base": {r.method: r for r in base}, "reflow": {r.method: r for r in reflowed}}
+    methods = list(dict.fromkeys([r.method for r in base] + [r.method for r in reflowed]))
+    lines = [f"| method | NFE base | {metric} base | NFE reflow | {metric} reflow |", "|---|---|---|---|---|"]
+    for method in methods:
+        cells = [f"{rows[m][method].nfe:.1f} | {rows[m][method].distance:.3f}" if method in rows[m] else "- | -"
+                 for m in ("base", "reflow")]
+        lines.append(f"| {method} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def summary_metrics(metric: str, curves: dict[str, list[MethodResult]]) -> dict[str, float]:
+    """``<model>/<metric>/<method>`` and ``<model>/nfe/<method>`` for each model's rows."""
+    out = {}
+    for model, rows in curves.items():
+        for row in rows:
+            out[f"{model}/{metric}/{row.method}"] = row.distance
+            out[f"{model}/nfe/{row.method}"] = row.nfe
+    return out
+
+
+def base_rows(cfg: Config, parent_run_id: str) -> list[MethodResult]:
+    """The rows of the base model's evaluation under the same parent (none in the reflow pipeline)."""
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    runs = client.search_runs([tracking.experiment_id(cfg)], max_results=5, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                            f"tags.`{tracking.STAGE_TAG}` = 'evaluate' and attributes.status = 'FINISHED'")
+    if not runs or "loomcfm.eval_uri" not in runs[0].data.tags:
+        return []
+    uri = join(runs[0].data.tags["loomcfm.eval_uri"], "results.json")
+    return [MethodResult(**row) for row in json.loads(storage_for(uri).read_text(uri))["rows"]]
+
+
+def record_summary(cfg: Config, parent_run_id: str, metric: str, base: list[MethodResult],
+                   reflowed: list[MethodResult]) -> str:
+    """Log the summary metrics, ``summary.md`` and the two-curve plot to the parent run; returns the table."""
+    table = summary_table(metric, base, reflowed)
+    curves = {name: rows for name, rows in (("base", base), ("reflow", reflowed)) if rows}
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    for key, value in summary_metrics(metric, curves).items():
+        client.log_metric(parent_run_id, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / SUMMARY_FILE).write_text(table + "\n")
+        client.log_artifact(parent_run_id, str(Path(tmp) / SUMMARY_FILE))
+        client.log_artifact(parent_run_id, str(plot_fd_vs_nfe(curves, metric, Path(tmp) / "fd_vs_nfe.png")))
+    return table
+
+
+def read_summary_table(cfg: Config, parent_run_id: str) -> str:
+    """The table a pipeline recorded on its parent run (for ``loomcfm pipeline run-local`` to print)."""
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    return mlflow.artifacts.load_text(f"runs:/{parent_run_id}/{SUMMARY_FILE}").rstrip("\n")

@@ -1,0 +1,123 @@
+"""The local Ray a command starts for itself: started, recorded, and never left behind.
+
+``ray.init()`` without an address starts a head node (GCS, raylet, dashboard, and the raylet's dashboard
+and runtime-env agents) as children of this process. A normal exit shuts it down, but a killed driver
+(``kill -9``, a lost terminal) leaves the two agents running, and they ignore SIGTERM. So the processes of
+every local Ray we start are recorded in ``~/.cache/loomcfm/ray/<pid>.json`` (host, pid and start time of
+each), and:
+
+- :func:`stop_local_ray` (on SIGTERM/SIGINT and at the end of the command) shuts Ray down and kills what
+  is left of the recorded processes;
+- :func:`start_local_ray` first cleans up after earlier commands whose process is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from loomcfm_core.processes import Holder, start_time
+
+RECORDS = Path("~/.cache/loomcfm/ray")
+GRACE_SECONDS = 5.0
+log = logging.getLogger(__name__)
+
+
+def _records() -> Path:
+    return RECORDS.expanduser()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # exited while we looked
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _kill(processes: list[Holder]) -> list[Holder]:
+    """SIGTERM every process still alive (same pid and start time), SIGKILL what is left after a grace
+    period; returns the processes that were alive."""
+    alive = [p for p in processes if p.alive()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for process in alive:
+            try:
+                os.kill(process.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + GRACE_SECONDS
+        while sig == signal.SIGTERM and time.monotonic() < deadline and any(p.alive() for p in alive):
+            time.sleep(0.1)
+    return alive
+
+
+def record_processes() -> Path:
+    """Write (or refresh) this process's record of the local Ray it started: every descendant now."""
+    me = Holder.me()
+    processes = [Holder(me.host, pid, started) for pid in descendants(me.pid)
+                 if (started := start_time(pid)) is not None]
+    path = _records() / f"{me.pid}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"owner": me.to_dict(), "processes": [p.to_dict() for p in processes]}))
+    os.replace(tmp, path)
+    return path
+
+
+def clean_orphans() -> list[Holder]:
+    """Kill the recorded Ray processes of earlier commands on this host whose owner is gone; returns them."""
+    cleaned = []
+    for path in sorted(_records().glob("*.json")) if _records().is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+            continue
+        owner = Holder.from_dict(record.get("owner", {}))
+        if not owner.local or owner.alive():
+            continue
+        killed = _kill([Holder.from_dict(p) for p in record.get("processes", [])])
+        if killed:
+            log.warning("killed %d Ray processes left behind by %s (which is gone): %s", len(killed), owner,
+                        ", ".join(str(p.pid) for p in killed))
+        cleaned += killed
+        path.unlink(missing_ok=True)
+    return cleaned
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """Start a local Ray for this process (after cleaning up what killed commands left) and record it."""
+    import ray
+
+    clean_orphans()
+    ray.init(**init_kwargs)
+    record_processes()
+
+
+def stop_local_ray() -> None:
+    """Shut down the local Ray this process started and kill what survives of it (the agents ignore SIGTERM
+    and outlive a raylet that is killed rather than stopped)."""
+    import ray
+
+    path = _records() / f"{os.getpid()}.json"
+    recorded = []
+    if path.is_file():
+        recorded = [Holder.from_dict(p) for p in json.loads(path.read_text()).get("processes", [])]
+    if ray.is_initialized():
+        ray.shutdown()
+    _kill(recorded)
+    path.unlink(missing_ok=True)

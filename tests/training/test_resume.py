@@ -1,0 +1,93 @@
+"""Resuming through the CLI: "train longer" continues the same run folder, a changed identity is refused with
+the keys, a changed schedule is refused unless allowed and then applied and recorded, and a rerun of a
+finished training registers nothing new."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
+from tests.run_cli import TINY, error_line, run, sets, store_sets
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 10-step training under the default run name, then the same command with ``train.max_steps=20`` and
+    other free keys (logging, checkpoints, loader workers)."""
+    root = tmp_path_factory.mktemp("resume")
+    first = run("train", *sets(*TINY, "train.max_steps=10", "train.checkpoint_every=5"), *store_sets(root), cwd=root)
+    assert first.returncode == 0, first.stderr[-4000:]
+    longer = run("train", *sets(*TINY, "train.max_steps=20", "train.checkpoint_every=4", "train.log_every=2",
+                                "data.num_workers=1"), *store_sets(root), cwd=root)
+    assert longer.returncode == 0, longer.stderr[-4000:]
+    return root, _result(first), _result(longer), longer.stderr
+
+
+def _result(proc) -> dict:
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+def _mlflow(root) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+
+
+def test_train_longer_resumes_the_same_run_from_its_last_step(trained):
+    root, first, longer, stderr = trained
+    assert longer["run_uri"] == first["run_uri"], "free keys do not make another run folder"
+    assert f"resumed from {first['run_uri']}/checkpoints/step-00000010.pt (step 10)" in stderr
+    assert longer["step"] == 20 and longer["mlflow_run_id"] == first["mlflow_run_id"]
+    assert [s for s, _ in list_checkpoints(first["run_uri"])] == [12, 16, 20]
+    history = _mlflow(root).get_metric_history(first["mlflow_run_id"], "checkpoint/step")
+    assert sorted(m.value for m in history) == [5, 10, 12, 16, 20], "one MLflow run across both commands"
+
+
+def test_a_changed_identity_is_refused_listing_the_keys(trained):
+    root, first, _, _ = trained
+    name = first["run_uri"].rsplit("/", 1)[-1]
+    proc = run("train", *sets(*TINY, "train.max_steps=30", f"train.run_name={name}", "model.dropout=0.2",
+                              "coupling.kind=independent"), *store_sets(root), cwd=root)
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert re.search(rf"{first['run_uri']}/checkpoints/step-00000020\.pt: this run was trained with other "
+                     r'coupling\.kind \("loom" -> "independent"\), model\.dropout \(0\.1 -> 0\.2\) \(checkpoint -> now\); '
+                     r"these define the model and the data order and cannot change on resume", line), line
+    assert "Started training worker group" not in proc.stderr, "refused before any worker starts"
+
+
+def test_a_rerun_of_a_finished_training_registers_no_new_version(trained):
+    root, first, longer, _ = trained
+    client = _mlflow(root)
+    before = client.search_model_versions("name = 'loomcfm-digits'")
+    again = run("train", *sets(*TINY, "train.max_steps=20"), *store_sets(root), cwd=root)
+    assert again.returncode == 0, again.stderr[-4000:]
+    result = _result(again)
+    assert result["model_version"] == longer["model_version"] and result["checkpoint_uri"] == longer["checkpoint_uri"]
+    assert "finished at step 20 already" in again.stderr and "Started training worker group" not in again.stderr
+    assert len(client.search_model_versions("name = 'loomcfm-digits'")) == len(before)
+    version = client.get_model_version("loomcfm-digits", result["model_version"])
+    assert version.tags["loomcfm.checkpoint_uri"] == longer["checkpoint_uri"]
+
+
+def test_a_schedule_change_is_applied_and_recorded_only_when_allowed(trained):
+    root, first, _, _ = trained
+    name = first["run_uri"].rsplit("/", 1)[-1]
+    args = ["train", *sets(*TINY, "train.max_steps=25", f"train.run_name={name}", "train.lr=5e-4",
+                           "train.warmup_steps=10"), *store_sets(root)]
+    refused = run(*args, cwd=root)
+    assert refused.returncode == 2
+    assert re.search(r"train: train\.lr \(0\.001 -> 0\.0005\), train\.warmup_steps \(5 -> 10\) differ from the run's "
+                     r"latest checkpoint .*step-00000020\.pt \(checkpoint -> now\); to change the schedule on resume, "
+                     r"allow it: --allow-change train\.lr --allow-change train\.warmup_steps", error_line(refused))
+    allowed = run(*args, "--allow-change", "train.lr", "--allow-change", "train.warmup_steps", cwd=root)
+    assert allowed.returncode == 0, allowed.stderr[-4000:]
+    ckpt = load_checkpoint(_result(allowed)["checkpoint_uri"])
+    assert ckpt["step"] == 25
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["initial_lr"] == 5e-4 and group["lr"] == pytest.approx(5e-4), "warm-up of 10 steps is over at 25"
+    run_data = _mlflow(root).get_run(first["mlflow_run_id"]).data
+    assert run_data.tags["loomcfm.changed.train.lr"] == "0.001 -> 0.0005 at step 20"
+    assert run_data.params["train.lr/step_20"] == "0.0005" and run_data.params["train.lr"] == "0.001"
