@@ -1,7 +1,8 @@
 """Reflow: (noise, sample) pairs from a trained model, and the config that trains on them.
 
 Each pair is stored as the noise *seed* (int64, regenerated on the training device exactly like LOOM's
-noise) and the generated target (float32), in the same sharded HDF5 layout as any cached dataset, so the
+noise) and the generated target (``reflow.target_dtype``: 8-bit pixels by default, float32 on request,
+:mod:`loomcfm_core.data.pairs`), in the same sharded HDF5 layout as any cached dataset, so the
 reflow stage reuses the whole data path. Generation is content-addressed like ``cache``: the same
 checkpoint, method and count is a no-op.
 """
@@ -18,6 +19,7 @@ import torch
 
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import intact_manifest, write_dataset
+from loomcfm_core.data.pairs import store_targets
 from loomcfm_core.models.loading import default_device, load_model
 from loomcfm_core.sampling import generate, sample_seeds
 from loomcfm_core.storage import absolute, join
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 
 def pairs_uri_for(cfg: Config, checkpoint_uri: str) -> tuple[str, str]:
     identity = {"checkpoint": checkpoint_uri, "method": cfg.reflow.method, "num_pairs": cfg.reflow.num_pairs,
-                "model": cfg.model.model_dump(mode="json"), "shard_size": cfg.data.shard_size}
+                "model": cfg.model.model_dump(mode="json"), "shard_size": cfg.data.shard_size,
+                "target_dtype": cfg.reflow.target_dtype}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return join(absolute(cfg.storage.root), "datasets", f"{cfg.data.name}-pairs-{key}"), key
 
@@ -44,7 +47,7 @@ def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None
     model = load_model(cfg, checkpoint_uri, device)
     shape = cfg.data.shape
     seeds = sample_seeds(cfg.reflow.num_pairs, offset=PAIR_SEED_OFFSET)
-    nfes = []
+    nfes, dtype = [], cfg.reflow.target_dtype
 
     def batches() -> Iterator[dict[str, np.ndarray]]:
         step = cfg.sample.batch_size
@@ -52,11 +55,11 @@ def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None
             chunk = seeds[start:start + step]
             samples = generate(model, shape, cfg.reflow.method, chunk, step, device, desc="reflow pairs")
             nfes.append(samples.nfe)
-            yield {"target": samples.images.numpy().astype(np.float32), "seeds": chunk.numpy()}
+            yield {"target": store_targets(samples.images, dtype), "seeds": chunk.numpy()}
 
     manifest = {"name": f"{cfg.data.name}-pairs", "kind": "pairs", "config_hash": key, "shape": list(shape),
                 "source": f"pairs:{checkpoint_uri}", "method": cfg.reflow.method,
-                "arrays": {"target": "float32", "seeds": "int64"}}
+                "target_dtype": dtype, "arrays": {"target": dtype, "seeds": "int64"}}
     manifest = write_dataset(uri, {"train": batches()}, cfg.data.shard_size, manifest,
                              totals={"train": len(seeds)}, desc="pairs")
     log.info("wrote %d pairs (%s, %.1f NFE each) to %s", len(seeds), cfg.reflow.method, np.mean(nfes), uri)

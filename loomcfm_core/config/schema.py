@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 # The allowed values are defined by the modules that implement them; the config only checks against them.
 from loomcfm_core.coupling import COSTS, KINDS
+from loomcfm_core.data.pairs import TARGET_DTYPES
 from loomcfm_core.data.sources import check_source, source_forms
 from loomcfm_core.errors import did_you_mean
 from loomcfm_core.identity import SCHEDULE_KEYS
@@ -148,6 +149,9 @@ class ReflowConfig(_Section):
     warmup_steps: int = Field(100, ge=0)
     epochs: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop reflow training after this many steps")
+    target_dtype: Literal[TARGET_DTYPES] = Field("uint8", description="how generated targets are stored: uint8 "
+                                                 "(clamped to [-1, 1], rounded, like cached images; the reference "
+                                                 "truncates) or float32 (as generated, 4x the size)")
 
 
 class StorageConfig(_Section):

@@ -65,7 +65,7 @@ class ShardedDataset(Dataset):
         return self._images[shard]
 
     def read(self, index: int) -> tuple[np.ndarray, int]:
-        """The raw stored item (uint8 images, float32 pair targets) and its label, flipped past N."""
+        """The raw stored item (uint8 images and pair targets, or float32 pair targets) and its label, flipped past N."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         flip, image_index = divmod(index, self.num_images)
