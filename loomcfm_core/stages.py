@@ -51,7 +51,8 @@ def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
     with stage_run(cfg, "cache", parent_run_id):
         cached = cache_dataset(cfg)
         splits = cached.manifest["splits"]
-        result = CacheResult(cached.uri, cached.created, splits["train"]["count"], splits["val"]["count"])
+        result = CacheResult(cached.uri, cached.created, splits["train"]["count"],
+                             splits.get("val", {}).get("count", 0))
         if feature_network_kind(cfg) == "classifier":
             if not storage_for(cached.uri).exists(classifier_uri(cached.uri)):
                 result.classifier_val_accuracy = train_dataset_classifier(cached.uri, cfg.data.local_cache,

@@ -130,7 +130,8 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
         The summary (rank 0's view): the final checkpoint, every rank's table hash, the last logged metrics.
     """
     dataset = ShardedDataset(dataset_uri, "train", hflip=cfg.data.hflip, local_cache=cfg.data.local_cache)
-    state = build_state(cfg, len(dataset), device, rank, world_size, dataset.pair_seeds)
+    state = build_state(cfg, len(dataset), device, rank, world_size, dataset.pair_seeds,
+                        dataset.pair_noise if dataset.stored_noise else None)
     sampler = GlobalBatchSampler(dataset.num_images, cfg.train.batch_size, rank, world_size, cfg.train.seed,
                                  cfg.data.hflip)
     last_step = total_steps(cfg, dataset.num_images)
