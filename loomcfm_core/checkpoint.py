@@ -42,13 +42,17 @@ def latest_checkpoint(run_uri: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(state: dict, run_uri: str, step: int, keep: int) -> str:
-    """Upload ``state`` as the step's checkpoint, then delete all but the newest ``keep``."""
-    uri = join(checkpoint_dir(run_uri), f"step-{step:08d}.pt")
+def write_state(state: dict, uri: str) -> str:
+    """Upload ``state`` to ``uri`` atomically, in the form :func:`load_checkpoint` reads."""
     with tempfile.TemporaryDirectory(prefix="loomcfm-ckpt-") as tmp:
         path = Path(tmp) / "checkpoint.pt"
         torch.save({"format": FORMAT, **state}, path)
-        storage_for(uri).put(path, uri)
+        return storage_for(uri).put(path, uri)
+
+
+def save_checkpoint(state: dict, run_uri: str, step: int, keep: int) -> str:
+    """Upload ``state`` as the step's checkpoint, then delete all but the newest ``keep``."""
+    uri = write_state(state, join(checkpoint_dir(run_uri), f"step-{step:08d}.pt"))
     for _, old in list_checkpoints(run_uri)[:-keep]:
         storage_for(old).delete(old)
     return uri

@@ -206,12 +206,14 @@ class SeedCoupling(Coupling):
             self.table[index_all, slots] = seeds[perm]
         return x0_all[perm.to(x1.device)][mine], stats
 
-    def total_cost(self, data: torch.Tensor) -> torch.Tensor:
-        """Sum over the table of cost(x_i, noise(seed)) for every point and slot; ``data[i]`` is point i."""
+    def total_cost(self, data: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum over the table of cost(x_i, noise(seed)) for every slot of the points ``index`` (default: all
+        points, ``data[i]`` being point i); summing over chunks of points gives the whole table's cost."""
         flat = data.flatten(1).double()
-        total = torch.zeros((), dtype=torch.float64)
-        for slot in range(self.table.shape[1]):
-            noise = noise_from_seeds(self.table[:, slot], self.shape).flatten(1).double()
+        rows = self.table if index is None else self.table[index.cpu()]
+        total = torch.zeros((), dtype=torch.float64, device=data.device)
+        for slot in range(rows.shape[1]):
+            noise = noise_from_seeds(rows[:, slot], self.shape, data.device).flatten(1).double()
             dist = (flat - noise).norm(dim=1)
             total += (dist.square() if self.cost == "sqeuclidean" else dist).sum()
         return total

@@ -73,6 +73,16 @@ class CouplingConfig(_Section):
     kind: Literal[KINDS] = "loom"
     num_seeds: int = Field(4, ge=1, description="K: noise seeds owned by every data point")
     cost: Literal[COSTS] = "l2"
+    converge_epochs: int = Field(0, ge=0, description="loom: passes of reassignment over the data with no "
+                                 "network before training (the paper's 'train after convergence'; the "
+                                 "reference's training.train_after)")
+
+    @model_validator(mode="after")
+    def _converge_needs_loom(self) -> CouplingConfig:
+        if self.converge_epochs and self.kind != "loom":
+            raise ValueError(f"coupling.converge_epochs={self.converge_epochs} needs coupling.kind=loom (the only "
+                             f"kind that keeps its reassignments), got {self.kind!r}")
+        return self
 
 
 class TrainConfig(_Section):

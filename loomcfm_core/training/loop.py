@@ -20,6 +20,7 @@ from loomcfm_core.errors import TrainingError
 from loomcfm_core.identity import default_run_name
 from loomcfm_core.lease import check_held
 from loomcfm_core.storage import absolute, join
+from loomcfm_core.training.converge import converge, progress_run_id
 from loomcfm_core.training.distributed import barrier, gather_objects
 from loomcfm_core.training.preflight import apply_schedule, check_resume, total_steps
 from loomcfm_core.training.sampler import GlobalBatchSampler
@@ -146,6 +147,8 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
         log.info("rank %d resumed from %s (step %d)", rank, resume_uri, state.step)
     elif cfg.train.init_from:
         initialise_from(state, cfg.train.init_from)
+    if not resume_uri and cfg.coupling.converge_epochs:
+        run_id = run_id or progress_run_id(run_uri)
 
     # The loader gets its own generator: each new iterator draws a seed from it, and drawing from the global
     # one would shift the dropout stream after a resume.
@@ -158,11 +161,13 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
                       attach=mlflow_run_id is not None)
     last_ckpt = resume_uri
     with tracker:
+        if cfg.coupling.converge_epochs and not resume_uri:
+            converge(state, dataset, sampler, run_uri, rank, tracker.run_id, lease_token)
         bar = tqdm(total=last_step, initial=state.step, disable=rank != 0, desc=f"train {cfg.name}",
                    unit="step", mininterval=2.0, dynamic_ncols=True)
         while state.step < last_step:
             epoch, skip = divmod(state.step, sampler.steps_per_epoch)
-            sampler.set_position(epoch, skip)
+            sampler.set_position(cfg.coupling.converge_epochs + epoch, skip)  # convergence used the first epochs
             for x1, _, index in loader:
                 metrics = train_step(state, x1.to(device, non_blocking=True), index)
                 tracker.step_done(metrics, len(x1) * world_size)
