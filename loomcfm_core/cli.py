@@ -19,6 +19,7 @@ from loomcfm_core.feature_store import fetch_inception_weights
 from loomcfm_core.kube import CONFIG_ENV
 from loomcfm_core.pipeline_summary import read_summary_table
 from loomcfm_core.processes import stop_on_signal, stopped_by
+from loomcfm_core.reference.flags import add_pairs_flags, add_train_flags, flag_notes, flag_overrides, positive
 from loomcfm_core.sampling import parse_method
 from loomcfm_core.storage import check_uri
 from loomcfm_core.tracking import tracking_uri
@@ -32,13 +33,6 @@ def _config_options() -> argparse.ArgumentParser:
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     return common
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def resolve_config(ref: str | None, overrides: list[str]) -> Config:
@@ -69,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-change", dest="allow_changes", action="append", default=[], metavar="KEY",
                        help="a schedule key (train.lr, train.warmup_steps, ...) that may differ from the run's "
                        "checkpoint on resume; the new value is applied and recorded (repeatable)")
+    add_train_flags(train)
 
     evaluate = commands.add_parser("evaluate", parents=[stage], help="FID/FD vs NFE of a checkpoint")
     evaluate.add_argument("--ckpt", required=True, metavar="URI", help="checkpoint (ours or the reference's)")
@@ -79,15 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     pairs = commands.add_parser("pairs", parents=[stage], help="generate reflow (noise, sample) pairs")
     pairs.add_argument("--ckpt", required=True, metavar="URI", help="checkpoint to sample from")
+    add_pairs_flags(pairs)
 
     # The reference implementation's sample.py flags, kept so its users' commands work.
     sample = commands.add_parser("sample", parents=[common], help="write sampled PNGs and a grid")
     sample.add_argument("--ckpt", required=True, help="Path to the model checkpoint.")
     sample.add_argument("--output", required=True, help="Path to the output directory to write images to.")
-    sample.add_argument("--num_images", type=_positive, required=True, help="Number of images to generate.")
-    sample.add_argument("--nrows", type=_positive, default=8, help="nrows in make_grid.")
+    sample.add_argument("--num_images", type=positive, required=True, help="Number of images to generate.")
+    sample.add_argument("--nrows", type=positive, default=8, help="nrows in make_grid.")
     sample.add_argument("--method", required=True, help="Generation method of format solver-steps.")
-    sample.add_argument("--batch_size", type=_positive, default=None, help="Batch size (default: sample.batch_size).")
+    sample.add_argument("--batch_size", type=positive, default=None, help="Batch size (default: sample.batch_size).")
 
     commands.add_parser("run", parents=[common], help="the whole pipeline: cache, train, evaluate, pairs, "
                         "reflow train, evaluate")
@@ -144,18 +140,20 @@ def run(args: argparse.Namespace) -> int:
         digest = fetch_inception_weights(args.to)
         print(f"{args.to}\nsha256 {digest}\nset eval.inception_weights={args.to} (the .sha256 beside it is checked)")
         return 0
-    cfg = resolve_config(args.config, args.overrides)
+    cfg = resolve_config(args.config, args.overrides + flag_overrides(args))
+    for note in flag_notes(args, tracking_uri(cfg)):
+        print(note, file=sys.stderr)
     if args.command == "config":
         print(cfg.to_yaml(), end="")
         return 0
     if args.command == "cache":
         result = stages.cache(cfg, args.parent_run_id)
     elif args.command == "train":
-        result = stages.train(cfg, args.dataset, args.parent_run_id, wait=args.wait)
+        result = stages.train(cfg, args.dataset, args.parent_run_id, wait=args.wait, resume_step=args.resume_step)
     elif args.command == "evaluate":
         result = stages.evaluate(cfg, args.ckpt, args.dataset, args.methods, args.parent_run_id)
     elif args.command == "pairs":
-        result = stages.pairs(cfg, args.ckpt, args.parent_run_id)
+        result = stages.pairs(cfg, args.ckpt, args.parent_run_id, output=args.output)
     elif args.command == "sample":
         parse_method(args.method)
         result = stages.sample(cfg, args.ckpt, args.output, args.num_images, args.method,

@@ -36,9 +36,15 @@ def pairs_uri_for(cfg: Config, checkpoint_uri: str) -> tuple[str, str]:
     return join(absolute(cfg.storage.root), "datasets", f"{cfg.data.name}-pairs-{key}"), key
 
 
-def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None = None) -> tuple[str, dict]:
-    """Write ``reflow.num_pairs`` pairs sampled with ``reflow.method``; returns the dataset URI and manifest."""
+def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None = None,
+                   output: str | None = None) -> tuple[str, dict]:
+    """Write ``reflow.num_pairs`` pairs sampled with ``reflow.method``; returns the dataset URI and manifest.
+
+    Args:
+        output: where to write them (the reference's ``--output``); default: the content-addressed URI.
+    """
     uri, key = pairs_uri_for(cfg, checkpoint_uri)
+    uri = absolute(output) if output else uri
     existing = intact_manifest(uri, key, cfg.data.local_cache)
     if existing is not None:
         log.info("pairs already generated at %s: nothing to do", uri)

@@ -76,17 +76,19 @@ def image_dataset_uri(cfg: Config, parent_run_id: str | None = None) -> str:
 
 
 def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None,
-          wait: bool = False) -> TrainResult:
+          wait: bool = False, resume_step: int | None = None) -> TrainResult:
     """Train on Ray Train (resuming a rerun) and register the EMA model under the alias ``base`` or ``reflow``
     (MLflow reserves ``latest``). The run's ``result.json`` (written by training) gets the registration
     beside it, so a launcher in another process reads the same result back.
 
     Args:
         wait: when another training holds the run folder's lease, wait for it instead of failing.
+        resume_step: resume from this step's checkpoint, setting later ones aside (-1: the latest; the
+            reference's ``--resume-step``).
     """
     check_buildable(cfg)  # before a dataset is cached for a network that cannot exist
     dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id).dataset_uri
-    summary = run_on_ray(cfg, dataset_uri, parent_run_id, wait=wait)
+    summary = run_on_ray(cfg, dataset_uri, parent_run_id, wait=wait, resume_step=resume_step)
     model = load_model(cfg, summary.checkpoint_uri, torch.device("cpu"))
     alias = "reflow" if cfg.coupling.kind == "pairs" else "base"
     version = tracking.register_model(cfg, summary.mlflow_run_id, model, alias, summary.checkpoint_uri,
@@ -156,10 +158,12 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, m
     return EvalResult(evaluation.metric, evaluation.output_uri, checkpoint_uri, evaluation.rows, evaluation.table())
 
 
-def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None) -> PairsResult:
-    """Generate reflow (noise seed, sample) pairs from a checkpoint with ``reflow.method``."""
+def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None,
+          output: str | None = None) -> PairsResult:
+    """Generate reflow (noise seed, sample) pairs from a checkpoint with ``reflow.method``, into ``output``
+    (default: the content-addressed URI under the storage root)."""
     with stage_run(cfg, "pairs", parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
-        uri, manifest = reflow.generate_pairs(cfg, checkpoint_uri)
+        uri, manifest = reflow.generate_pairs(cfg, checkpoint_uri, output=output)
         count = manifest["splits"]["train"]["count"]
         mlflow.set_tag("loomcfm.pairs_uri", uri)
         mlflow.log_metric("num_pairs", count)
