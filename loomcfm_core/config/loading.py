@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from loomcfm_core.config.schema import Config
 from loomcfm_core.errors import ConfigError, did_you_mean
+from loomcfm_core.reference.config import is_reference_config, translate
 
 PRESETS_PACKAGE = "loomcfm_core.presets"
 DEFAULT_PRESET = "digits"
@@ -28,6 +29,8 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    """A YAML mapping of config sections; a reference implementation config comes back translated into ours
+    (:mod:`loomcfm_core.reference.config`, which logs the translation and the keys it could not map)."""
     try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -36,6 +39,8 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{origin}: expected a mapping of config sections, got {type(tree).__name__}")
+    if is_reference_config(tree):
+        return translate(tree, origin).tree
     return tree
 
 
