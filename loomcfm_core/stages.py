@@ -152,6 +152,8 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, m
             for path in evaluation.files:
                 mlflow.log_artifact(str(path), "eval")
         mlflow.set_tag("loomcfm.eval_uri", evaluation.output_uri)
+    tracking.describe_checkpoint(cfg, checkpoint_uri, f"{evaluation.metric} vs NFE of {checkpoint_uri}:\n\n"
+                                 f"{evaluation.table()}")
     print(evaluation.table())
     if label == EVALUATE_REFLOW and parent_run_id:  # the last stage of both pipelines
         record_summary(cfg, parent_run_id, evaluation.metric, base_rows(cfg, parent_run_id), evaluation.rows)
