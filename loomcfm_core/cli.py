@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from loomcfm_core import stages
+from loomcfm_core.ablation import read_comparison
 from loomcfm_core.config import Config, load_config, load_config_text, preset_names
 from loomcfm_core.errors import ConfigError, LoomcfmError, UriError, UsageError
 from loomcfm_core.feature_store import fetch_inception_weights
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
     pipeline_commands.add_parser("compile", help="write pipelines/compiled/*.yaml (the files to upload in the KFP UI)")
     run_opts = argparse.ArgumentParser(add_help=False, parents=[common])
-    run_opts.add_argument("--pipeline", choices=["full", "reflow"], default="full")
+    run_opts.add_argument("--pipeline", choices=["full", "reflow", "ablation"], default="full")
     run_opts.add_argument("--checkpoint", default=None, metavar="URI", help="the reflow pipeline's starting checkpoint")
     run_opts.add_argument("--launcher", choices=stages.LAUNCHERS, default="local",
                           help="train in the step (local Ray) or as a KubeRay RayJob")
@@ -178,7 +179,8 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
     if args.pipeline_command == "run-local":
         parent_run_id = runner.run_local(args.pipeline, pipeline_args, str(Path(args.pipeline_root).resolve()))
         cfg = load_config_text(pipeline_args["config_yaml"], args.overrides)
-        print(f"\n{read_summary_table(cfg, parent_run_id)}\n\npipeline {args.pipeline} finished; step outputs under "
+        read_table = read_comparison if args.pipeline == "ablation" else read_summary_table
+        print(f"\n{read_table(cfg, parent_run_id)}\n\npipeline {args.pipeline} finished; step outputs under "
               f"{args.pipeline_root}/\nBrowse the runs (parent run {parent_run_id}):\n"
               f"  {mlflow_ui_command(tracking_uri(cfg))}")
     else:

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
@@ -50,7 +51,7 @@ class Generator(mlflow.pyfunc.PythonModel):
         self.model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
         self.model.to(self.device).eval()
 
-    def seeds(self, model_input) -> torch.Tensor:
+    def seeds(self, model_input: pd.DataFrame) -> torch.Tensor:
         """The noise seeds a request asks for: explicit ``seed`` rows, or ``num_images`` like ``loomcfm sample``."""
         columns = [c for c in ("seed", "num_images") if c in model_input.columns and model_input[c].notna().any()]
         if len(columns) != 1:
@@ -63,7 +64,7 @@ class Generator(mlflow.pyfunc.PythonModel):
             raise UsageError(f"predict: 'num_images' must be one positive number, got {count.tolist()}")
         return sample_seeds(int(count.iloc[0]), offset=sample_seed_offset(self.cfg))
 
-    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         method = check_method((params or {}).get("method") or self.cfg.sample.method)
         samples = generate(self.model, self.cfg.data.shape, method, self.seeds(model_input),
                            self.cfg.sample.batch_size, self.device)
@@ -72,8 +73,6 @@ class Generator(mlflow.pyfunc.PythonModel):
 
 def log_generator(cfg: Config, model: torch.nn.Module, registered_model_name: str):
     """Log (and register) the generator of ``model``'s weights into the active run; returns MLflow's model info."""
-    import pandas as pd
-
     with tempfile.TemporaryDirectory(prefix="loomcfm-model-") as tmp:
         weights, config = Path(tmp) / "ema.pt", Path(tmp) / "config.yaml"
         torch.save(model.state_dict(), weights)

@@ -15,7 +15,8 @@ from pathlib import Path
 import mlflow
 import torch
 
-from loomcfm_core import IMAGE, kube, reflow, tracking
+from loomcfm_core import IMAGE, ablation, kube, reflow, tracking
+from loomcfm_core.ablation import ArmResult
 from loomcfm_core.checkpoint import checkpoint_sha256
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset
@@ -192,6 +193,26 @@ def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, metho
         save_grid(samples.images, grid, nrow=nrows)
         store.put(grid, join(output, "grid.png"))
     return SampleResult(output, num_images, method, samples.nfe, join(output, "grid.png"))
+
+
+def ablation_arm(cfg: Config, arm: str, dataset_uri: str, parent_run_id: str | None = None) -> ArmResult:
+    """One arm of the coupling ablation (:mod:`loomcfm_core.ablation`): train the config with the arm's
+    coupling and evaluate it at ``eval.methods``, under a child run ``ablation_<arm>`` of the parent."""
+    arm_cfg = ablation.arm_config(cfg, arm)
+    with stage_run(arm_cfg, f"ablation_{arm}", parent_run_id, tags={tracking.STAGE_TAG: "ablation",
+                                                                   "loomcfm.ablation_arm": arm}) as run:
+        trained = train(arm_cfg, dataset_uri, run.info.run_id)
+        scored = evaluate(arm_cfg, trained.checkpoint_uri, dataset_uri, parent_run_id=run.info.run_id)
+        for row in scored.rows:
+            mlflow.log_metrics({f"{scored.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe})
+    return ArmResult(arm, scored.metric, trained.checkpoint_uri, scored.rows)
+
+
+def ablation_report(cfg: Config, parent_run_id: str, arms: list[ArmResult], workdir: Path) -> dict[str, Path]:
+    """The comparison of the arms (plot, Markdown and HTML table) into ``workdir`` and onto the parent run."""
+    files = ablation.record_comparison(cfg, parent_run_id, arms, workdir)
+    print(files["ablation.md"].read_text())
+    return files
 
 
 def start_pipeline_run(cfg: Config, tags: dict[str, str] | None = None) -> str:
