@@ -22,4 +22,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	for b in data_loading coupling step_overhead quality; do $(BIN)/python benchmarks/$$b.py || exit 1; done
+	for b in data_loading coupling coupling_scale step_overhead quality gpu; do $(BIN)/python benchmarks/$$b.py || exit 1; done

@@ -49,9 +49,8 @@ def main() -> None:
             minutes[kind] = (time.perf_counter() - start) / 60
             workdir = Path(tmp) / f"eval-{kind}"
             workdir.mkdir()
+            results[kind] = evaluate(cfg, summary.checkpoint_uri, dataset_uri, workdir, args.methods).rows
             model = load_model(cfg, summary.checkpoint_uri, torch.device("cpu"))
-            results[kind] = evaluate(cfg, model, summary.checkpoint_uri, dataset_uri, workdir, args.methods,
-                                     torch.device("cpu")).rows
             shape = cfg.data.shape
             curvature[kind] = path_curvature(model, noise_from_seeds(sample_seeds(500), shape))
         plot = plot_fd_vs_nfe(results, "fd_digits", Path(args.plot))

@@ -7,11 +7,16 @@ survive into the next. Keeping the current pairing is always feasible, and pairs
 untouched, hence the table's total transport cost never increases and the seeds are only ever permuted.
 
 The table is ``int64 [num_points, K]``: small enough to live in memory on every rank (ImageNet with flips
-and K=2 is 41 MB) and to go into every checkpoint. With several ranks, every rank gathers the global batch
-and regenerates its noise; rank 0 solves the assignment and broadcasts it (a few bytes), and every rank
-applies the same update, so the tables stay identical without ever being sent. (Solving on every rank
-would rely on bit-identical float cost matrices across GPUs; one differing rounding in a near-tie would
-split the tables.)
+and K=2 is 41 MB) and to go into every checkpoint. One assignment problem covers at most ``max_problem``
+items (solving costs ~n^2.5, see :mod:`loomcfm_core.coupling_solve`):
+
+- global batch <= max_problem: one problem, the paper's method. Ranks gather the batch, rank 0 solves and
+  broadcasts the assignment, and every rank applies the same update, so the tables stay identical without
+  ever being sent (solving on every rank would rely on bit-identical float costs across devices).
+- a multiple of the global batch fits (LOOM only): the union of the next few global batches is one problem
+  (they are disjoint within an epoch), trained on in turn: a bigger problem for the same training batch.
+- global batch > max_problem: every rank solves its own local batch (in pieces of at most max_problem),
+  with no images or noise gathered; the ranks exchange only (point, slot, new seed) per item.
 
 Kinds (all but ``pairs`` draw noise from seeds, so the machinery is shared):
 
@@ -28,15 +33,15 @@ pairs          the dataset's                no                  —         (ref
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from loomcfm_core.errors import CheckpointError, UsageError
+from loomcfm_core.coupling_solve import assign, pair_costs
+from loomcfm_core.errors import CheckpointError, TrainingError, UsageError
+from loomcfm_core.noise import noise_from_seeds, random_seeds
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # all ranks' tensors concatenated in rank order
 Broadcast = Callable[[torch.Tensor], torch.Tensor]  # rank 0's tensor, on every rank
@@ -45,63 +50,17 @@ SEED_KINDS = ("independent", "minibatch_ot", "fixed", "loom")  # the kinds SeedC
 KINDS = (*SEED_KINDS, "pairs")  # coupling.kind
 COSTS = ("l2", "sqeuclidean")  # coupling.cost: the distance, or its square
 
-# splitmix64 constants as signed int64 (torch has no uint64 arithmetic; int64 multiplication wraps).
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
-_U23, _U24 = 2.0**-23, 2.0**-24
 
-
-def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical right shift of int64 values (torch's ``>>`` is arithmetic)."""
-    return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """The splitmix64 finaliser: a bijective avalanche of 64-bit words."""
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    return z ^ _shr(z, 31)
-
-
-def noise_from_seeds(seeds: torch.Tensor, shape: tuple[int, ...], device: torch.device | str | None = None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal noise ``[len(seeds), *shape]``, a pure function of each seed, in one vectorised call.
-
-    Counter-based: element pair j of seed s comes from splitmix64(mix(s) + (j+1)·golden), split into a
-    23-bit and a 24-bit uniform and turned into two normals by Box–Muller. The integer stream is bit-identical on every
-    device, so a seed means the same noise on a CPU and on a GPU (up to the last ulp of log/cos/sin), and a
-    whole batch is generated on the training device instead of one CPU generator per sample plus a copy.
-    """
-    device = seeds.device if device is None else torch.device(device)
-    numel = math.prod(shape)
-    pairs = (numel + 1) // 2
-    counters = torch.arange(1, pairs + 1, device=device, dtype=torch.int64) * _GOLDEN
-    words = _mix64(_mix64(seeds.to(device=device, dtype=torch.int64))[:, None] + counters)
-    u1 = _shr(words, 41).to(torch.float32).add_(0.5).mul_(_U23)  # exactly in (0, 1): log is finite
-    angle = (words & 0xFFFFFF).to(torch.float32).mul_(2 * math.pi * _U24)
-    radius = u1.log_().mul_(-2.0).sqrt_()
-    normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :numel]
-    return normals.reshape(len(seeds), *shape).to(dtype)
-
-
-def random_seeds(count: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(-(1 << 63), (1 << 63) - 1, (count,), generator=generator, dtype=torch.int64)
-
-
-def cost_matrix(x1: torch.Tensor, x0: torch.Tensor, cost: str = "l2") -> np.ndarray:
-    """cost[i, j] = ||x1_i - x0_j|| (or its square), in float64 so every rank gets the same matrix and the
-    assignment's improvement is never lost to rounding."""
-    dist = torch.cdist(x1.flatten(1).double()[None], x0.flatten(1).double()[None])[0]
-    return (dist.square() if cost == "sqeuclidean" else dist).cpu().numpy()
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 @dataclass
 class CouplingStats:
     """Mean pair cost before and after reassignment and the number of items whose noise changed."""
 
-    cost_before: float
-    cost_after: float
+    cost_before: float | torch.Tensor
+    cost_after: float | torch.Tensor
     swaps: int
 
 
@@ -143,10 +102,19 @@ class PairsCoupling(Coupling):
 
 
 def diagonal_stats(x1: torch.Tensor, x0: torch.Tensor, cost: str) -> CouplingStats:
-    """Stats of pairs that are not reassigned: the mean cost of the pairs as given."""
-    dist = (x1 - x0).flatten(1).norm(dim=1)
-    mean = (dist.square() if cost == "sqeuclidean" else dist).mean().item()
+    """Stats of pairs that are not reassigned: the mean cost of the pairs as given (a tensor on their device,
+    read only when the tracker logs)."""
+    mean = pair_costs(x1, x0, cost).mean()
     return CouplingStats(mean, mean, 0)
+
+
+@dataclass
+class Assigned:
+    """One local batch's coupling: the seed of the noise each item trains with, and the step's statistics
+    (``None`` for kinds that do not reassign: the caller measures the pairs where the noise is)."""
+
+    seeds: torch.Tensor
+    stats: CouplingStats | None
 
 
 class SeedCoupling(Coupling):
@@ -154,69 +122,130 @@ class SeedCoupling(Coupling):
 
     All randomness (initial table, slot choice, fresh seeds) comes from one generator seeded identically on
     every rank and consumed identically, so ranks agree without communication beyond the batch gather.
+
+    Args:
+        max_problem: the most items one assignment problem may have (``None``: the global batch, always).
+        solver: ``coupling_solve.SOLVERS``.
+        device: where noise and cost matrices are computed (default: the data's device).
     """
 
     def __init__(self, kind: str, num_points: int, num_seeds: int, shape: tuple[int, ...], cost: str = "l2",
-                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+                 seed: int = 0, rank: int = 0, world_size: int = 1, max_problem: int | None = None,
+                 solver: str = "lapjv", device: torch.device | str | None = None) -> None:
         if kind not in SEED_KINDS:
             raise UsageError(f"SeedCoupling kind must be one of {', '.join(SEED_KINDS)}, got {kind!r}")
         self.kind, self.shape, self.cost = kind, tuple(shape), cost
         self.rank, self.world_size = rank, world_size
+        self.max_problem, self.solver = max_problem, solver
+        self.device = None if device is None else torch.device(device)
         self.fresh = kind in ("independent", "minibatch_ot")
         self.reassign = kind in ("minibatch_ot", "loom")
         self.generator = torch.Generator().manual_seed(seed)
         self.table = None if self.fresh else random_seeds(num_points * num_seeds, self.generator).view(
             num_points, num_seeds)
 
-    def couple(self, x1, index, gather=None, broadcast=None):
-        local = len(x1)
-        total, mine = local * self.world_size, slice(self.rank * local, (self.rank + 1) * local)
-        # Draw for the global batch on every rank, so the generators stay in step across ranks.
-        if self.fresh:
-            seeds = random_seeds(total, self.generator)
-        else:
-            slots = torch.randint(self.table.shape[1], (total,), generator=self.generator)
-        if not self.reassign:
-            seeds = seeds[mine] if self.fresh else self.table[index.cpu(), slots[mine]]
-            x0 = noise_from_seeds(seeds, self.shape, x1.device, x1.dtype)
-            return x0, diagonal_stats(x1, x0, self.cost)
+    def span(self, local_batch: int) -> int:
+        """How many consecutive global batches one assignment problem covers: for LOOM as many as fit the
+        cap; always 1 for minibatch OT, whose problem is the minibatch by definition (OT-CFM)."""
+        total = local_batch * self.world_size
+        return max(1, self.max_problem // total) if self.kind == "loom" and self.max_problem else 1
 
-        gather = gather or (lambda t: t)
-        x1_all = gather(x1)
-        index_all = gather(index.to(x1.device)).cpu()
-        if not self.fresh:
-            seeds = self.table[index_all, slots]
-        x0_all = noise_from_seeds(seeds, self.shape, x1.device, x1.dtype)
-        # Rank 0 decides; the assignment and its costs travel as one float64 vector (indices are exact).
-        decision = torch.empty(total + 2, dtype=torch.float64)
+    def couple(self, x1, index, gather=None, broadcast=None):
+        assigned = self.plan([(x1, index)], gather, broadcast)[0]
+        x0 = noise_from_seeds(assigned.seeds, self.shape, x1.device, x1.dtype)
+        return x0, assigned.stats or diagonal_stats(x1, x0, self.cost)
+
+    def plan(self, batches: list[tuple[torch.Tensor, torch.Tensor]], gather: Gather | None = None,
+             broadcast: Broadcast | None = None) -> list[Assigned]:
+        """Decide the noise of consecutive local batches ``(x1, index)`` of one epoch, in order, as one problem
+        (or, above the cap, one local problem per rank); every rank calls this with its slice of each."""
+        gather, broadcast = gather or _same, broadcast or _same
+        local = len(batches[0][0])
+        total = local * self.world_size
+        mine = slice(self.rank * local, (self.rank + 1) * local)
+        # Draw for the global batch on every rank, so the generators stay in step across ranks.
+        draws = [random_seeds(total, self.generator) if self.fresh else
+                 torch.randint(self.table.shape[1], (total,), generator=self.generator) for _ in batches]
+        if not self.reassign:
+            return [Assigned(d[mine] if self.fresh else self.table[index.cpu(), d[mine]], None)
+                    for d, (_, index) in zip(draws, batches)]
+        if self.max_problem is None or total * len(batches) <= self.max_problem:
+            return self._plan_global(batches, draws, gather, broadcast, mine)
+        if len(batches) > 1:
+            raise UsageError(f"{len(batches)} global batches of {total} exceed coupling.max_problem="
+                             f"{self.max_problem}: only batches that fit together are planned together")
+        return [self._plan_local(*batches[0], draws[0], gather, mine)]
+
+    def _device(self, x1: torch.Tensor) -> torch.device:
+        return self.device or x1.device
+
+    def _check_unique(self, index: torch.Tensor) -> None:
+        if self.kind == "loom" and len(torch.unique(index)) != len(index):
+            raise UsageError("a LOOM minibatch must not repeat a data point (use a sampler without "
+                             "replacement that drops the last incomplete batch)")
+
+    def _plan_global(self, batches, draws, gather, broadcast, mine) -> list[Assigned]:
+        """One problem over the union of the global batches: rank 0 solves it and broadcasts the decision."""
+        device = batches[0][0].device
+        x1_all = torch.cat([gather(x1) for x1, _ in batches])
+        index_all = torch.cat([gather(index.to(device)).cpu() for _, index in batches])
+        drawn = torch.cat(draws)
+        seeds = drawn if self.fresh else self.table[index_all, drawn]
+        self._check_unique(index_all)
+        n, total = len(index_all), len(draws[0])
+        # Rank 0 decides; the assignment and each batch's (mean before, mean after, swaps) travel as one
+        # float64 vector (indices are exact in float64).
+        decision = torch.empty(n + 3 * len(batches), dtype=torch.float64)
         if self.rank == 0:
-            costs = cost_matrix(x1_all, x0_all, self.cost)
-            _, assignment = linear_sum_assignment(costs)
-            identity = np.arange(total)
-            decision[:total] = torch.from_numpy(assignment.astype(np.float64))
-            decision[total:] = torch.tensor([costs[identity, identity].mean(), costs[identity, assignment].mean()])
-        decision = (broadcast or (lambda t: t))(decision.to(x1.device)).cpu()
-        perm = decision[:total].long()
-        stats = CouplingStats(decision[total].item(), decision[total + 1].item(),
-                              int((perm != torch.arange(total)).sum()))
+            solved = assign(x1_all, noise_from_seeds(seeds, self.shape, self._device(x1_all)), self.cost,
+                            self.solver)
+            decision[:n] = torch.from_numpy(solved.perm.astype(np.float64))
+            moved = solved.perm != np.arange(n)
+            for b in range(len(batches)):
+                part = slice(b * total, (b + 1) * total)
+                decision[n + 3 * b:n + 3 * b + 3] = torch.tensor(
+                    [solved.before[part].mean(), solved.after[part].mean(), float(moved[part].sum())])
+        decision = broadcast(decision.to(device)).cpu()
+        new = seeds[decision[:n].long()]
         if self.kind == "loom":
-            if len(torch.unique(index_all)) != total:
-                raise UsageError("a LOOM minibatch must not repeat a data point (use a sampler without "
-                                 "replacement that drops the last incomplete batch)")
-            self.table[index_all, slots] = seeds[perm]
-        return x0_all[perm.to(x1.device)][mine], stats
+            self.table[index_all, drawn] = new
+        out = []
+        for b in range(len(batches)):
+            before, after, swaps = decision[n + 3 * b:n + 3 * b + 3].tolist()
+            out.append(Assigned(new[b * total:(b + 1) * total][mine], CouplingStats(before, after, int(swaps))))
+        return out
+
+    def _plan_local(self, x1, index, drawn, gather, mine) -> Assigned:
+        """Above the cap: this rank's batch is its own problem (in pieces of at most ``max_problem``); the
+        ranks exchange (point, slot, new seed) per item and the sums of their pair costs."""
+        local, index = len(x1), index.cpu()
+        seeds = drawn[mine] if self.fresh else self.table[index, drawn[mine]]
+        x0 = noise_from_seeds(seeds, self.shape, self._device(x1))
+        perm, before, after = np.arange(local), np.zeros(local), np.zeros(local)
+        for piece in np.array_split(np.arange(local), -(-local // self.max_problem)):
+            solved = assign(x1[torch.from_numpy(piece)], x0[torch.from_numpy(piece)], self.cost, self.solver)
+            perm[piece], before[piece], after[piece] = piece[solved.perm], solved.before, solved.after
+        new = seeds[torch.from_numpy(perm)]
+        sums = torch.tensor([before.sum(), after.sum()], dtype=torch.float64).view(torch.int64)
+        swaps = torch.tensor([int((perm != np.arange(local)).sum())])
+        packet = torch.cat([index, drawn[mine], new, sums, swaps])
+        everything = gather(packet.to(x1.device)).cpu().view(self.world_size, 3 * local + 3)
+        index_all, drawn_all, new_all = (everything[:, k * local:(k + 1) * local].flatten() for k in range(3))
+        if not torch.equal(drawn_all, drawn):
+            raise TrainingError("ranks drew different slots for one batch: their coupling generators diverged")
+        self._check_unique(index_all)
+        if self.kind == "loom":
+            self.table[index_all, drawn_all] = new_all
+        total_sums = everything[:, 3 * local:3 * local + 2].contiguous().view(torch.float64).sum(0) / len(drawn)
+        return Assigned(new, CouplingStats(total_sums[0].item(), total_sums[1].item(),
+                                           int(everything[:, -1].sum())))
 
     def total_cost(self, data: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over the table of cost(x_i, noise(seed)) for every slot of the points ``index`` (default: all
         points, ``data[i]`` being point i); summing over chunks of points gives the whole table's cost."""
-        flat = data.flatten(1).double()
         rows = self.table if index is None else self.table[index.cpu()]
-        total = torch.zeros((), dtype=torch.float64, device=data.device)
-        for slot in range(rows.shape[1]):
-            noise = noise_from_seeds(rows[:, slot], self.shape, data.device).flatten(1).double()
-            dist = (flat - noise).norm(dim=1)
-            total += (dist.square() if self.cost == "sqeuclidean" else dist).sum()
-        return total
+        return sum(pair_costs(data, noise_from_seeds(rows[:, slot], self.shape, data.device), self.cost).sum()
+                   for slot in range(rows.shape[1]))
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "table": self.table, "generator": self.generator.get_state()}
@@ -232,8 +261,9 @@ class SeedCoupling(Coupling):
 
 
 def make_coupling(kind: str, num_points: int, num_seeds: int, shape: tuple[int, ...], cost: str = "l2",
-                  seed: int = 0, rank: int = 0, world_size: int = 1,
-                  pair_seeds: torch.Tensor | None = None, pair_noise: NoiseReader | None = None) -> Coupling:
+                  seed: int = 0, rank: int = 0, world_size: int = 1, pair_seeds: torch.Tensor | None = None,
+                  max_problem: int | None = None, solver: str = "lapjv", device: torch.device | str | None = None,
+                  pair_noise: NoiseReader | None = None) -> Coupling:
     if kind == "pairs":
         if pair_seeds is None and pair_noise is None:
             raise UsageError("coupling.kind=pairs needs a dataset of (noise, target) pairs: point data.uri "
@@ -241,4 +271,5 @@ def make_coupling(kind: str, num_points: int, num_seeds: int, shape: tuple[int, 
         return PairsCoupling(pair_seeds, shape, cost, stored=pair_noise)
     if pair_seeds is not None or pair_noise is not None:
         raise UsageError(f"the dataset holds reflow pairs; train it with coupling.kind=pairs, not {kind!r}")
-    return SeedCoupling(kind, num_points, num_seeds, shape, cost, seed, rank, world_size)
+    return SeedCoupling(kind, num_points, num_seeds, shape, cost, seed, rank, world_size, max_problem, solver,
+                        device)

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loomcfm_core.config import Config
+from loomcfm_core.generation import HEAD, eval_on_workers
 from loomcfm_core.metrics import FeatureStats, feature_network, frechet_distance, reference_stats
 from loomcfm_core.models.loading import default_device
-from loomcfm_core.sampling import generate, sample_seeds, save_grid, to_uint8
+from loomcfm_core.sampling import sample_seeds, save_grid
 from loomcfm_core.storage import absolute, join, storage_for
 
 
@@ -116,29 +117,27 @@ def draw_fd_vs_nfe(curves: dict[str, list[MethodResult]], metric: str):
     return fig
 
 
-def evaluate(cfg: Config, model: torch.nn.Module, checkpoint_uri: str, dataset_uri: str, workdir: Path,
-             methods: list[str], device: torch.device | None = None) -> Evaluation:
-    """Score ``model`` (the checkpoint's EMA network) with each method against the dataset's train statistics.
+def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, methods: list[str] | None = None,
+             output_uri: str | None = None, device: torch.device | None = None) -> Evaluation:
+    """Score the checkpoint's EMA model with each method against the dataset's train statistics, sampling and
+    extracting features on ``ray.num_workers`` workers (:mod:`loomcfm_core.generation`).
 
     Grids, plot and tables are written to ``workdir`` (kept for the caller, e.g. to log them to MLflow)
     and uploaded to the evaluation's own folder (:func:`output_uri_for`), ``results.json`` last.
     """
-    device = device or default_device()
-    network = feature_network(cfg, dataset_uri, device)
+    methods = methods or cfg.eval.methods
+    network = feature_network(cfg, dataset_uri, device or default_device())
     reference = reference_stats(cfg, dataset_uri, network)
-    output_uri = output_uri_for(cfg, checkpoint_uri, network.metric, methods, dataset_uri)
-    shape = cfg.data.shape
-    seeds = sample_seeds(cfg.eval.num_samples)
+    output_uri = output_uri or output_uri_for(cfg, checkpoint_uri, network.metric, methods, dataset_uri)
+    sampled = eval_on_workers(cfg, checkpoint_uri, dataset_uri, methods, sample_seeds(cfg.eval.num_samples), device)
     rows, files = [], []
     for method in methods:
-        start = time.perf_counter()
-        samples = generate(model, shape, method, seeds, cfg.eval.batch_size, device, desc=f"eval {method}")
-        seconds = time.perf_counter() - start
-        stats = FeatureStats.of(network.features(to_uint8(samples.images), desc=f"features {method}"))
+        kept = sampled[method]
+        stats = FeatureStats.of(np.concatenate(kept.features))
         distance = frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
-        rows.append(MethodResult(method, samples.nfe, distance, seconds))
+        rows.append(MethodResult(method, float(np.mean(kept.nfes)), distance, kept.seconds))
         grid = workdir / f"samples_{method}.png"
-        save_grid(samples.images[:64], grid, nrow=8)
+        save_grid(torch.cat(kept.head)[:HEAD], grid, nrow=8)
         files.append(grid)
     evaluation = Evaluation(network.metric, rows, output_uri, files)
     files.append(plot_fd_vs_nfe({cfg.name: rows}, network.metric, workdir / "fd_vs_nfe.png"))

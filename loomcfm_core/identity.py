@@ -36,7 +36,8 @@ KEY_CLASSES: dict[str, str] = {
     "data.local_cache": FREE, "data.num_workers": FREE,
     "data.*": DATASET,
     "model.*": IDENTITY,
-    "coupling.*": IDENTITY,
+    "coupling.pipelined": FREE,  # a host thread solves the next batch ahead: the same result either way
+    "coupling.*": IDENTITY,      # kind, K, cost, problem size and solver (solvers break ties differently)
     "train.batch_size": IDENTITY, "train.seed": IDENTITY, "train.sigma": IDENTITY, "train.init_from": IDENTITY,
     "train.lr": SCHEDULE, "train.warmup_steps": SCHEDULE, "train.betas": SCHEDULE, "train.weight_decay": SCHEDULE,
     "train.grad_clip": SCHEDULE, "train.ema_decay": SCHEDULE,

@@ -12,16 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from loomcfm_core.config import Config
-from loomcfm_core.data.cache import intact_manifest, write_dataset
-from loomcfm_core.data.pairs import store_targets
-from loomcfm_core.models.loading import default_device, load_model
-from loomcfm_core.sampling import generate, sample_seeds
+from loomcfm_core.data.cache import commit_manifest, intact_manifest
+from loomcfm_core.generation import pairs_on_workers
+from loomcfm_core.models.loading import fitting_weights
+from loomcfm_core.sampling import sample_seeds
 from loomcfm_core.storage import absolute, join
 
 PAIR_SEED_OFFSET = 1 << 50  # pair noise never coincides with evaluation noise
@@ -38,9 +37,11 @@ def pairs_uri_for(cfg: Config, checkpoint_uri: str) -> tuple[str, str]:
 
 def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None = None,
                    output: str | None = None) -> tuple[str, dict]:
-    """Write ``reflow.num_pairs`` pairs sampled with ``reflow.method``; returns the dataset URI and manifest.
+    """Write ``reflow.num_pairs`` pairs sampled with ``reflow.method`` on ``ray.num_workers`` workers (each
+    writes its own shards; the manifest, written here last, commits them); returns the dataset URI and manifest.
 
     Args:
+        device: where a single worker samples (default: the GPU if there is one); Ray workers pick their own.
         output: where to write them (the reference's ``--output``); default: the content-addressed URI.
     """
     uri, key = pairs_uri_for(cfg, checkpoint_uri)
@@ -49,26 +50,16 @@ def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None
     if existing is not None:
         log.info("pairs already generated at %s: nothing to do", uri)
         return uri, existing
-    device = device or default_device()
-    model = load_model(cfg, checkpoint_uri, device)
-    shape = cfg.data.shape
+    fitting_weights(cfg, checkpoint_uri)  # a checkpoint that does not fit fails here, not in every worker
     seeds = sample_seeds(cfg.reflow.num_pairs, offset=PAIR_SEED_OFFSET)
-    nfes, dtype = [], cfg.reflow.target_dtype
-
-    def batches() -> Iterator[dict[str, np.ndarray]]:
-        step = cfg.sample.batch_size
-        for start in range(0, len(seeds), step):
-            chunk = seeds[start:start + step]
-            samples = generate(model, shape, cfg.reflow.method, chunk, step, device, desc="reflow pairs")
-            nfes.append(samples.nfe)
-            yield {"target": store_targets(samples.images, dtype), "seeds": chunk.numpy()}
-
-    manifest = {"name": f"{cfg.data.name}-pairs", "kind": "pairs", "config_hash": key, "shape": list(shape),
+    shards, nfes = pairs_on_workers(cfg, absolute(checkpoint_uri), uri, seeds, device)
+    manifest = {"name": f"{cfg.data.name}-pairs", "kind": "pairs", "config_hash": key, "shape": list(cfg.data.shape),
                 "source": f"pairs:{checkpoint_uri}", "method": cfg.reflow.method,
-                "target_dtype": dtype, "arrays": {"target": dtype, "seeds": "int64"}}
-    manifest = write_dataset(uri, {"train": batches()}, cfg.data.shard_size, manifest,
-                             totals={"train": len(seeds)}, desc="pairs")
-    log.info("wrote %d pairs (%s, %.1f NFE each) to %s", len(seeds), cfg.reflow.method, np.mean(nfes), uri)
+                "target_dtype": cfg.reflow.target_dtype,
+                "arrays": {"target": cfg.reflow.target_dtype, "seeds": "int64"}}
+    manifest = commit_manifest(uri, manifest, {"train": shards})
+    log.info("wrote %d pairs (%s, %.1f NFE each) on %d workers to %s", len(seeds), cfg.reflow.method,
+             np.mean(nfes), cfg.ray.num_workers, uri)
     return uri, manifest
 
 

@@ -25,7 +25,7 @@ from loomcfm_core.errors import UsageError
 from loomcfm_core.evaluation import evaluate as evaluate_checkpoint
 from loomcfm_core.feature_store import classifier_uri, train_dataset_classifier
 from loomcfm_core.metrics import feature_network, feature_network_kind, reference_stats
-from loomcfm_core.models.loading import check_buildable, default_device, load_model
+from loomcfm_core.models.loading import check_buildable, default_device, fitting_weights, load_model
 from loomcfm_core.pipeline_summary import base_rows, record_summary, summary_table
 from loomcfm_core.results import CacheResult, EvalResult, PairsResult, RunResult, SampleResult, TrainResult
 from loomcfm_core.sampling import check_method, generate, sample_seeds, save_grid, to_uint8
@@ -141,12 +141,11 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, m
     checkpoint that does not fit, no method samples before a later one is found misspelt).
     """
     methods = [check_method(method) for method in (methods or cfg.eval.methods)]
-    device = default_device()
-    model = load_model(cfg, checkpoint_uri, device)
+    fitting_weights(cfg, checkpoint_uri)
     dataset_uri = dataset_uri or image_dataset_uri(cfg, parent_run_id)
     with stage_run(cfg, label, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
-            evaluation = evaluate_checkpoint(cfg, model, checkpoint_uri, dataset_uri, Path(tmp), methods, device)
+            evaluation = evaluate_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
             for row in evaluation.rows:
                 mlflow.log_metrics({f"{evaluation.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe,
                                     f"seconds/{row.method}": row.seconds})

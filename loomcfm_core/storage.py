@@ -18,7 +18,7 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from loomcfm_core.errors import StorageError, StorageUnavailable, UriError
+from loomcfm_core.errors import PERMANENT_ERRNOS, StorageError, StorageUnavailable, UriError
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 S3_MAX_ATTEMPTS = 8
@@ -126,13 +126,23 @@ def to_local_path(uri: str) -> Path:
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    """Copy ``src`` to ``dst`` through a temporary sibling, so ``dst`` is whole or absent.
+
+    Raises:
+        StorageError: the disk is full, read-only or forbids the write (what no retry cures), naming ``dst``;
+            the temporary file is removed.
+    """
     tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, tmp)
         with open(tmp, "rb+") as fh:  # on disk before the rename makes it visible: a crash leaves no empty file
             os.fsync(fh.fileno())
         os.replace(tmp, dst)
+    except OSError as exc:
+        if exc.errno not in PERMANENT_ERRNOS:
+            raise
+        raise StorageError(f"{dst}: cannot write it ({exc.strerror}); nothing was written") from exc
     finally:
         tmp.unlink(missing_ok=True)
     directory = os.open(dst.parent, os.O_RDONLY)

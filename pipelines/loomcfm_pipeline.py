@@ -24,9 +24,10 @@ def loomcfm_pipeline(config_yaml: str = "digits", overrides: list = [], launcher
                  launcher=launcher, namespace=namespace, keep_cluster=keep_cluster)
     with_gpu(on_cluster(base, s3_secret, env_config_map), accelerator_type,
              train_accelerator_limit).set_caching_options(False)
-    with_gpu(on_cluster(evaluate(config_yaml=config, overrides=[], checkpoint_uri=base.outputs["checkpoint_uri"],
-                                 dataset_uri=dataset_uri, parent_run_id=parent), s3_secret, env_config_map),
-             accelerator_type, accelerator_limit)
+    base_eval = with_gpu(on_cluster(evaluate(config_yaml=config, overrides=[],
+                                             checkpoint_uri=base.outputs["checkpoint_uri"], dataset_uri=dataset_uri,
+                                             parent_run_id=parent), s3_secret, env_config_map),
+                         accelerator_type, accelerator_limit)
     generated = with_gpu(on_cluster(pairs(config_yaml=config, overrides=[], parent_run_id=parent,
                                           checkpoint_uri=base.outputs["checkpoint_uri"]), s3_secret, env_config_map),
                          accelerator_type, accelerator_limit)
@@ -35,6 +36,7 @@ def loomcfm_pipeline(config_yaml: str = "digits", overrides: list = [], launcher
                      pairs_uri=generated.outputs["Output"], init_from=base.outputs["checkpoint_uri"])
     with_gpu(on_cluster(reflowed, s3_secret, env_config_map), accelerator_type,
              train_accelerator_limit).set_caching_options(False)
+    # The reflow evaluation records the pipeline's summary (base and reflow) on the parent run: it runs last.
     with_gpu(on_cluster(evaluate(config_yaml=config, overrides=[], checkpoint_uri=reflowed.outputs["checkpoint_uri"],
                                  dataset_uri=dataset_uri, parent_run_id=parent, label="evaluate_reflow"),
-                        s3_secret, env_config_map), accelerator_type, accelerator_limit)
+                        s3_secret, env_config_map), accelerator_type, accelerator_limit).after(base_eval)

@@ -35,14 +35,14 @@ def env(home: Path, **extra: str) -> dict[str, str]:
 class Command:
     """A running ``loomcfm``: its output goes to files (a pipe nobody reads would fill up and stop it)."""
 
-    def __init__(self, args: list[str], cwd: Path, extra_env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], cwd: Path, extra_env: dict[str, str], prefix: list[str] = ()) -> None:
         cwd.mkdir(parents=True, exist_ok=True)
         logs = cwd / "logs"
         logs.mkdir(exist_ok=True)
         stem = logs / f"{time.monotonic_ns()}"
         self.out_path, self.err_path = stem.with_suffix(".out"), stem.with_suffix(".err")
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "loomcfm_core.cli", *args], cwd=cwd,
+            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "loomcfm_core.cli", *args], cwd=cwd,
                                          env=env(cwd / "home", **extra_env), stdout=out, stderr=err,
                                          start_new_session=True)
         self.pid = self.proc.pid
@@ -67,19 +67,39 @@ class Command:
                                            self.out_path.read_text(errors="replace"), self.stderr)
 
 
-def start(*args: str, cwd: Path, **extra_env: str) -> Command:
-    """``loomcfm <args>`` in its own session (so a test can signal it and find what it left behind)."""
-    return Command(list(args), cwd, extra_env)
+def start(*args: str, cwd: Path, prefix: list[str] = (), **extra_env: str) -> Command:
+    """``loomcfm <args>`` in its own session (so a test can signal it and find what it left behind), run by
+    ``prefix`` (a command that ends by running its arguments) when one is given."""
+    return Command(list(args), cwd, extra_env, list(prefix))
 
 
-def run(*args: str, cwd: Path, timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
-    return start(*args, cwd=cwd, **extra_env).finish(timeout)
+def run(*args: str, cwd: Path, timeout: float = 600, prefix: list[str] = (), **extra_env: str) \
+        -> subprocess.CompletedProcess:
+    return start(*args, cwd=cwd, prefix=prefix, **extra_env).finish(timeout)
+
+
+def on_small_disk(folder: Path, size: str) -> list[str]:
+    """A prefix that runs the command with a tmpfs of ``size`` (``mount -o size=``, e.g. ``1m``) mounted on
+    ``folder`` in a mount namespace of its own (root, as CI runs; util-linux ``unshare``): a real full disk.
+    The mount goes away with the command, so what the command left on it is listed into ``<folder>.listing``
+    (one ``find`` line per path) before it does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = 'mount -t tmpfs -o "size=$1" tmpfs "$0" || exit 99; shift; "$@"; rc=$?; find "$0" > "$0.listing"; exit $rc'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(folder), size]
+
+
+def _ours(stderr: str) -> str:
+    """stderr without the lines of Ray Train's ``PlacementGroupCleaner`` actor: on a host where another Ray
+    cluster runs too (another test, another lane), its monitor thread dies with Ray's own traceback
+    ("Found multiple active Ray instances", ``ray/train/v2/_internal/execution/controller/
+    placement_group_cleaner.py`` ``_monitor_loop`` -> ``is_actor_alive``), whatever the command does."""
+    return "\n".join(line for line in stderr.splitlines() if "(PlacementGroupCleaner pid=" not in line)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one ``loomcfm:`` line a failed command ends with (asserting there is exactly one, last, and no
     traceback)."""
-    assert "Traceback" not in proc.stderr, proc.stderr[-5000:]
+    assert "Traceback" not in _ours(proc.stderr), proc.stderr[-5000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("loomcfm:")]
     assert len(lines) == 1 and proc.stderr.rstrip().endswith(lines[0]), proc.stderr[-5000:]
     return lines[0]

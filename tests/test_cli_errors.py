@@ -21,7 +21,7 @@ from loomcfm_core.checksums import sha256_file
 from loomcfm_core.config import load_config
 from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.training.loop import fit
-from tests.run_cli import TINY, error_line, run, sets, store_sets
+from tests.run_cli import TINY, error_line, on_small_disk, run, sets, store_sets
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -68,6 +68,7 @@ class Row:
     pattern: Callable[[dict, Path], str]
     absent: list[str] = field(default_factory=list)
     one_line: bool = True  # nothing at all on stderr before the error (it failed before any work)
+    disk: str | None = None  # the size of a tmpfs the command finds mounted on <case>/store (a full disk)
 
 
 def _train_on(damage: Callable[[Path], None]) -> Callable[[dict, Path], list[str]]:
@@ -105,6 +106,10 @@ ROWS = {
     "deleted manifest": Row(_train_on(lambda d: (d / "manifest.json").unlink()), 1,
                             lambda w, t: rf"{t}/store/datasets/digits-\w+: no manifest\.json; the dataset is missing or "
                                          r"incomplete \(run `loomcfm cache` first", ["store/runs"], one_line=False),
+    "disk full": Row(lambda w, t: ["train", "--dataset", w["dataset"], *sets(*TINY, "train.max_steps=5",
+                                                                           "train.checkpoint_every=5"), *store_sets(t)],
+                     1, lambda w, t: rf"{t}/store/runs/digits-\w+/checkpoints/step-00000005\.pt: cannot write it \(No "
+                                     r"space left on device\); nothing was written$", one_line=False, disk="256k"),
     "num_head_channels": Row(lambda w, t: ["train", *sets("model.num_head_channels=48"), *store_sets(t)], 2,
                              lambda w, t: r"model\.num_head_channels=48 does not divide the attention width 64",
                              ["store"]),
@@ -157,7 +162,8 @@ def _write(path: Path, text: str) -> Path:
 @pytest.mark.parametrize("name", list(ROWS))
 def test_bad_input_is_one_line_naming_it(name, world, tmp_path):
     row = ROWS[name]
-    proc = run(*row.args(world, tmp_path), cwd=tmp_path, timeout=300)
+    prefix = on_small_disk(tmp_path / "store", row.disk) if row.disk else []
+    proc = run(*row.args(world, tmp_path), cwd=tmp_path, timeout=300, prefix=prefix)
     assert proc.returncode == row.code, proc.stderr[-4000:]
     line = error_line(proc)
     assert line.startswith("loomcfm: config error: " if row.code == 2 else "loomcfm: error: "), line
@@ -167,13 +173,18 @@ def test_bad_input_is_one_line_naming_it(name, world, tmp_path):
     for pattern in row.absent:
         assert not list(tmp_path.glob(pattern)), f"{pattern} exists after a failed {name}"
     assert not list(tmp_path.rglob("result.json")) and not list(tmp_path.rglob("step-*.pt"))
+    if row.disk:
+        left = (tmp_path / "store.listing").read_text().split()
+        assert f"{tmp_path}/store/runs" in left, "it trained until the disk was full"
+        assert not [p for p in left if re.search(r"step-|result\.json|\.tmp-|lease\.json", p)], left
+        assert proc.stderr.count("Started training worker group") == 1, "a full disk is not retried"
 
 
 def test_cache_repairs_a_damaged_dataset(world, tmp_path):
     copy = _copy_dataset(world, tmp_path)
     shard = copy / "train" / "shard-00000.h5"
     _modify_shard(shard)
-    proc = run("cache", *store_sets(tmp_path), cwd=tmp_path, timeout=300)
+    proc = run("cache", *store_sets(tmp_path), cwd=tmp_path, timeout=900)  # trains the classifier: minutes under load
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["dataset_uri"] == str(copy)
     assert f"{copy}: rebuilding it ({shard}: checksum mismatch" in proc.stderr

@@ -34,7 +34,8 @@ def test_the_classes_the_readme_states():
 @pytest.mark.parametrize("free", ["train.max_steps=99", "train.epochs=3", "train.log_every=7",
                                   "train.checkpoint_every=9", "train.keep_checkpoints=1", "data.num_workers=3",
                                   "data.local_cache=/elsewhere", "train.lr=1e-5", "eval.num_samples=10",
-                                  "reflow.lr=1e-6", "ray.cpus_per_worker=1", "train.lease_seconds=10"])
+                                  "reflow.lr=1e-6", "ray.cpus_per_worker=1", "train.lease_seconds=10",
+                                  "coupling.pipelined=false"])
 def test_run_name_ignores_what_does_not_define_the_run(free):
     """"Train longer" (and any other free or schedule change) finds the same run folder again."""
     assert default_run_name(load_config("digits", [free]), DATASET_URI) == default_run_name(load_config("digits"),
@@ -42,6 +43,7 @@ def test_run_name_ignores_what_does_not_define_the_run(free):
 
 
 @pytest.mark.parametrize("identity", ["model.channels=64", "coupling.kind=independent", "train.batch_size=64",
+                                      "coupling.solver=scipy", "coupling.max_problem=256",
                                       "train.seed=1", "data.hflip=true", "ray.num_workers=2", "train.sigma=0.1"])
 def test_run_name_follows_the_identity(identity):
     assert default_run_name(load_config("digits", [identity]), DATASET_URI) != \

@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 # The allowed values are defined by the modules that implement them; the config only checks against them.
 from loomcfm_core.coupling import COSTS, KINDS
+from loomcfm_core.coupling_solve import SOLVERS
 from loomcfm_core.data.pairs import TARGET_DTYPES
 from loomcfm_core.data.sources import check_source, source_forms
 from loomcfm_core.errors import did_you_mean
@@ -73,6 +74,11 @@ class CouplingConfig(_Section):
     kind: Literal[KINDS] = "loom"
     num_seeds: int = Field(4, ge=1, description="K: noise seeds owned by every data point")
     cost: Literal[COSTS] = "l2"
+    max_problem: int = Field(1024, ge=1, description="most items in one assignment problem: a larger global "
+                             "batch is solved per rank, a smaller one together with the next batches that fit")
+    solver: Literal[SOLVERS] = Field("lapjv", description="exact assignment solver")
+    pipelined: bool = Field(True, description="solve the next batch's assignment on a host thread while this "
+                            "batch trains (same result as without)")
     converge_epochs: int = Field(0, ge=0, description="loom: passes of reassignment over the data with no "
                                  "network before training (the paper's 'train after convergence'; the "
                                  "reference's training.train_after)")

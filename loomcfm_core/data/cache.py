@@ -51,8 +51,8 @@ class ShardWriter:
     Arrays are stored uncompressed with one chunk per item, so a random-access read touches one chunk.
     """
 
-    def __init__(self, uri: str, split: str, shard_size: int, workdir: Path) -> None:
-        self.uri, self.split, self.shard_size, self.workdir = uri, split, shard_size, workdir
+    def __init__(self, uri: str, split: str, shard_size: int, workdir: Path, prefix: str = "") -> None:
+        self.uri, self.split, self.shard_size, self.workdir, self.prefix = uri, split, shard_size, workdir, prefix
         self.store = storage_for(uri)
         self.shards: list[dict] = []
         self._file: h5py.File | None = None
@@ -60,7 +60,7 @@ class ShardWriter:
         self._count = 0
 
     def _open(self, arrays: dict[str, np.ndarray]) -> None:
-        name = f"{self.split}/shard-{len(self.shards):05d}.h5"
+        name = f"{self.split}/{self.prefix}shard-{len(self.shards):05d}.h5"
         self._path = self.workdir / name
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._file = h5py.File(self._path, "w")
@@ -95,17 +95,17 @@ class ShardWriter:
         self.shards.append({"path": name, "count": self._count, "sha256": digest, "size": size})
         self._file = None
 
-    def close(self) -> dict:
+    def close(self) -> list[dict]:
+        """The shards written (path, count, sha256), in order."""
         if self._file is not None:
             self._flush()
-        return {"count": sum(s["count"] for s in self.shards), "shards": self.shards}
+        return self.shards
 
 
 def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], shard_size: int,
                   manifest: dict, totals: dict[str, int | None] | None = None, desc: str = "caching") -> dict:
     """Stream each split's batches into shards under ``uri``, then commit ``manifest.json`` last."""
-    store = storage_for(uri)
-    manifest = dict(manifest, format=FORMAT, splits={})
+    written = {}
     with tempfile.TemporaryDirectory(prefix="loomcfm-cache-") as tmp:
         for split, batches in splits.items():
             writer = ShardWriter(uri, split, shard_size, Path(tmp))
@@ -114,11 +114,19 @@ def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], 
                 for arrays in batches:
                     writer.write(arrays)
                     bar.update(len(next(iter(arrays.values()))))
-            manifest["splits"][split] = writer.close()
-            if manifest["splits"][split]["count"] == 0:
-                raise StorageError(f"{uri}: split {split!r} produced no items")
-    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    store.write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2))
+            written[split] = writer.close()
+    return commit_manifest(uri, manifest, written)
+
+
+def commit_manifest(uri: str, manifest: dict, shards: dict[str, list[dict]]) -> dict:
+    """Write ``manifest.json`` for shards already uploaded (each split's in order): the dataset's commit."""
+    splits = {split: {"count": sum(s["count"] for s in listed), "shards": listed} for split, listed in shards.items()}
+    for split, info in splits.items():
+        if info["count"] == 0:
+            raise StorageError(f"{uri}: split {split!r} produced no items")
+    manifest = dict(manifest, format=FORMAT, splits=splits,
+                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    storage_for(uri).write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2))
     return manifest
 
 

@@ -71,8 +71,9 @@ def weights_mismatch(cfg: Config, weights: dict[str, torch.Tensor], config_yaml:
     return "; ".join(parts)
 
 
-def load_model(cfg: Config, checkpoint_uri: str, device: torch.device) -> UNetModel:
-    """The EMA network of a checkpoint (ours or the reference implementation's), ready to sample.
+def fitting_weights(cfg: Config, checkpoint_uri: str) -> dict[str, torch.Tensor]:
+    """The EMA weights of a checkpoint (ours or the reference implementation's), checked against the
+    configured network; a stage calls this before any other work, so a wrong checkpoint fails first.
 
     Raises:
         CheckpointError: no checkpoint there, not a checkpoint, or weights that do not fit the configured
@@ -83,6 +84,11 @@ def load_model(cfg: Config, checkpoint_uri: str, device: torch.device) -> UNetMo
     if why:
         raise CheckpointError(f"{checkpoint_uri}: the weights do not fit the configured model (--config / "
                               f"--set model.*): {why}")
+    return weights
+
+
+def load_model(cfg: Config, checkpoint_uri: str, device: torch.device) -> UNetModel:
+    """The EMA network of a checkpoint, ready to sample (:func:`fitting_weights` says what it raises)."""
     model = build_model(cfg)
-    model.load_state_dict(weights)
+    model.load_state_dict(fitting_weights(cfg, checkpoint_uri))
     return model.to(device).eval()

@@ -57,13 +57,41 @@ def check_local_resources(cfg: Config, available: dict) -> None:
                          f"Ray has {available.get('GPU', 0):g}")
 
 
+def connect(cfg: Config) -> None:
+    """Join ``ray.address`` (or start a local Ray, recorded and stopped by the CLI on signals and at exit),
+    checking that a local one can run the workers asked for.
+
+    ``ray.init`` replaces the SIGTERM handler with its own ``sys.exit(15)`` (``ray/_private/worker.py``,
+    ``init``'s ``sigterm_handler``), which would end every later stage of the command without its MLflow run
+    ending KILLED, its lease released or its local Ray stopped; the handlers that were there are put back.
+    """
+    import ray
+
+    from loomcfm_core.training.local_ray import start_local_ray
+
+    if not ray.is_initialized():
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if cfg.ray.address is None:
+            start_local_ray(logging_level=logging.WARNING)
+        else:
+            ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    if cfg.ray.address is None:
+        check_local_resources(cfg, ray.cluster_resources())
+
+
 def _ray_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from loomcfm_core.training.ray_trainer import quiet_user_errors
+
     context = ray.train.get_context()
     cfg = load_config_text(loop_config["config_yaml"])
     logging.basicConfig(level=logging.INFO)
+    quiet_user_errors()
     fit(cfg, loop_config["dataset_uri"], loop_config["run_uri"], ray.train.torch.get_device(),
         context.get_world_rank(), context.get_world_size(), loop_config.get("parent_run_id"),
         loop_config.get("mlflow_run_id"), loop_config.get("lease_token"))
@@ -82,24 +110,17 @@ def _record_start(cfg: Config, resume: Resume) -> None:
         log.warning("%s changed from %s to %s at step %d (train.allow_changes)", key, old, new, resume.step)
 
 
+
 def _train(cfg: Config, dataset_uri: str, run_uri: str, parent_run_id: str | None, run_id: str,
            lease_token: str) -> None:
     """Ray Train's part: start a local Ray if needed, run ``fit`` on the workers, turn a failure into one error."""
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
     from ray.train.v2.api.exceptions import TrainingFailedError
 
-    from loomcfm_core.training.local_ray import start_local_ray
     from loomcfm_core.training.ray_trainer import LoomcfmTrainer, worker_error
 
-    if not ray.is_initialized():
-        if cfg.ray.address is None:
-            start_local_ray(logging_level=logging.WARNING)  # stopped by the CLI (signals, exit)
-        else:
-            ray.init(address=cfg.ray.address, logging_level=logging.WARNING)
-    if cfg.ray.address is None:
-        check_local_resources(cfg, ray.cluster_resources())
+    connect(cfg)
     trainer = LoomcfmTrainer(
         _ray_worker,
         train_loop_config={"config_yaml": cfg.to_yaml(), "dataset_uri": dataset_uri, "run_uri": run_uri,

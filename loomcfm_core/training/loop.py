@@ -22,6 +22,7 @@ from loomcfm_core.lease import check_held
 from loomcfm_core.storage import absolute, join
 from loomcfm_core.training.converge import converge, progress_run_id
 from loomcfm_core.training.distributed import barrier, gather_objects
+from loomcfm_core.training.pipelined import CouplingPlanner
 from loomcfm_core.training.preflight import apply_schedule, check_resume, total_steps
 from loomcfm_core.training.sampler import GlobalBatchSampler
 from loomcfm_core.training.step import TrainState, build_state, train_step
@@ -159,6 +160,8 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
     tracker = Tracker(cfg, state, rank, sampler.steps_per_epoch, parent_run_id,
                       {"loomcfm.run_uri": run_uri, "loomcfm.dataset_uri": dataset_uri}, resume_uri, run_id,
                       attach=mlflow_run_id is not None)
+    planner = CouplingPlanner(state.coupling, cfg.train.batch_size, cfg.train.checkpoint_every, last_step,
+                              cfg.coupling.pipelined, device)
     last_ckpt = resume_uri
     with tracker:
         if cfg.coupling.converge_epochs and not resume_uri:
@@ -168,8 +171,8 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
         while state.step < last_step:
             epoch, skip = divmod(state.step, sampler.steps_per_epoch)
             sampler.set_position(cfg.coupling.converge_epochs + epoch, skip)  # convergence used the first epochs
-            for x1, _, index in loader:
-                metrics = train_step(state, x1.to(device, non_blocking=True), index)
+            for x1, index, assigned in planner.batches(loader, state.step):
+                metrics = train_step(state, x1.to(device, non_blocking=True), index, assigned)
                 tracker.step_done(metrics, len(x1) * world_size)
                 bar.update(1)
                 if state.step % cfg.train.checkpoint_every == 0 or state.step == last_step:

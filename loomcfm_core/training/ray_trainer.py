@@ -13,6 +13,12 @@ controller asks its policy's ``make_decision(training_failed_error)`` for ``RETR
 Ray's default. :class:`LoomcfmTrainer` passes it in through ``_initialize_and_run_controller``, the one
 place ``fit`` assembles the controller's arguments.
 
+Worker logs: Ray Train logs every exception of the training function with its traceback
+(``construct_user_exception_with_traceback`` in ``ray/train/v2/_internal/util.py``, logger
+``ray.train.v2._internal.util``, called inside ``ThreadRunner._run_target``'s ``except``). For an error whose
+message is meant for the user (ours, or the machine's: a full disk) :func:`quiet_user_errors` makes that
+record one line; the driver ends with the same message (:func:`worker_error`). Other errors keep their traceback.
+
 Signals: ``DataParallelTrainer._register_sigint_handler`` installs a SIGINT handler that asks the
 controller to abort and lets ``fit`` return as if training ended; here SIGINT and SIGTERM also abort the
 controller, then raise ``KeyboardInterrupt`` so the caller knows the run was stopped (its MLflow run ends
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.failure_handling import FailureDecision
@@ -33,6 +40,27 @@ from loomcfm_core.errors import LoomcfmError, TrainingError, retry_can_fix
 from loomcfm_core.processes import stop_on_signal
 
 log = logging.getLogger(__name__)
+
+
+def shown_as_is(error: BaseException | None) -> bool:
+    """Whether a worker's error is shown to the user as it is (its message names what is wrong): ours, or
+    the machine's (a full disk, a permission)."""
+    return isinstance(error, (LoomcfmError, OSError))
+
+
+class _OneLineUserErrors(logging.Filter):
+    """Makes Ray Train's "Error in training function" record one line for an error :func:`shown_as_is`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = sys.exc_info()[1]  # the record is made inside the except block that caught it, in its thread
+        if shown_as_is(error) and str(record.msg).startswith("Error in training function"):
+            record.msg, record.args = f"Error in training function: {type(error).__name__}: {error}", ()
+        return True
+
+
+def quiet_user_errors() -> None:
+    """In a Ray Train worker: log an error meant for the user without the traceback (see the module doc)."""
+    logging.getLogger("ray.train.v2._internal.util").addFilter(_OneLineUserErrors())
 
 
 class PermanentErrorPolicy(DefaultFailurePolicy):
@@ -78,7 +106,7 @@ def worker_error(exc: TrainingFailedError) -> Exception:
         cause = getattr(exc, "controller_failure", exc)
         return TrainingError(f"Ray Train failed: {type(cause).__name__}: {str(cause).strip().splitlines()[0]}")
     for _, error in sorted(failures.items()):
-        if isinstance(error, (LoomcfmError, OSError)):
+        if shown_as_is(error):
             return error
     rank, error = min(failures.items())
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""

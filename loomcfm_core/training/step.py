@@ -10,9 +10,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from loomcfm_core.config import Config
-from loomcfm_core.coupling import Coupling, NoiseReader, make_coupling
+from loomcfm_core.coupling import Assigned, Coupling, NoiseReader, diagonal_stats, make_coupling
 from loomcfm_core.flow import cfm_loss, sample_t
 from loomcfm_core.models.loading import build_model
+from loomcfm_core.noise import noise_from_seeds
 from loomcfm_core.training.distributed import all_gather, broadcast_from_rank0
 
 
@@ -69,21 +70,30 @@ def build_state(cfg: Config, num_points: int, device: torch.device, rank: int = 
     shape = cfg.data.shape
     coupling = make_coupling(cfg.coupling.kind, num_points, cfg.coupling.num_seeds, shape, cfg.coupling.cost,
                              seed=cfg.train.seed, rank=rank, world_size=world_size, pair_seeds=pair_seeds,
+                             max_problem=cfg.coupling.max_problem, solver=cfg.coupling.solver, device=device,
                              pair_noise=pair_noise)
     t_generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank + 1)
     return TrainState(cfg, model, raw, EMA(raw, cfg.train.ema_decay), optimizer, scheduler, coupling,
                       t_generator, device)
 
 
-def train_step(state: TrainState, x1: torch.Tensor, index: torch.Tensor) -> dict:
+def train_step(state: TrainState, x1: torch.Tensor, index: torch.Tensor, assigned: Assigned | None = None) -> dict:
     """One LOOM-CFM step: couple, regress the straight-path velocity, clip, Adam, EMA.
+
+    Args:
+        assigned: the batch's coupling when it was decided ahead (:mod:`loomcfm_core.training.pipelined`);
+            without it the coupling is decided here.
 
     Returns:
         The step's loss, gradient norm and coupling statistics as tensors on the device: reading them on the
         host would synchronise every step, so the tracker does that only when it logs.
     """
     cfg = state.cfg.train
-    x0, stats = state.coupling.couple(x1, index, gather=all_gather, broadcast=broadcast_from_rank0)
+    if assigned is None:
+        x0, stats = state.coupling.couple(x1, index, gather=all_gather, broadcast=broadcast_from_rank0)
+    else:
+        x0 = noise_from_seeds(assigned.seeds, state.coupling.shape, x1.device, x1.dtype)
+        stats = assigned.stats or diagonal_stats(x1, x0, state.cfg.coupling.cost)
     t = sample_t(len(x1), state.device, state.t_generator)
     with torch.autocast(device_type=state.device.type, dtype=torch.bfloat16,
                         enabled=cfg.bf16 and state.device.type == "cuda"):

@@ -33,6 +33,8 @@ def test_compiled_packages_are_up_to_date(tmp_path):
     assert all(e["secretAsEnv"][0]["keyToEnv"][0]["envVar"] == "AWS_ACCESS_KEY_ID" for e in executors.values())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {IMAGE}
+    assert "evaluate" in spec["root"]["dag"]["tasks"]["evaluate-2"]["dependentTasks"], \
+        "the reflow evaluation records the summary with the base rows: it must wait for the base evaluation"
 
 
 def test_bad_overrides_fail_before_anything_runs(tmp_path, capfd):

@@ -27,7 +27,7 @@ def _cli(tmp_path, *overrides, **popen):
                             start_new_session=True, **popen)
 
 
-def _finish(proc, timeout=400):
+def _finish(proc, timeout=600):
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-5000:]
     return json.loads(out[out.rindex("\n{") + 1:])

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2.api.exceptions import TrainingFailedError
 
 from loomcfm_core.errors import SourceError, StorageUnavailable, TrainingError
-from loomcfm_core.training.ray_trainer import LoomcfmTrainer, worker_error
+from loomcfm_core.training.ray_trainer import LoomcfmTrainer, quiet_user_errors, worker_error
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +63,46 @@ def test_other_errors_are_retried_max_failures_times(tmp_path, local_ray):
                           "in the log above)")
     attempts, shown = _attempts(tmp_path / "b", StorageUnavailable("s3://b/x: S3 request failed after 8 attempts"))
     assert attempts == 3 and isinstance(shown, StorageUnavailable), "an unreachable store may come back"
+
+
+def test_a_worker_logs_an_error_meant_for_the_user_in_one_line(caplog):
+    """Ray's own logging of a failed training function (``construct_user_exception_with_traceback``, what
+    ``ThreadRunner._run_target`` calls in its ``except``): one line for ours, the traceback for the rest."""
+    from ray.train.v2._internal.util import construct_user_exception_with_traceback
+
+    quiet_user_errors()
+    for error in (SourceError("/data/x.png: cannot decode image"), OSError(errno.ENOSPC, "No space left on device"),
+                  RuntimeError("NCCL watchdog timeout")):
+        try:
+            raise error
+        except BaseException as exc:  # noqa: BLE001 - as Ray's runner catches it
+            construct_user_exception_with_traceback(exc)
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Error in training function")]
+    assert messages[:2] == ["Error in training function: SourceError: /data/x.png: cannot decode image",
+                            "Error in training function: OSError: [Errno 28] No space left on device"]
+    assert "Traceback" in messages[2] and "NCCL watchdog timeout" in messages[2]
+
+
+def test_starting_ray_keeps_the_commands_signal_handlers(tmp_path):
+    """``ray.init`` installs its own SIGTERM handler (``sys.exit(15)``); after ``connect`` the command's
+    handler is back, so a SIGTERM between Ray stages still ends the stage's MLflow run KILLED."""
+    script = textwrap.dedent("""
+        import signal
+        from loomcfm_core.config import load_config
+        from loomcfm_core.training.launch import connect
+        from loomcfm_core.training.local_ray import stop_local_ray
+
+        def mine(signum, frame):
+            pass
+
+        signal.signal(signal.SIGTERM, mine)
+        connect(load_config("digits", ["ray.cpus_per_worker=1"]))
+        try:
+            print(signal.getsignal(signal.SIGTERM) is mine, flush=True)
+        finally:
+            stop_local_ray()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "True"
