@@ -86,7 +86,7 @@ def _images_per_s(preset: str, kind: str, bf16: bool, device: torch.device) -> f
     planner = CouplingPlanner(state.coupling, batch, checkpoint_every=10**9, total_steps=10**9, device=device)
     warmup, steps = planner.span, max(20, 2 * planner.span)
     order = torch.randperm(50_000, generator=torch.Generator().manual_seed(0))
-    loader = [(torch.rand(batch, *cfg.data.shape).pin_memory(), None, order[i * batch:(i + 1) * batch])
+    loader = [(torch.rand(batch, *cfg.flow_shape).pin_memory(), None, order[i * batch:(i + 1) * batch])
               for i in range(warmup + steps)]
     it = planner.batches(loader, 0)
     for _ in range(warmup):  # compilation, cuDNN autotuning, the allocator, the first (never overlapped) unit
@@ -104,7 +104,7 @@ def syncs_per_step(device: torch.device, steps: int = 5) -> float:
     """Synchronising calls the training thread makes per unpipelined LOOM step (CUDA's sync debug mode)."""
     cfg = load_config("cifar10", ["coupling.max_problem=32"])
     state = build_state(cfg, 50_000, device)
-    x1 = torch.rand(32, *cfg.data.shape, device=device)
+    x1 = torch.rand(32, *cfg.flow_shape, device=device)
     train_step(state, x1, torch.arange(32))
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
@@ -139,7 +139,7 @@ def sampling_section(device: torch.device, weights: str | None) -> None:
     model = build_model(cfg).to(device).eval()
     print("\n## sampling (cifar10 network, random weights)\n\n| method | batch | NFE | images/s |\n|---|---|---|---|")
     for method, batch in (("euler-8", 256), ("dopri5-1", 64)):
-        x0 = noise_from_seeds(torch.arange(batch, device=device), cfg.data.shape)
+        x0 = noise_from_seeds(torch.arange(batch, device=device), cfg.flow_shape)
         integrate(model, x0[:8], method)
         torch.cuda.synchronize(device)
         start = time.perf_counter()

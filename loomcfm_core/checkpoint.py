@@ -11,6 +11,9 @@ from __future__ import annotations
 import pickle
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -89,55 +92,83 @@ _NOT_A_PICKLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, Typ
                  ImportError, IndexError)
 
 
-def _read(uri: str, map_location: str | torch.device) -> object:
+@contextmanager
+def _local_copy(uri: str) -> Iterator[Path]:
+    """A temporary local copy of a checkpoint, deleted after the ``with`` body ("no checkpoint at" if none)."""
     store = storage_for(uri)
     if not store.exists(uri):
         raise CheckpointError(f"no checkpoint at {uri}")
     with tempfile.TemporaryDirectory(prefix="loomcfm-ckpt-") as tmp:
-        path = store.get(uri, Path(tmp) / "checkpoint.pt")
-        try:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        except _NOT_A_PICKLE as exc:
-            raise CheckpointError(f"{uri} is not a checkpoint (torch.load: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        yield store.get(uri, Path(tmp) / "checkpoint.pt")
+
+
+def _load(path: Path, uri: str, map_location: str | torch.device) -> object:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except _NOT_A_PICKLE as exc:
+        raise CheckpointError(f"{uri} is not a checkpoint (torch.load: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
 
 def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint from any storage URI (remote ones through a temporary local copy)."""
-    state = _read(uri, map_location)
+    with _local_copy(uri) as path:
+        state = _load(path, uri, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{uri}: not a loomcfm checkpoint (expected format {FORMAT!r})")
     return state
 
 
-def load_ema_weights(uri: str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The EMA weights to sample with, from our checkpoints or the reference implementation's."""
-    return read_ema_weights(uri, map_location)[0]
+def reference_parts(state: object) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The ``backbone.*`` and ``ae.*`` weights of a reference LOOM-CFM checkpoint, prefixes stripped (both
+    empty for anything else).
 
-
-def read_ema_weights(uri: str, map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], str | None]:
-    """The EMA weights and, for our checkpoints, the config YAML they were trained with (None otherwise).
-
-    The reference's ``step_N.pth`` / ``latest.pth`` keep the EMA model under ``"model"`` with ``backbone.``
-    (and, when saved from DDP, ``module.``) prefixes; our UNet uses the same module names underneath.
+    The reference's ``step_N.pth`` / ``latest.pth`` keep the EMA model under ``"model"`` (``module.`` first
+    when saved from DDP); a latent model adds its autoencoder under ``ae.`` (latent-diffusion names and
+    ``scale``).
     """
-    state = _read(uri, map_location)
-    if isinstance(state, dict) and state.get("format") == FORMAT:
-        return state["ema"], state.get("config_yaml")
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        weights = {}
-        for key, value in state["model"].items():
-            key = key.removeprefix("module.")
-            if key.startswith("backbone."):
-                weights[key.removeprefix("backbone.")] = value
-        if weights:
-            return weights, None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        return {}, {}
+    weights = {k.removeprefix("module."): v for k, v in state["model"].items()}
+    parts = ({k.removeprefix(p): v for k, v in weights.items() if k.startswith(p)} for p in ("backbone.", "ae."))
+    return next(parts), next(parts)
+
+
+@dataclass
+class SamplingWeights:
+    """What sampling needs from a checkpoint, read once: the EMA network's weights, the config YAML it was
+    trained with (ours; None for the reference's), and for a latent model its latent space: ``latent_space``
+    (ours: the autoencoder's identity and the scale) or ``autoencoder`` (a reference checkpoint's ``ae.*``
+    tensors, ``scale`` among them, and the file's ``sha256``)."""
+
+    backbone: dict[str, torch.Tensor]
+    latent_space: dict | None = None
+    autoencoder: dict[str, torch.Tensor] | None = None
+    sha256: str | None = None
+    config_yaml: str | None = None
+
+
+def read_sampling_weights(uri: str, map_location: str | torch.device = "cpu") -> SamplingWeights:
+    """The EMA weights to sample with, from our checkpoints or the reference implementation's, whose
+    ``backbone.*`` names are our UNet's underneath."""
+    with _local_copy(uri) as path:
+        state = _load(path, uri, map_location)
+        if isinstance(state, dict) and state.get("format") == FORMAT:
+            return SamplingWeights(state["ema"], state.get("latent_space"), config_yaml=state.get("config_yaml"))
+        backbone, autoencoder = reference_parts(state)
+        if backbone:  # a reference autoencoder is identified by the file's hash, as configured weights are
+            return SamplingWeights(backbone, None, autoencoder or None, sha256_file(path) if autoencoder else None)
     raise CheckpointError(f"{uri}: neither a loomcfm checkpoint nor a reference LOOM-CFM checkpoint "
-                     "(expected a dict with 'ema', or 'model' holding 'backbone.*' weights)")
+                          "(expected a dict with 'ema', or 'model' holding 'backbone.*' weights)")
+
+
+def load_ema_weights(uri: str, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The EMA network's weights of a checkpoint, ours or the reference's (:func:`read_sampling_weights`)."""
+    return read_sampling_weights(uri, map_location).backbone
 
 
 def checkpoint_sha256(uri: str) -> str:
     """The sha256 of a checkpoint's bytes: which training produced it, whatever its URI (a run folder that
     was deleted and trained again writes other bytes under the same name)."""
-    with tempfile.TemporaryDirectory(prefix="loomcfm-ckpt-") as tmp:
-        return sha256_file(storage_for(uri).get(uri, Path(tmp) / "checkpoint.pt"))
+    with _local_copy(uri) as path:
+        return sha256_file(path)

@@ -1,10 +1,10 @@
 """Files used only once their sha256 matches the expected one, hashed once per file version.
 
-Dataset shards (against the manifest) and feature-network weights (against the configured hash or the
-``.sha256`` beside them) are checked here, so a torn, stale, modified or substituted copy is never read.
-Hashing a large shard on every read would cost more than the read, so a node-local record remembers the
-digest of each verified file version — its path, size, modification time and inode — and a file is hashed
-again only when one of those changes (a rewrite, a truncation, a copy over it).
+Dataset shards (against the manifest), feature-network and autoencoder weights (against the configured hash
+or the ``.sha256`` beside them, :func:`expected_sha256`) are checked here, so a torn, stale, modified or
+substituted copy is never read. Hashing a large shard on every read would cost more than the read, so a
+node-local record remembers the digest of each verified file version — its path, size, modification time and
+inode — and a file is hashed again only when one of those changes (a rewrite, a truncation, a copy over it).
 """
 
 from __future__ import annotations
@@ -28,6 +28,23 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
         while chunk := fh.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def expected_sha256(uri: str, configured: str | None, *, name: str, key: str, hint: str = "",
+                    error: type[LoomcfmError] = StorageError) -> str:
+    """The sha256 (or prefix) the file at ``uri`` must have: the configured one, else its ``.sha256`` sidecar.
+
+    Args:
+        name: what the error calls the file, e.g. ``eval.inception_weights=<uri>``.
+        key: the config key that sets the hash, named in the error when there is none.
+        hint: appended to the sidecar's mention: what writes it.
+    """
+    if configured:
+        return configured.lower()
+    sidecar = uri + ".sha256"
+    if storage_for(sidecar).exists(sidecar):
+        return storage_for(sidecar).read_text(sidecar).split()[0].lower()
+    raise error(f"{name}: no hash to check it against; set {key} or keep the {sidecar}{hint}")
 
 
 def _version(path: Path) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from loomcfm_core.config import Config
+from loomcfm_core.data.latents import image_dataset_of
 from loomcfm_core.generation import HEAD, eval_on_workers
 from loomcfm_core.metrics import FeatureStats, feature_network, frechet_distance, reference_stats
 from loomcfm_core.models.loading import default_device
@@ -38,6 +39,7 @@ class Evaluation:
     rows: list[MethodResult]
     output_uri: str
     files: list[Path]           # local copies of what was written to output_uri (for MLflow artifacts)
+    latent_space: dict | None = None  # a latent model's autoencoder identity and scale
 
     def table(self) -> str:
         lines = [f"| method | NFE | {self.metric} | seconds |", "|---|---|---|---|"]
@@ -122,14 +124,18 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, 
     """Score the checkpoint's EMA model with each method against the dataset's train statistics, sampling and
     extracting features on ``ray.num_workers`` workers (:mod:`loomcfm_core.generation`).
 
-    Grids, plot and tables are written to ``workdir`` (kept for the caller, e.g. to log them to MLflow)
-    and uploaded to the evaluation's own folder (:func:`output_uri_for`), ``results.json`` last.
+    A latent model's samples are decoded first: distances and grids are always of images, scored against
+    the images a latent cache was encoded from. Grids, plot and tables are written to ``workdir`` (kept for
+    the caller, e.g. to log them to MLflow) and uploaded to the evaluation's own folder
+    (:func:`output_uri_for`), ``results.json`` last.
     """
     methods = methods or cfg.eval.methods
-    network = feature_network(cfg, dataset_uri, device or default_device())
-    reference = reference_stats(cfg, dataset_uri, network)
+    images_uri = image_dataset_of(dataset_uri)
+    network = feature_network(cfg, images_uri, device or default_device())
+    reference = reference_stats(cfg, images_uri, network)
     output_uri = output_uri or output_uri_for(cfg, checkpoint_uri, network.metric, methods, dataset_uri)
-    sampled = eval_on_workers(cfg, checkpoint_uri, dataset_uri, methods, sample_seeds(cfg.eval.num_samples), device)
+    sampled, space = eval_on_workers(cfg, checkpoint_uri, images_uri, methods, sample_seeds(cfg.eval.num_samples),
+                                     device)
     rows, files = [], []
     for method in methods:
         kept = sampled[method]
@@ -139,11 +145,12 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, 
         grid = workdir / f"samples_{method}.png"
         save_grid(torch.cat(kept.head)[:HEAD], grid, nrow=8)
         files.append(grid)
-    evaluation = Evaluation(network.metric, rows, output_uri, files)
+    evaluation = Evaluation(network.metric, rows, output_uri, files, space)
     files.append(plot_fd_vs_nfe({cfg.name: rows}, network.metric, workdir / "fd_vs_nfe.png"))
     (workdir / "results.json").write_text(json.dumps(
         {"metric": network.metric, "checkpoint_uri": checkpoint_uri, "dataset_uri": dataset_uri,
-         "num_samples": cfg.eval.num_samples, "methods": methods, "rows": [asdict(r) for r in rows]}, indent=2))
+         "images_uri": images_uri, "num_samples": cfg.eval.num_samples, "methods": methods, "latent_space": space,
+         "rows": [asdict(r) for r in rows]}, indent=2))
     (workdir / "results.md").write_text(evaluation.table() + "\n")
     files += [workdir / "results.md", workdir / "results.json"]
     for path in files:  # results.json last: its presence means the evaluation is complete

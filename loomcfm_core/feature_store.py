@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loomcfm_core.checksums import fetch_verified, sha256_file
+from loomcfm_core.checksums import expected_sha256, fetch_verified, sha256_file
 from loomcfm_core.config import Config
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.errors import MetricsError
@@ -28,16 +28,6 @@ CLASSIFIER_FILE = "classifier.pt"
 
 # ---- Inception weights -----------------------------------------------------------------------------------
 
-def _expected_sha256(cfg: Config, uri: str) -> str:
-    if cfg.eval.inception_sha256:
-        return cfg.eval.inception_sha256.lower()
-    sidecar = uri + ".sha256"
-    if storage_for(sidecar).exists(sidecar):
-        return storage_for(sidecar).read_text(sidecar).split()[0].lower()
-    raise MetricsError(f"eval.inception_weights={uri}: no hash to check it against; set eval.inception_sha256 "
-                       f"or keep the {sidecar} that `loomcfm weights fetch` writes")
-
-
 def inception_weights(cfg: Config) -> Path:
     """A verified local copy of the configured Inception weights (``eval.inception_weights``)."""
     uri = cfg.eval.inception_weights
@@ -47,7 +37,9 @@ def inception_weights(cfg: Config) -> Path:
     if not storage_for(uri).exists(uri):
         raise MetricsError(f"eval.inception_weights={uri}: file not found (`loomcfm weights fetch --to {uri}` "
                            "downloads it on a machine with internet access)")
-    expected = _expected_sha256(cfg, uri)
+    expected = expected_sha256(uri, cfg.eval.inception_sha256, name=f"eval.inception_weights={uri}",
+                               key="eval.inception_sha256", hint=" that `loomcfm weights fetch` writes",
+                               error=MetricsError)
     local = Path(cfg.data.local_cache).expanduser() / "weights" / f"inception-{expected[:16]}.pth"
     return fetch_verified(uri, local, expected, name=f"eval.inception_weights={uri}", error=MetricsError,
                           hint="the file is corrupt or not the pt_inception-2015-12-05 weights")

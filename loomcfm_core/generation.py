@@ -4,7 +4,9 @@ Each worker (a Ray task, on a GPU of its own when ``ray.use_gpu``; in this proce
 takes a contiguous run of whole sampling batches, loads the model once, samples, and either writes its own
 shards of pairs or returns the feature vectors of its samples. The batches are the same whatever the number
 of workers — batch i always holds seeds [i·batch, (i+1)·batch) and features are taken per batch — so the same
-seeds give the same samples and the same features with one worker or sixteen. The driver commits the manifest
+seeds give the same samples and the same features with one worker or sixteen. A latent model is integrated in
+its latent space (``Config.flow_shape``); pairs keep the latents (what reflow trains on), evaluation decodes
+each batch's samples to uint8 images (``Flow.images``) before taking features. The driver commits the manifest
 (or computes the distance) after every worker has finished, so a failed worker leaves no complete-looking
 dataset behind.
 """
@@ -24,8 +26,8 @@ from loomcfm_core.config import Config, load_config_text
 from loomcfm_core.data.cache import ShardWriter
 from loomcfm_core.data.pairs import store_targets
 from loomcfm_core.metrics import feature_network
-from loomcfm_core.models.loading import default_device, load_model
-from loomcfm_core.sampling import generate, to_uint8
+from loomcfm_core.models.loading import default_device, load_flow
+from loomcfm_core.sampling import generate
 from loomcfm_core.storage import absolute
 
 HEAD = 64  # samples kept for the grid of each method
@@ -60,38 +62,52 @@ def _batches(seeds: torch.Tensor, batch_size: int):
 
 # ---- pairs -----------------------------------------------------------------------------------------------
 
+def pair_target_dtype(cfg: Config) -> str:
+    """How pair targets are stored: ``reflow.target_dtype`` for pixels; a latent model's targets are latents,
+    not pixels, and stay float32."""
+    return "float32" if cfg.model.autoencoder is not None else cfg.reflow.target_dtype
+
+
 def _pairs_part(config_yaml: str, checkpoint_uri: str, uri: str, seeds: torch.Tensor, part: int,
-                device: str | None) -> tuple[list[dict], list[float]]:
-    """One worker's pairs: sampled in the global batches, written as ``train/part-<part>-shard-*.h5``."""
+                device: str | None) -> tuple[list[dict], list[float], dict | None]:
+    """One worker's pairs: sampled in the global batches, written as ``train/part-<part>-shard-*.h5``; a latent
+    model's targets are its (scaled) latents, never decoded.
+
+    Returns:
+        The shards, every batch's NFE and the checkpoint's latent space (``None`` in pixel space), which the
+        pairs' manifest records so that the reflowed model's checkpoints record it too.
+    """
     cfg = load_config_text(config_yaml)
     device = torch.device(device) if device else default_device()
-    model = load_model(cfg, checkpoint_uri, device)
+    flow = load_flow(cfg, checkpoint_uri, device, decoder=False)
     nfes = []
     with tempfile.TemporaryDirectory(prefix="loomcfm-pairs-") as tmp:
         writer = ShardWriter(uri, "train", cfg.data.shard_size, Path(tmp), prefix=f"part-{part:03d}-")
         for chunk in _batches(seeds, cfg.sample.batch_size):
-            samples = generate(model, cfg.data.shape, cfg.reflow.method, chunk, len(chunk), device,
+            samples = generate(flow.model, cfg.flow_shape, cfg.reflow.method, chunk, len(chunk), device,
                                desc=f"pairs part {part}")
             nfes.append(samples.nfe)
-            writer.write({"target": store_targets(samples.images, cfg.reflow.target_dtype), "seeds": chunk.numpy()})
-        return writer.close(), nfes
+            writer.write({"target": store_targets(samples.images, pair_target_dtype(cfg)), "seeds": chunk.numpy()})
+        return writer.close(), nfes, flow.latent_space.to_dict() if flow.latent_space else None
 
 
 def pairs_on_workers(cfg: Config, checkpoint_uri: str, uri: str, seeds: torch.Tensor,
-                     device: torch.device | None = None) -> tuple[list[dict], list[float]]:
-    """Every worker's shards (in seed order) and every batch's NFE; the caller commits the manifest."""
+                     device: torch.device | None = None) -> tuple[list[dict], list[float], dict | None]:
+    """Every worker's shards (in seed order), every batch's NFE and the latent space; the caller commits the
+    manifest."""
     ranges = worker_ranges(len(seeds), cfg.sample.batch_size, cfg.ray.num_workers)
     parts = [(checkpoint_uri, uri, seeds[r.start:r.stop], part, device and str(device))
              for part, r in enumerate(ranges)]
     results = run_parts(cfg, _pairs_part, parts)
-    return [s for shards, _ in results for s in shards], [n for _, nfes in results for n in nfes]
+    return [s for shards, _, _ in results for s in shards], [n for _, nfes, _ in results for n in nfes], results[0][2]
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------
 
 @dataclass
 class MethodSamples:
-    """What evaluation keeps of one method's samples: features, every batch's NFE, the first images."""
+    """What evaluation keeps of one method's samples: features, every batch's NFE, the first images (uint8,
+    decoded for a latent model)."""
 
     features: list[np.ndarray] = field(default_factory=list)
     nfes: list[float] = field(default_factory=list)
@@ -105,36 +121,44 @@ class MethodSamples:
         self.seconds = max(self.seconds, other.seconds)  # workers run side by side
 
 
-def _eval_part(config_yaml: str, checkpoint_uri: str, dataset_uri: str, methods: list[str], seeds: torch.Tensor,
-               device: str | None) -> dict[str, MethodSamples]:
-    """One worker's samples for every method, reduced to their features (float32: exactly what the network
-    gave) and the first ``HEAD`` images."""
+def _eval_part(config_yaml: str, checkpoint_uri: str, images_uri: str, methods: list[str], seeds: torch.Tensor,
+               device: str | None) -> tuple[dict[str, MethodSamples], dict | None]:
+    """One worker's samples for every method, as uint8 images (a latent model's decoded batch by batch),
+    reduced to their features (float32: exactly what the network gave) and the first ``HEAD`` images; and the
+    checkpoint's latent space (``None`` in pixel space)."""
     cfg = load_config_text(config_yaml)
     device = torch.device(device) if device else default_device()
-    model = load_model(cfg, checkpoint_uri, device)
-    network = feature_network(cfg, dataset_uri, device)
+    flow = load_flow(cfg, checkpoint_uri, device)
+    network = feature_network(cfg, images_uri, device)
     out = {}
     for method in methods:
         kept, start = MethodSamples(), time.perf_counter()
         for chunk in _batches(seeds, cfg.eval.batch_size):
-            samples = generate(model, cfg.data.shape, method, chunk, len(chunk), device, desc=f"eval {method}")
-            kept.features.append(network.features(to_uint8(samples.images)).astype(np.float32))
+            samples = generate(flow.model, cfg.flow_shape, method, chunk, len(chunk), device, desc=f"eval {method}")
+            images = flow.images(samples.images, device)
+            kept.features.append(network.features(images).astype(np.float32))
             kept.nfes.append(samples.nfe)
             if sum(len(h) for h in kept.head) < HEAD:
-                kept.head.append(samples.images[:HEAD])
+                kept.head.append(images[:HEAD])
         kept.seconds = time.perf_counter() - start
         out[method] = kept
-    return out
+    return out, flow.latent_space.to_dict() if flow.latent_space else None
 
 
-def eval_on_workers(cfg: Config, checkpoint_uri: str, dataset_uri: str, methods: list[str], seeds: torch.Tensor,
-                    device: torch.device | None = None) -> dict[str, MethodSamples]:
-    """Every method's features (in seed order), NFEs and first images, gathered from the workers."""
+def eval_on_workers(cfg: Config, checkpoint_uri: str, images_uri: str, methods: list[str], seeds: torch.Tensor,
+                    device: torch.device | None = None) -> tuple[dict[str, MethodSamples], dict | None]:
+    """Every method's features (in seed order), NFEs and first images, gathered from the workers, and the
+    checkpoint's latent space.
+
+    Args:
+        images_uri: the image dataset the feature network belongs to (a latent cache's images).
+    """
     ranges = worker_ranges(len(seeds), cfg.eval.batch_size, cfg.ray.num_workers)
-    parts = [(absolute(checkpoint_uri), dataset_uri, methods, seeds[r.start:r.stop], device and str(device))
+    parts = [(absolute(checkpoint_uri), images_uri, methods, seeds[r.start:r.stop], device and str(device))
              for r in ranges]
     merged = {method: MethodSamples() for method in methods}
-    for result in run_parts(cfg, _eval_part, parts):
+    results = run_parts(cfg, _eval_part, parts)
+    for result, _ in results:
         for method, kept in result.items():
             merged[method].merge(kept)
-    return merged
+    return merged, results[0][1]

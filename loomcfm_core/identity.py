@@ -35,6 +35,7 @@ KEY_CLASSES: dict[str, str] = {
     "data.hflip": IDENTITY,
     "data.local_cache": FREE, "data.num_workers": FREE,
     "data.*": DATASET,
+    "model.autoencoder.batch_size": FREE,  # images per encode/decode batch: the same latents either way
     "model.*": IDENTITY,
     "coupling.pipelined": FREE,  # a host thread solves the next batch ahead: the same result either way
     "coupling.*": IDENTITY,      # kind, K, cost, problem size and solver (solvers break ties differently)
@@ -47,7 +48,7 @@ KEY_CLASSES: dict[str, str] = {
     "sample.*": FREE, "eval.*": FREE, "reflow.*": FREE, "storage.*": FREE, "tracking.*": FREE,
 }
 SCHEDULE_KEYS = tuple(key for key, kind in KEY_CLASSES.items() if kind == SCHEDULE)
-URI_KEYS = ("train.init_from",)  # compared as absolute URIs: a relative path names the same file
+URI_KEYS = ("train.init_from", "model.autoencoder.weights", "model.autoencoder.config")  # compared as absolute URIs: a relative path names the same file
 
 
 def key_class(key: str) -> str:

@@ -3,7 +3,9 @@
 Each pair is stored as the noise *seed* (int64, regenerated on the training device exactly like LOOM's
 noise) and the generated target (``reflow.target_dtype``: 8-bit pixels by default, float32 on request,
 :mod:`loomcfm_core.data.pairs`), in the same sharded HDF5 layout as any cached dataset, so the
-reflow stage reuses the whole data path. Generation is content-addressed like ``cache``: the same
+reflow stage reuses the whole data path. A latent model's targets are its latents (scaled, as the flow
+sees them, not decoded images; always float32), with the latent space in the manifest, so the reflowed
+model decodes with the same autoencoder and scale. Generation is content-addressed like ``cache``: the same
 checkpoint, method and count is a no-op.
 """
 
@@ -18,7 +20,7 @@ import torch
 
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import commit_manifest, intact_manifest
-from loomcfm_core.generation import pairs_on_workers
+from loomcfm_core.generation import pair_target_dtype, pairs_on_workers
 from loomcfm_core.models.loading import fitting_weights
 from loomcfm_core.sampling import sample_seeds
 from loomcfm_core.storage import absolute, join
@@ -52,11 +54,11 @@ def generate_pairs(cfg: Config, checkpoint_uri: str, device: torch.device | None
         return uri, existing
     fitting_weights(cfg, checkpoint_uri)  # a checkpoint that does not fit fails here, not in every worker
     seeds = sample_seeds(cfg.reflow.num_pairs, offset=PAIR_SEED_OFFSET)
-    shards, nfes = pairs_on_workers(cfg, absolute(checkpoint_uri), uri, seeds, device)
-    manifest = {"name": f"{cfg.data.name}-pairs", "kind": "pairs", "config_hash": key, "shape": list(cfg.data.shape),
+    shards, nfes, space = pairs_on_workers(cfg, absolute(checkpoint_uri), uri, seeds, device)
+    manifest = {"name": f"{cfg.data.name}-pairs", "kind": "pairs", "config_hash": key, "shape": list(cfg.flow_shape),
                 "source": f"pairs:{checkpoint_uri}", "method": cfg.reflow.method,
-                "target_dtype": cfg.reflow.target_dtype,
-                "arrays": {"target": cfg.reflow.target_dtype, "seeds": "int64"}}
+                "target_dtype": pair_target_dtype(cfg),
+                "arrays": {"target": pair_target_dtype(cfg), "seeds": "int64"}, "latent_space": space}
     manifest = commit_manifest(uri, manifest, {"train": shards})
     log.info("wrote %d pairs (%s, %.1f NFE each) on %d workers to %s", len(seeds), cfg.reflow.method,
              np.mean(nfes), cfg.ray.num_workers, uri)

@@ -17,14 +17,18 @@ REGISTRATION_FILE = "registered-model.json"
 
 @dataclass
 class CacheResult:
-    """The cached image dataset; ``classifier_val_accuracy`` is set when this call trained the digits
-    classifier (evaluation's feature network for the embedded dataset)."""
+    """The cached dataset training reads; ``classifier_val_accuracy`` is set when this call trained the
+    digits classifier (evaluation's feature network for the embedded dataset). With an autoencoder,
+    ``dataset_uri`` is the latent cache, ``images_uri`` the images it was encoded from and ``latent_scale``
+    the scale in effect; ``num_train`` and ``num_val`` count images."""
 
     dataset_uri: str
     created: bool
     num_train: int
     num_val: int
     classifier_val_accuracy: float | None = None
+    images_uri: str | None = None
+    latent_scale: float | None = None
 
 
 @dataclass

@@ -115,13 +115,15 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def save_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
-    """A PNG grid of ``images`` with ``nrow`` images per row (torchvision's ``make_grid`` convention).
+    """A PNG grid of ``images`` (floats in [-1, 1] or uint8 pixels) with ``nrow`` images per row
+    (torchvision's ``make_grid`` convention).
 
     Small images are enlarged by an integer factor (nearest neighbour: every pixel stays a crisp square) to
     at least ``GRID_CELL`` pixels a side, so an 8x8 digit is a picture a person can see in the MLflow UI.
     """
     from torchvision.utils import save_image
 
-    scale = max(1, -(-GRID_CELL // images.shape[-1]))
-    images = images.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
-    save_image((images.clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2)
+    scaled = images.float() / 255 if images.dtype == torch.uint8 else (images.clamp(-1, 1) + 1) / 2
+    factor = max(1, -(-GRID_CELL // images.shape[-1]))
+    scaled = scaled.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2)
+    save_image(scaled, path, nrow=nrow, padding=2)

@@ -20,15 +20,16 @@ from loomcfm_core.ablation import ArmResult
 from loomcfm_core.checkpoint import checkpoint_sha256
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset
+from loomcfm_core.data.latents import cache_latents, image_dataset_of
 from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import UsageError
 from loomcfm_core.evaluation import evaluate as evaluate_checkpoint
 from loomcfm_core.feature_store import classifier_uri, train_dataset_classifier
 from loomcfm_core.metrics import feature_network, feature_network_kind, reference_stats
-from loomcfm_core.models.loading import check_buildable, default_device, fitting_weights, load_model
+from loomcfm_core.models.loading import check_buildable, default_device, fitting_weights, load_flow, load_model
 from loomcfm_core.pipeline_summary import base_rows, record_summary, summary_table
 from loomcfm_core.results import CacheResult, EvalResult, PairsResult, RunResult, SampleResult, TrainResult
-from loomcfm_core.sampling import check_method, generate, sample_seeds, save_grid, to_uint8
+from loomcfm_core.sampling import check_method, generate, sample_seeds, save_grid
 from loomcfm_core.storage import is_remote, join, storage_for
 from loomcfm_core.training.launch import run_on_ray
 from loomcfm_core.training.loop import run_uri_for
@@ -48,7 +49,8 @@ def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None,
 
 def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
     """Cache ``cfg.data.source`` as HDF5 shards (a no-op when already cached), with what evaluation needs
-    beside it: the digits classifier and the reference feature statistics of the train split."""
+    beside it: the digits classifier and the reference feature statistics of the train split. With
+    ``model.autoencoder`` the train split is then encoded into a latent cache, which is what training reads."""
     with stage_run(cfg, "cache", parent_run_id):
         cached = cache_dataset(cfg)
         splits = cached.manifest["splits"]
@@ -60,7 +62,13 @@ def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
                                                                           cfg.train.seed)
             reference_stats(cfg, cached.uri, feature_network(cfg, cached.uri))
         # Inception statistics of a large train split are left to the first evaluation, which has a GPU.
-        mlflow.set_tag("loomcfm.dataset_uri", cached.uri)
+        if cfg.model.autoencoder is not None:
+            latents = cache_latents(cfg, cached)
+            result.dataset_uri, result.images_uri = latents.uri, cached.uri
+            result.created = cached.created or latents.created
+            result.latent_scale = latents.manifest["latent_space"]["scale"]
+            tracking.log_latent_space(latents.manifest["latent_space"])
+        mlflow.set_tag("loomcfm.dataset_uri", result.dataset_uri)
         numbers = {"num_train": result.num_train, "num_val": result.num_val,
                    "classifier_val_accuracy": result.classifier_val_accuracy}
         mlflow.log_metrics({k: float(v) for k, v in numbers.items() if v is not None})
@@ -68,12 +76,13 @@ def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
 
 
 def image_dataset_uri(cfg: Config, parent_run_id: str | None = None) -> str:
-    """The cached image dataset of a config: ``data.uri`` when it holds images, else the cache stage's."""
+    """The cached image dataset of a config: ``data.uri``'s images (its own, or those a latent cache was
+    encoded from) unless it holds reflow pairs, else the cache stage's."""
     if cfg.data.uri:
         manifest = read_manifest(cfg.data.uri)
-        if manifest is not None and manifest.get("kind", "images") == "images":
-            return cfg.data.uri
-    return cache(cfg, parent_run_id).dataset_uri
+        if manifest is not None and manifest.get("kind", "images") != "pairs":
+            return image_dataset_of(cfg.data.uri)
+    return image_dataset_of(cache(cfg, parent_run_id).dataset_uri)
 
 
 def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None,
@@ -146,6 +155,7 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, m
     with stage_run(cfg, label, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
             evaluation = evaluate_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
+            tracking.log_latent_space(evaluation.latent_space)
             for row in evaluation.rows:
                 mlflow.log_metrics({f"{evaluation.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe,
                                     f"seconds/{row.method}": row.seconds})
@@ -166,6 +176,7 @@ def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None,
     (default: the content-addressed URI under the storage root)."""
     with stage_run(cfg, "pairs", parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         uri, manifest = reflow.generate_pairs(cfg, checkpoint_uri, output=output)
+        tracking.log_latent_space(manifest.get("latent_space"))
         count = manifest["splits"]["train"]["count"]
         mlflow.set_tag("loomcfm.pairs_uri", uri)
         mlflow.log_metric("num_pairs", count)
@@ -174,22 +185,23 @@ def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None,
 
 def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, method: str, batch_size: int,
            nrows: int) -> SampleResult:
-    """PNG files and a grid from a checkpoint's EMA model (the reference's ``sample.py``)."""
+    """PNG files and a grid from a checkpoint's EMA model (the reference's ``sample.py``); a latent model's
+    samples are decoded to images."""
     from PIL import Image
 
     device = default_device()
-    model = load_model(cfg, checkpoint_uri, device)
-    shape = cfg.data.shape
-    samples = generate(model, shape, method, sample_seeds(num_images, offset=cfg.train.seed << 32), batch_size,
-                       device)
+    flow = load_flow(cfg, checkpoint_uri, device)
+    samples = generate(flow.model, cfg.flow_shape, method, sample_seeds(num_images, offset=cfg.train.seed << 32),
+                       batch_size, device)
+    images = flow.images(samples.images, device)
     store = storage_for(output)
     with tempfile.TemporaryDirectory() as tmp:
-        for i, image in enumerate(to_uint8(samples.images).numpy()):
+        for i, image in enumerate(images.numpy()):
             path = Path(tmp) / f"{i:05d}.png"
             Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(path)
             store.put(path, join(output, path.name))
         grid = Path(tmp) / "grid.png"
-        save_grid(samples.images, grid, nrow=nrows)
+        save_grid(images, grid, nrow=nrows)
         store.put(grid, join(output, "grid.png"))
     return SampleResult(output, num_images, method, samples.nfe, join(output, "grid.png"))
 

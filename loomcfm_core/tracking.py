@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 
 from loomcfm_core.config import Config
 from loomcfm_core.errors import TrackingError, TrackingUnavailable
+from loomcfm_core.models.autoencoder import LatentSpace
 from loomcfm_core.processes import stopped_by
 from loomcfm_core.run_status import FAILED, KILLED, alive, end_as, holder_tags, reap_dead_runs
 from loomcfm_core.serving import log_generator
@@ -205,6 +206,18 @@ def log_config(cfg: Config) -> None:
     mlflow.log_params(config_params(cfg))
     mlflow.log_text(cfg.to_yaml(), CONFIG_ARTIFACT)
 
+
+def log_latent_space(space: dict | None) -> None:
+    """Record a latent run's autoencoder (kind, format, path, sha256, ...) and the scale in effect on the
+    active run, as ``autoencoder.*`` params and ``autoencoder.json``; nothing for a pixel-space run.
+
+    The scale is its own param: the config's ``model.autoencoder.scale`` is often null (computed at cache
+    time), and MLflow never lets a param change once logged.
+    """
+    if space is None:
+        return
+    mlflow.log_params(LatentSpace.from_dict(space).params())
+    mlflow.log_dict(space, "autoencoder.json")
 
 
 def register_model(cfg: Config, run_id: str, model: torch.nn.Module, alias: str, checkpoint_uri: str,

@@ -155,3 +155,39 @@ def test_no_usage_statistics_leave_the_machine():
     import loomcfm_core  # noqa: F401 - importing the package is what sets the defaults
 
     assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0" and os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_HUB_DISABLE_TELEMETRY"] == "1"
+
+
+def test_latent_preset_shape_comes_from_the_autoencoder():
+    cfg = load_config("ffhq256_latent")
+    assert cfg.data.source.startswith("imagefolder:") and cfg.data.shape == (3, 256, 256)
+    assert cfg.model.autoencoder.kind == "kl" and cfg.flow_shape == (4, 32, 32)
+    assert load_config("ffhq256_latent", ["model.autoencoder.downsample=16", "model.attn_resolutions=[8,4,2]",
+                                          "model.autoencoder.latent_channels=8"]).flow_shape == (8, 16, 16)
+    assert load_config("cifar10").flow_shape == (3, 32, 32), "without an autoencoder the flow sees the images"
+
+
+def test_autoencoder_section_is_optional_and_settable():
+    cfg = load_config("digits", ["model.autoencoder.kind=vq", "model.autoencoder.weights=s3://b/vq",
+                                 "model.autoencoder.sha256=00000000", "data.channels=3", "data.resolution=64"])
+    assert cfg.model.autoencoder.sha256 == "00000000" and cfg.flow_shape == (4, 8, 8)
+    assert load_config("ffhq256_latent", ["model.autoencoder=null", "data.resolution=32",
+                                          "model.attn_resolutions=[16]"]).model.autoencoder is None
+    # A pixel-space config dumps as before the section existed: its run names and cache keys do not move.
+    assert "autoencoder" not in load_config("cifar10").model_dump()["model"]
+    assert "model.autoencoder.kind" not in load_config("cifar10").flat()
+    again = load_config_text(load_config("ffhq256_latent").to_yaml())
+    assert again == load_config("ffhq256_latent") and again.flat() == load_config("ffhq256_latent").flat()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.autoencoder.weights=/x"], r"model\.autoencoder\.kind: Field required"),
+    (["model.autoencoder.downsample=12"], r"model\.autoencoder\.downsample: must be a power of 2"),
+    (["data.resolution=260"], r"data\.resolution=260 is not divisible by model\.autoencoder\.downsample=8"),
+    (["model.autoencoder.downsample=64"], r"needs the latent side divisible by 8, got 4"),
+    (["model.autoencoder.kind=ae"], r"model\.autoencoder\.kind: Input should be 'kl' or 'vq'"),
+    (["model.autoencoder.scale=0"], r"model\.autoencoder\.scale: Input should be greater than 0"),
+])
+def test_bad_autoencoder_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("ffhq256_latent" if "weights" not in overrides[0] else "digits", overrides)

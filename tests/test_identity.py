@@ -3,6 +3,7 @@
 import pytest
 
 from loomcfm_core.config import Config, load_config
+from loomcfm_core.config.tree import schema_keys
 from loomcfm_core.identity import (DATASET, FREE, IDENTITY, KEY_CLASSES, SCHEDULE, SCHEDULE_KEYS, changed_keys,
                                    default_run_name, key_class)
 
@@ -10,11 +11,13 @@ DATASET_URI = "/data/datasets/digits-abc"
 
 
 def test_every_config_key_has_exactly_one_class():
-    """A new config key fails here until identity.KEY_CLASSES says what it is."""
-    for key in Config().flat():
+    """A new config key fails here until identity.KEY_CLASSES says what it is (optional sections included:
+    ``model.autoencoder.*`` has keys although the default config has no autoencoder)."""
+    keys = schema_keys(Config)
+    for key in keys:
         assert key_class(key) in (IDENTITY, DATASET, SCHEDULE, FREE), key
     unused = [pattern for pattern in KEY_CLASSES if not any(
-        key == pattern or (pattern.endswith(".*") and key.startswith(pattern[:-1])) for key in Config().flat())]
+        key == pattern or (pattern.endswith(".*") and key.startswith(pattern[:-1])) for key in keys)]
     assert not unused, f"patterns that match no key: {unused}"
     with pytest.raises(KeyError):
         key_class("nosuch.key")
@@ -61,3 +64,15 @@ def test_changed_keys_by_class(tmp_path, monkeypatch):
     assert changes[SCHEDULE] == {"train.lr": (1e-3, 1e-4)}
     assert changes[IDENTITY] == {"model.dropout": (0.1, 0.2)}, "a relative and an absolute path are one file"
     assert changes[FREE] == {"train.max_steps": (None, 5)}
+
+
+def test_autoencoder_keys_an_encode_batch_is_free_and_paths_compare_absolute(tmp_path, monkeypatch):
+    assert key_class("model.autoencoder.weights") == key_class("model.autoencoder.scale") == IDENTITY
+    assert key_class("model.autoencoder.batch_size") == FREE
+    monkeypatch.chdir(tmp_path)
+    latent = ["model.autoencoder.kind=kl", "data.channels=3", "data.resolution=64", "model.attn_resolutions=[8]"]
+    relative = load_config("digits", [*latent, "model.autoencoder.weights=ae"])
+    absolute = load_config("digits", [*latent, f"model.autoencoder.weights={tmp_path / 'ae'}",
+                                      "model.autoencoder.batch_size=4"])
+    assert default_run_name(relative, DATASET_URI) == default_run_name(absolute, DATASET_URI)
+    assert changed_keys(relative.flat(), absolute.flat()) == {FREE: {"model.autoencoder.batch_size": (32, 4)}}

@@ -173,3 +173,13 @@ def test_every_deliberate_error_is_a_loomcfm_error():
             kind = "a built-in" if isinstance(getattr(builtins, raised, None), type) else "not a LoomcfmError"
             problems.append(f"{name}:{node.lineno}: raises {raised} ({kind})")
     assert not problems, "\n".join(problems)
+
+
+def test_diffusers_is_imported_only_for_latent_work():
+    """diffusers costs seconds to import: the CLI and every stage module leave it to the autoencoder code."""
+    script = ("import sys, loomcfm_core.cli, loomcfm_core.stages, loomcfm_core.models.loading, "
+              "loomcfm_core.data.latents; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+              "('diffusers', 'huggingface_hub', 'safetensors')))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

@@ -19,28 +19,33 @@ SMALL = ["train.max_steps=150", "reflow.max_steps=60", "reflow.num_pairs=512", "
          "eval.methods=[euler-1,euler-4,euler-8]", "ray.cpus_per_worker=1", "train.checkpoint_every=100"]
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    args = [sys.executable, "-m", "loomcfm_core.cli", "run"]
-    for item in (*SMALL, f"storage.root={root}/store", f"tracking.local_dir={root}/runs"):
+def run_pipeline(root, *args) -> str:
+    """``loomcfm run *args`` as a subprocess in ``root``, its store and MLflow under it; returns its output."""
+    args = [sys.executable, "-m", "loomcfm_core.cli", "run", *args]
+    for item in (f"storage.root={root}/store", f"tracking.local_dir={root}/runs"):
         args += ["--set", item]
     proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return root, proc.stdout
+    return proc.stdout
 
 
-def _runs(root):
+def pipeline_runs(root, experiment="loomcfm-digits"):
+    """The MLflow client of a ``run_pipeline`` store and the runs of its experiment."""
     client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("loomcfm-digits")
-    return client, client.search_runs([experiment.experiment_id])
+    return client, client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    return root, run_pipeline(root, *[a for item in SMALL for a in ("--set", item)])
 
 
 def test_run_prints_the_summary_and_the_mlflow_command(pipeline):
     root, out = pipeline
     assert "| method | NFE base | fd_digits base | NFE reflow | fd_digits reflow |" in out
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'runs' / 'mlflow.db'}" in out
-    client, runs = _runs(root)
+    client, runs = pipeline_runs(root)
     (parent,) = [r for r in runs if r.data.tags.get("loomcfm.stage") == "pipeline"]
     recorded = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="summary.md",
                                                         tracking_uri=client.tracking_uri)).read_text()
@@ -50,7 +55,7 @@ def test_run_prints_the_summary_and_the_mlflow_command(pipeline):
 
 def test_the_parent_run_carries_the_summary_metrics(pipeline):
     root, _ = pipeline
-    client, runs = _runs(root)
+    client, runs = pipeline_runs(root)
     (parent,) = [r for r in runs if r.data.tags.get("loomcfm.stage") == "pipeline"]
     evals = {r.data.tags["loomcfm.stage"]: r.data.metrics for r in runs
              if r.data.tags.get("loomcfm.stage", "").startswith("evaluate")}
@@ -62,7 +67,7 @@ def test_the_parent_run_carries_the_summary_metrics(pipeline):
 
 def test_mlflow_holds_parent_stages_metrics_pictures_and_models(pipeline):
     root, _ = pipeline
-    client, runs = _runs(root)
+    client, runs = pipeline_runs(root)
     parent = [r for r in runs if r.data.tags.get("loomcfm.stage") == "pipeline"]
     assert len(parent) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
@@ -119,7 +124,7 @@ def test_reflow_trained_on_the_generated_pairs(pipeline):
     pairs_uri = next(root.glob("store/datasets/digits-pairs-*"))
     pairs = ShardedDataset(str(pairs_uri))
     assert len(pairs) == 512 and pairs.is_pairs and pairs.pair_seeds.unique().numel() == 512
-    client, runs = _runs(root)
+    client, runs = pipeline_runs(root)
     trains = [r for r in runs if r.data.tags.get("loomcfm.stage", "").startswith("train")]
     kinds = sorted((r.data.tags["loomcfm.stage"], r.data.params["coupling.kind"]) for r in trains)
     assert kinds == [("train", "loom"), ("train_reflow", "pairs")]

@@ -11,7 +11,8 @@ from loomcfm_core.config.loading import (
     suggest_key,
     validate,
 )
-from loomcfm_core.config.schema import Config, DataConfig, ModelConfig, flatten
+from loomcfm_core.config.schema import Config, DataConfig, ModelConfig
+from loomcfm_core.config.tree import flatten
 from loomcfm_core.errors import ConfigError
 
 __all__ = ["DEFAULT_PRESET", "Config", "ConfigError", "DataConfig", "ModelConfig", "apply_overrides", "config_text",

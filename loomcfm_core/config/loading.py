@@ -13,9 +13,10 @@ from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from loomcfm_core.config.schema import Config
+from loomcfm_core.config.tree import deep_merge, read_yaml, schema_keys
 from loomcfm_core.errors import ConfigError, did_you_mean
 from loomcfm_core.reference.config import is_reference_config, translate
 
@@ -29,19 +30,10 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(text: str, origin: str) -> dict[str, Any]:
-    """A YAML mapping of config sections; a reference implementation config comes back translated into ours
-    (:mod:`loomcfm_core.reference.config`, which logs the translation and the keys it could not map)."""
-    try:
-        tree = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
-    if tree is None:
-        return {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{origin}: expected a mapping of config sections, got {type(tree).__name__}")
-    if is_reference_config(tree):
-        return translate(tree, origin).tree
-    return tree
+    """:func:`~loomcfm_core.config.tree.read_yaml`, with a reference implementation config translated into
+    ours (:mod:`loomcfm_core.reference.config`, which logs the translation and the keys it could not map)."""
+    tree = read_yaml(text, origin)
+    return translate(tree, origin).tree if is_reference_config(tree) else tree
 
 
 def config_text(ref: str | None = None) -> str:
@@ -77,20 +69,10 @@ def _resolve_extends(tree: dict[str, Any], origin: str, seen: tuple[str, ...] = 
     return deep_merge(_load_tree(parent, seen), tree)
 
 
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set dotted ``key=value`` pairs (values parsed as YAML) on a config tree, rejecting unknown keys."""
     tree = json.loads(json.dumps(tree))
-    known = Config().flat()
+    known = schema_keys(Config)
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -102,25 +84,23 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{key}: cannot parse value {raw!r}: {exc}") from exc
-        if value is not None and not isinstance(value, str) and _is_text_field(key):
+        if value is not None and not isinstance(value, str) and _is_text(known[key]):
             value = raw.strip()  # a hash like 00000000 or a name like 2024 stays text
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # a section absent or null (model.autoencoder) starts empty
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {part} is not a section")
         node[leaf] = value
     return tree
 
 
-def _is_text_field(key: str) -> bool:
-    model: type[BaseModel] = Config
-    *sections, leaf = key.split(".")
-    for section in sections:
-        model = model.model_fields[section].annotation
-    annotation = model.model_fields[leaf].annotation
-    while get_origin(annotation) in (Annotated, Union, UnionType):  # Annotated[str, ...] | None
+def _is_text(annotation: Any) -> bool:
+    """Whether a field holds text (``str``, ``Annotated[str, ...]``, either ``| None``)."""
+    while get_origin(annotation) in (Annotated, Union, UnionType):
         annotation = next(a for a in get_args(annotation) if a is not type(None))
     return annotation is str
 
@@ -132,7 +112,7 @@ def suggest_key(key: str) -> str:
     section, _, leaf = key.partition(".")
     if section not in sections:
         return did_you_mean(section, sections, suffix=f".{leaf}" if leaf else "") or f"; sections: {', '.join(sections)}"
-    keys = [k.partition(".")[2] for k in Config().flat() if k.startswith(section + ".")]
+    keys = [k.partition(".")[2] for k in schema_keys(Config) if k.startswith(section + ".")]
     return did_you_mean(leaf, keys, prefix=f"{section}.") or f"; {section} has: {', '.join(keys)}"
 
 

@@ -9,25 +9,24 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_serializer, model_validator
 
 # The allowed values are defined by the modules that implement them; the config only checks against them.
 from loomcfm_core.coupling import COSTS, KINDS
+from loomcfm_core.config.tree import Section as _Section
+from loomcfm_core.config.tree import flatten
 from loomcfm_core.coupling_solve import SOLVERS
 from loomcfm_core.data.pairs import TARGET_DTYPES
 from loomcfm_core.data.sources import check_source, source_forms
 from loomcfm_core.errors import did_you_mean
 from loomcfm_core.identity import SCHEDULE_KEYS
+from loomcfm_core.models.autoencoder import KINDS as AUTOENCODER_KINDS
 from loomcfm_core.sampling import check_method
 from loomcfm_core.storage import check_uri
 
 # Locations: any storage URI, or only a node-local folder (checked by :func:`loomcfm_core.storage.check_uri`).
 Uri = Annotated[str, AfterValidator(check_uri)]
 LocalDir = Annotated[str, AfterValidator(lambda value: check_uri(value, local=True))]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(_Section):
@@ -54,6 +53,33 @@ class DataConfig(_Section):
         return (self.channels, self.resolution, self.resolution)
 
 
+class AutoencoderConfig(_Section):
+    """The pretrained autoencoder whose latent space the flow is trained in (``models/autoencoder.py``)."""
+
+    kind: Literal[AUTOENCODER_KINDS] = Field(description="kl: a KL (Gaussian posterior) autoencoder; vq: a "
+                                             "vector-quantised one")
+    weights: Uri = Field(description="path/URI: a diffusers folder (config.json + diffusion_pytorch_model."
+                         "safetensors), a latent-diffusion / Stable Diffusion single file, or a reference "
+                         "LOOM-CFM checkpoint holding ae.*; never downloaded")
+    config: Uri | None = Field(None, description="a single file's diffusers config.json (or a folder holding "
+                               "it); null: derived from the weights' shapes")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{8,64}$", description="expected sha256 of the weights "
+                               "file (or a prefix); default: the .sha256 file beside it")
+    scale: float | None = Field(None, gt=0.0, description="the flow sees latents / scale; null: the weights' own "
+                                "(a reference checkpoint's ae.scale), else computed by `cache`")
+    latent_channels: int = Field(4, ge=1, description="channels of a latent (checked against the weights)")
+    downsample: int = Field(8, ge=1, description="image side / latent side, a power of 2 (checked against the "
+                            "weights)")
+    batch_size: int = Field(32, ge=1, description="images per encode or decode batch")
+
+    @field_validator("downsample")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("must be a power of 2 (8 for f8, 16 for f16)")
+        return value
+
+
 class ModelConfig(_Section):
     channels: int = Field(32, ge=32, multiple_of=32, description="base width (GroupNorm uses 32 groups)")
     channel_mult: list[int] = Field([1, 2], min_length=1)
@@ -61,6 +87,16 @@ class ModelConfig(_Section):
     attn_resolutions: list[int] = Field([4], description="feature-map sizes that get self-attention")
     num_head_channels: int = Field(64, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    autoencoder: AutoencoderConfig | None = Field(None, description="train in this autoencoder's latent space")
+
+    @model_serializer(mode="wrap")
+    def _without_absent_autoencoder(self, handler) -> dict[str, Any]:
+        """A pixel-space model dumps as it did before latents existed, so its hashes (run names, cache and
+        pairs keys) stay the same."""
+        dumped = handler(self)
+        if dumped.get("autoencoder", 0) is None:
+            del dumped["autoencoder"]
+        return dumped
 
     @field_validator("channel_mult")
     @classmethod
@@ -202,13 +238,27 @@ class Config(_Section):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
 
+    @property
+    def flow_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the flow model sees: an image, or its latent under ``model.autoencoder``."""
+        autoencoder = self.model.autoencoder
+        if autoencoder is None:
+            return self.data.shape
+        side = self.data.resolution // autoencoder.downsample
+        return (autoencoder.latent_channels, side, side)
+
     @model_validator(mode="after")
     def _model_fits_data(self) -> Config:
+        autoencoder = self.model.autoencoder
+        if autoencoder is not None and self.data.resolution % autoencoder.downsample:
+            raise ValueError(f"data.resolution={self.data.resolution} is not divisible by "
+                             f"model.autoencoder.downsample={autoencoder.downsample}")
+        resolution, what = self.flow_shape[-1], "data.resolution" if autoencoder is None else "the latent side"
         downsamplings = len(self.model.channel_mult) - 1
-        if self.data.resolution % (2**downsamplings):
-            raise ValueError(f"model.channel_mult has {downsamplings} downsamplings, which needs data.resolution "
-                             f"divisible by {2**downsamplings}, got {self.data.resolution}")
-        sizes = [self.data.resolution // 2**level for level in range(downsamplings + 1)]
+        if resolution % (2**downsamplings):
+            raise ValueError(f"model.channel_mult has {downsamplings} downsamplings, which needs {what} "
+                             f"divisible by {2**downsamplings}, got {resolution}")
+        sizes = [resolution // 2**level for level in range(downsamplings + 1)]
         unreachable = [r for r in self.model.attn_resolutions if r not in sizes]
         if unreachable:
             raise ValueError(f"model.attn_resolutions {unreachable} are not feature-map sizes of this network "
@@ -222,13 +272,3 @@ class Config(_Section):
         """Dotted key -> value, the form MLflow params and ``--set`` use."""
         return flatten(self.model_dump(mode="json"))
 
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out

@@ -18,7 +18,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +103,14 @@ class ShardWriter:
 
 
 def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], shard_size: int,
-                  manifest: dict, totals: dict[str, int | None] | None = None, desc: str = "caching") -> dict:
-    """Stream each split's batches into shards under ``uri``, then commit ``manifest.json`` last."""
+                  manifest: dict, totals: dict[str, int | None] | None = None, desc: str = "caching",
+                  finish: Callable[[dict], dict] | None = None) -> dict:
+    """Stream each split's batches into shards under ``uri``, then commit ``manifest.json`` last.
+
+    Args:
+        finish: completes the manifest after the last shard, before it is committed: for what is known only
+            once the data is written (the latent scale).
+    """
     written = {}
     with tempfile.TemporaryDirectory(prefix="loomcfm-cache-") as tmp:
         for split, batches in splits.items():
@@ -115,16 +121,22 @@ def write_dataset(uri: str, splits: dict[str, Iterator[dict[str, np.ndarray]]], 
                     writer.write(arrays)
                     bar.update(len(next(iter(arrays.values()))))
             written[split] = writer.close()
-    return commit_manifest(uri, manifest, written)
+    return commit_manifest(uri, manifest, written, finish)
 
 
-def commit_manifest(uri: str, manifest: dict, shards: dict[str, list[dict]]) -> dict:
-    """Write ``manifest.json`` for shards already uploaded (each split's in order): the dataset's commit."""
+def commit_manifest(uri: str, manifest: dict, shards: dict[str, list[dict]],
+                    finish: Callable[[dict], dict] | None = None) -> dict:
+    """Write ``manifest.json`` for shards already uploaded (each split's in order): the dataset's commit.
+
+    Args:
+        finish: completes the manifest once every split is known to be non-empty (see ``write_dataset``).
+    """
     splits = {split: {"count": sum(s["count"] for s in listed), "shards": listed} for split, listed in shards.items()}
     for split, info in splits.items():
         if info["count"] == 0:
             raise StorageError(f"{uri}: split {split!r} produced no items")
-    manifest = dict(manifest, format=FORMAT, splits=splits,
+    manifest = dict(manifest, format=FORMAT, splits=splits)
+    manifest = dict(finish(manifest) if finish else manifest,
                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     storage_for(uri).write_text(join(uri, MANIFEST), json.dumps(manifest, indent=2))
     return manifest

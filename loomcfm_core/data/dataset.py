@@ -4,7 +4,7 @@ Every shard is checked against the manifest before use (:mod:`loomcfm_core.data.
 copied once per node into ``data.local_cache`` and checked there, local ones where they are, so a torn,
 stale or modified shard is never read. With ``hflip`` the dataset doubles: index
 ``i + N`` is image ``i`` mirrored, so a flipped image is a data point of its own (LOOM gives it its own
-noise seeds).
+noise seeds). A latent cache stores those points already (flipped in pixel space, then encoded).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class ShardedDataset(Dataset):
 
     A reflow-pairs dataset (manifest ``kind: pairs``) serves its generated ``target`` instead of an image,
     and exposes every item's noise: as ``pair_seeds`` (our pairs, a seed per item) or through
-    :meth:`pair_noise` (pairs cached from the reference's layout, which store the noise arrays).
+    :meth:`pair_noise` (pairs cached from the reference's layout, which store the noise arrays). A latent
+    cache (``kind: latents``) serves its stored rows as float32 (:mod:`loomcfm_core.data.latents`).
     """
 
     def __init__(self, uri: str, split: str = "train", hflip: bool = False,
@@ -34,12 +35,16 @@ class ShardedDataset(Dataset):
         self.is_pairs = manifest.get("kind") == "pairs"
         if self.is_pairs and hflip:
             raise UsageError(f"{uri} holds reflow pairs, whose noise is fixed per target: set data.hflip=false")
+        # A latent cache holds its flipped points as rows N..2N-1: they are read, not mirrored.
+        self.stored_flips = manifest.get("kind") == "latents" and manifest["hflip"]
+        if manifest.get("kind") == "latents" and split == "train" and hflip != manifest["hflip"]:
+            raise UsageError(f"{uri} was encoded with data.hflip={str(manifest['hflip']).lower()}: set it so")
         self.uri, self.manifest, self.hflip = uri, manifest, hflip
-        self.array = "target" if self.is_pairs else "images"
+        self.array = manifest.get("array", "target" if self.is_pairs else "images")
         self.paths = local_shards(uri, manifest, split, local_cache)
         counts = [s["count"] for s in manifest["splits"][split]["shards"]]
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        self.num_images = int(self.offsets[-1])
+        self.num_images = int(self.offsets[-1]) // (2 if self.stored_flips else 1)
         self.labels = self._read_all("labels")
         self.stored_noise = self.is_pairs and "noise" in manifest.get("arrays", {})
         seeded = self.is_pairs and not self.stored_noise
@@ -82,19 +87,22 @@ class ShardedDataset(Dataset):
         return torch.from_numpy(np.stack(rows))
 
     def read(self, index: int) -> tuple[np.ndarray, int]:
-        """The raw stored item (uint8 images and pair targets, or float32 pair targets) and its label, flipped past N."""
+        """The raw stored item (uint8 images and pair targets, float32 pair targets, float16 latents) and its
+        label, flipped past N."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
-        flip, image_index = divmod(index, self.num_images)
-        shard, row = self._locate(image_index)
-        item = self._shard_array(shard, self.array)[row]
-        return (item[..., ::-1] if flip else item), int(self.labels[image_index])
+        flip, row = (0, index) if self.stored_flips else divmod(index, self.num_images)
+        shard, offset = self._locate(row)
+        item = self._shard_array(shard, self.array)[offset]
+        return (item[..., ::-1] if flip else item), int(self.labels[row])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         item, label = self.read(index)
         image = torch.from_numpy(np.ascontiguousarray(item))
         if image.dtype == torch.uint8:
             image = image.float().div_(127.5).sub_(1.0)
+        elif image.dtype == torch.float16:
+            image = image.float()
         return image, label, index
 
     def __getstate__(self) -> dict:

@@ -1,18 +1,24 @@
 """The velocity network of a config, fresh or with a checkpoint's EMA weights, and where to run it.
 
 Training builds the network here and evaluation, reflow pairs, sampling and model registration load it
-here, so every stage means the same network by the same config.
+here, so every stage means the same network by the same config. A latent model's checkpoint also says
+which autoencoder and scale its samples belong to; :func:`load_flow` brings the decoder along.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from loomcfm_core.checkpoint import read_ema_weights
+import torch
+from tqdm.auto import tqdm
+
+from loomcfm_core.checkpoint import SamplingWeights, read_sampling_weights
 from loomcfm_core.config import Config, load_config_text
 from loomcfm_core.errors import CheckpointError, ConfigError, UsageError
 from loomcfm_core.identity import changed_keys, describe
+from loomcfm_core.models.autoencoder import Autoencoder, LatentSpace, build, load_autoencoder
 from loomcfm_core.models.unet import UNetModel
+from loomcfm_core.sampling import to_uint8
 
 SHAPE_KEYS = ("data.channels", "data.resolution")  # besides model.*: what the weights' shapes depend on
 SHOWN = 3  # examples of each kind of mismatch in a message
@@ -24,13 +30,14 @@ def default_device() -> torch.device:
 
 
 def build_model(cfg: Config) -> UNetModel:
-    """A freshly initialised network for the config's data shape and ``model`` section.
+    """A freshly initialised network for the shape the flow sees (``Config.flow_shape``) and ``model``.
 
     Raises:
         ConfigError: ``model.*`` describes no network (e.g. heads that do not divide a width).
     """
+    channels, resolution, _ = cfg.flow_shape
     try:
-        return UNetModel.from_config(cfg.model, cfg.data.channels, cfg.data.resolution)
+        return UNetModel.from_config(cfg.model, channels, resolution)
     except UsageError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -71,24 +78,91 @@ def weights_mismatch(cfg: Config, weights: dict[str, torch.Tensor], config_yaml:
     return "; ".join(parts)
 
 
-def fitting_weights(cfg: Config, checkpoint_uri: str) -> dict[str, torch.Tensor]:
-    """The EMA weights of a checkpoint (ours or the reference implementation's), checked against the
+def fitting_weights(cfg: Config, checkpoint_uri: str) -> SamplingWeights:
+    """The sampling weights of a checkpoint (ours or the reference implementation's), checked against the
     configured network; a stage calls this before any other work, so a wrong checkpoint fails first.
 
     Raises:
         CheckpointError: no checkpoint there, not a checkpoint, or weights that do not fit the configured
             model (the message names the differing config keys or tensors).
     """
-    weights, config_yaml = read_ema_weights(checkpoint_uri)
-    why = weights_mismatch(cfg, weights, config_yaml)
+    weights = read_sampling_weights(checkpoint_uri)
+    why = weights_mismatch(cfg, weights.backbone, weights.config_yaml)
     if why:
         raise CheckpointError(f"{checkpoint_uri}: the weights do not fit the configured model (--config / "
                               f"--set model.*): {why}")
     return weights
 
 
-def load_model(cfg: Config, checkpoint_uri: str, device: torch.device) -> UNetModel:
-    """The EMA network of a checkpoint, ready to sample (:func:`fitting_weights` says what it raises)."""
+@dataclass
+class Flow:
+    """A checkpoint's EMA network and, for a latent model, its latent space and (when asked for) decoder."""
+
+    model: UNetModel
+    latent_space: LatentSpace | None = None
+    autoencoder: Autoencoder | None = None
+    batch_size: int = 1  # images per decode batch (model.autoencoder.batch_size)
+
+    def images(self, samples: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """uint8 images of the flow's samples: the samples themselves in pixel space, else ``decode(z * scale)``
+        batch by batch (50,000 decoded 256x256 images are 9.8 GB as uint8, four times that as floats)."""
+        if self.autoencoder is None:
+            return to_uint8(samples)
+        size, scale = self.batch_size, self.latent_space.scale
+        return torch.cat([to_uint8(self.autoencoder.decode(samples[i:i + size] * scale, device))
+                          for i in tqdm(range(0, len(samples), size), desc="decoding", unit="batch", leave=False,
+                                        dynamic_ncols=True)])
+
+
+def _latent_space(cfg: Config, uri: str, weights: SamplingWeights,
+                  decoder: bool) -> tuple[LatentSpace, Autoencoder | None]:
+    """The latent space a checkpoint was trained in and, if ``decoder`` (always for a reference checkpoint,
+    whose autoencoder is the only record of its identity), the autoencoder."""
+    ae = cfg.model.autoencoder
+    if weights.autoencoder is not None:  # a reference checkpoint carries its autoencoder (ae.*, ae.scale)
+        identity = {"kind": ae.kind, "format": "reference_checkpoint", "weights": uri, "sha256": weights.sha256,
+                    "config": None, "config_sha256": None}
+        autoencoder = build(ae.kind, weights.autoencoder, None, identity, uri)
+        autoencoder.check(cfg)
+        scale = autoencoder.own_scale or 1.0  # a reference VQ model has no ae.scale: its latents are unscaled
+        space = LatentSpace(autoencoder.identity, scale, "the checkpoint's ae.scale" if autoencoder.own_scale
+                            else "1 (the reference's VQ models are unscaled)")
+        return space, autoencoder
+    if weights.latent_space is None:
+        raise CheckpointError(f"{uri} was trained in pixel space, but the config has model.autoencoder: use the "
+                              "config it was trained with")
+    space = LatentSpace.from_dict(weights.latent_space)
+    autoencoder = load_autoencoder(cfg) if decoder else None
+    if autoencoder is not None and autoencoder.identity["sha256"] != space.autoencoder["sha256"]:
+        raise CheckpointError(f"{uri} was trained with the autoencoder {space.autoencoder['weights']} (sha256 "
+                              f"{space.autoencoder['sha256']}); model.autoencoder.weights={ae.weights} is another "
+                              f"(sha256 {autoencoder.identity['sha256']})")
+    return space, autoencoder
+
+
+def load_flow(cfg: Config, checkpoint_uri: str, device: torch.device, decoder: bool = True) -> Flow:
+    """The EMA network of a checkpoint (ours or the reference implementation's), ready to sample, with its
+    latent space and, if ``decoder``, the autoencoder that turns samples into images.
+
+    Raises:
+        CheckpointError: see :func:`fitting_weights`; or the checkpoint's latent space is not the configured one.
+    """
+    weights = fitting_weights(cfg, checkpoint_uri)
     model = build_model(cfg)
-    model.load_state_dict(fitting_weights(cfg, checkpoint_uri))
-    return model.to(device).eval()
+    model.load_state_dict(weights.backbone)
+    model.to(device).eval()
+    ae = cfg.model.autoencoder
+    if ae is None:
+        if weights.latent_space is not None or weights.autoencoder is not None:
+            raise CheckpointError(f"{checkpoint_uri} is a latent model: its config needs model.autoencoder")
+        return Flow(model)
+    space, autoencoder = _latent_space(cfg, checkpoint_uri, weights, decoder)
+    if ae.scale is not None and ae.scale != space.scale:
+        raise ConfigError(f"model.autoencoder.scale={ae.scale}, but {checkpoint_uri} was trained with scale "
+                          f"{space.scale}: leave model.autoencoder.scale null to use it")
+    return Flow(model, space, autoencoder, ae.batch_size)
+
+
+def load_model(cfg: Config, checkpoint_uri: str, device: torch.device) -> UNetModel:
+    """The EMA network of a checkpoint, without an autoencoder (model registration)."""
+    return load_flow(cfg, checkpoint_uri, device, decoder=False).model

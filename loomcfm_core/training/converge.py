@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from loomcfm_core.checkpoint import load_checkpoint, write_state
 from loomcfm_core.coupling import SeedCoupling
 from loomcfm_core.data.dataset import ShardedDataset
+from loomcfm_core.errors import UsageError
 from loomcfm_core.lease import check_held
 from loomcfm_core.storage import join, storage_for
 from loomcfm_core.training.distributed import all_gather, barrier, broadcast_from_rank0
@@ -84,6 +85,9 @@ def converge(state: TrainState, dataset: ShardedDataset, sampler: GlobalBatchSam
     measures, logs into the active MLflow run and writes the progress file.
     """
     passes = state.cfg.coupling.converge_epochs
+    if dataset.manifest.get("kind") == "latents":
+        raise UsageError("coupling.converge_epochs: convergence passes over a latent cache are not implemented "
+                         "(its targets are posterior draws); set coupling.converge_epochs=0")
     uri = progress_uri(run_uri)
     costs: list[float] = []
     if storage_for(uri).exists(uri):

@@ -39,6 +39,10 @@ def with_absolute_paths(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), name)
         if value:
             setattr(getattr(cfg, section), name, absolute(value))
+    autoencoder = cfg.model.autoencoder
+    if autoencoder is not None:  # generation workers decode with it
+        autoencoder.weights = absolute(autoencoder.weights)
+        autoencoder.config = autoencoder.config and absolute(autoencoder.config)
     return cfg
 
 

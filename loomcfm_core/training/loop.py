@@ -16,6 +16,7 @@ from loomcfm_core.checkpoint import latest_checkpoint, load_checkpoint, load_ema
 from loomcfm_core.config import Config
 from loomcfm_core.coupling import Coupling
 from loomcfm_core.data.dataset import ShardedDataset
+from loomcfm_core.data.latents import training_targets
 from loomcfm_core.errors import TrainingError
 from loomcfm_core.identity import default_run_name
 from loomcfm_core.lease import check_held
@@ -41,7 +42,7 @@ def run_uri_for(cfg: Config, dataset_uri: str) -> str:
 # ---- checkpoints -----------------------------------------------------------------------------------------
 
 def _rng_state(state: TrainState) -> dict:
-    rng = {"cpu": torch.get_rng_state(), "t": state.t_generator.get_state()}
+    rng = {"cpu": torch.get_rng_state(), "t": state.t_generator.get_state(), **state.targets.rng_state()}
     if state.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(state.device)
     return rng
@@ -66,7 +67,7 @@ def checkpoint_state(state: TrainState, rank_rngs: list[dict], mlflow_run_id: st
     return {"step": state.step, "model": state.raw.state_dict(), "ema": state.ema.model.state_dict(),
             "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
             "coupling": state.coupling.state_dict(), "rng": rank_rngs, "config_yaml": state.cfg.to_yaml(),
-            "mlflow_run_id": mlflow_run_id, "dataset_uri": dataset_uri}
+            "mlflow_run_id": mlflow_run_id, "dataset_uri": dataset_uri, "latent_space": state.targets.space}
 
 
 def restore(state: TrainState, ckpt: dict, rank: int, world_size: int) -> None:
@@ -85,6 +86,7 @@ def restore(state: TrainState, ckpt: dict, rank: int, world_size: int) -> None:
         rng = ckpt["rng"][rank]
         torch.set_rng_state(rng["cpu"])
         state.t_generator.set_state(rng["t"])
+        state.targets.set_rng_state(rng)
         if "cuda" in rng and state.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], state.device)
 
@@ -134,6 +136,7 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
     dataset = ShardedDataset(dataset_uri, "train", hflip=cfg.data.hflip, local_cache=cfg.data.local_cache)
     state = build_state(cfg, len(dataset), device, rank, world_size, dataset.pair_seeds,
                         dataset.pair_noise if dataset.stored_noise else None)
+    state.targets = training_targets(dataset, cfg.train.seed, rank)
     sampler = GlobalBatchSampler(dataset.num_images, cfg.train.batch_size, rank, world_size, cfg.train.seed,
                                  cfg.data.hflip)
     last_step = total_steps(cfg, dataset.num_images)
@@ -161,7 +164,7 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
                       {"loomcfm.run_uri": run_uri, "loomcfm.dataset_uri": dataset_uri}, resume_uri, run_id,
                       attach=mlflow_run_id is not None)
     planner = CouplingPlanner(state.coupling, cfg.train.batch_size, cfg.train.checkpoint_every, last_step,
-                              cfg.coupling.pipelined, device)
+                              cfg.coupling.pipelined, device, state.targets)
     last_ckpt = resume_uri
     with tracker:
         if cfg.coupling.converge_epochs and not resume_uri:

@@ -11,6 +11,11 @@ checkpoint then holds exactly the state the unpipelined loop has at that step (a
 of decisions for batches not yet trained), and the next epoch's first problem, which may share points with
 this epoch's last, waits for it.
 
+The training targets are drawn where their unit is decided (``targets``: the posterior samples of a latent
+cache, from a generator in the checkpoint): the coupling's cost is on exactly the latents the step trains on,
+the draws come in unit order on one thread at a time (the same order pipelined or not), and no draw is ahead
+of the step at a checkpoint, so the saved generator state resumes the draws exactly.
+
 On CUDA the thread works on its own stream, so copying its cost matrix to the host waits for its kernels, not
 for the training step's; the training thread itself makes no host-device synchronisation for the coupling.
 """
@@ -26,12 +31,13 @@ from dataclasses import dataclass
 import torch
 
 from loomcfm_core.coupling import Assigned, Coupling, SeedCoupling
+from loomcfm_core.data.latents import Targets
 from loomcfm_core.training.distributed import all_gather, broadcast_from_rank0, host_group
 
 
 @dataclass
 class Unit:
-    batches: list[tuple[torch.Tensor, torch.Tensor]]  # (x1 on the host, index)
+    batches: list[tuple[torch.Tensor, torch.Tensor]]  # (the loaded batch on the host, index)
     ends_at_checkpoint: bool
 
 
@@ -62,12 +68,14 @@ class CouplingPlanner:
     Args:
         checkpoint_every, total_steps: where ``fit`` saves, so that no unit spans a checkpoint.
         pipelined: decide the next unit on a background thread while this one trains.
+        targets: turns a loaded batch into the flow's targets x1 (posterior draws of a latent cache; the
+            identity for images and pairs).
     """
 
     def __init__(self, coupling: Coupling, local_batch: int, checkpoint_every: int, total_steps: int,
-                 pipelined: bool = True, device: torch.device | None = None) -> None:
+                 pipelined: bool = True, device: torch.device | None = None, targets: Targets | None = None) -> None:
         self.coupling, self.checkpoint_every, self.total_steps = coupling, checkpoint_every, total_steps
-        self.pipelined, self.device = pipelined, device
+        self.pipelined, self.device, self.targets = pipelined, device, targets or Targets()
         self.span = coupling.span(local_batch) if isinstance(coupling, SeedCoupling) else 1
         group = host_group()  # created on every rank now, in step
         self.gather = functools.partial(all_gather, group=group)
@@ -96,16 +104,24 @@ class CouplingPlanner:
             self._stream = torch.cuda.Stream(self.device)
         return torch.cuda.stream(self._stream)
 
-    def _decide(self, unit: Unit, background: bool = False) -> list[Assigned]:
+    def _target(self, batch: torch.Tensor) -> torch.Tensor:
+        """The batch's x1 on the host; a new tensor (a draw) is pinned for a CUDA device, as the loader's are."""
+        x1 = self.targets(batch)
+        return x1.pin_memory() if x1 is not batch and self.device is not None and self.device.type == "cuda" else x1
+
+    def _decide(self, unit: Unit, background: bool = False) -> list[tuple[torch.Tensor, torch.Tensor, Assigned]]:
+        """The unit's targets, drawn here, with the coupling decided on exactly them."""
+        batches = [(self._target(batch), index) for batch, index in unit.batches]
         with self._on_thread_stream() if background else contextlib.nullcontext():
-            return self.coupling.plan(unit.batches, self.gather, self.broadcast)
+            decided = self.coupling.plan(batches, self.gather, self.broadcast)
+        return [(x1, index, assigned) for (x1, index), assigned in zip(batches, decided)]
 
     def batches(self, loader: Iterator, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, Assigned | None]]:
-        """The batches of one pass over ``loader`` (starting at global step ``step``), each with its coupling
-        (``None`` for couplings without seeds, which ``train_step`` couples itself)."""
+        """The targets x1 (on the host) of one pass over ``loader`` (starting at global step ``step``), each with
+        its coupling (``None`` for couplings without seeds, which ``train_step`` couples itself)."""
         if not isinstance(self.coupling, SeedCoupling):
-            for x1, _, index in loader:
-                yield x1, index, None
+            for batch, _, index in loader:
+                yield self._target(batch), index, None
             return
         units = self._units(iter(loader), step)
         unit, ahead = next(units, None), None
@@ -116,6 +132,5 @@ class CouplingPlanner:
                 following = next(units, None)
                 if following is not None:
                     ahead = Background(self._decide, following, True)
-            for (x1, index), assigned in zip(unit.batches, decided):
-                yield x1, index, assigned
+            yield from decided
             unit = following if fetched else next(units, None)

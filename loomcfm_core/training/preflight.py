@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from loomcfm_core.checkpoint import latest_checkpoint, load_checkpoint, read_ema_weights
+from loomcfm_core.checkpoint import latest_checkpoint, load_checkpoint, read_sampling_weights
 from loomcfm_core.config import Config, load_config_text
 from loomcfm_core.data.manifest import require_manifest, verify_shards
 from loomcfm_core.errors import CheckpointError, ConfigError
@@ -54,8 +54,8 @@ def check_inputs(cfg: Config, dataset_uri: str) -> int:
     verify_shards(dataset_uri, manifest, cfg.data.local_cache, splits=("train",))
     target = total_steps(cfg, manifest["splits"]["train"]["count"])
     if cfg.train.init_from:
-        weights, config_yaml = read_ema_weights(cfg.train.init_from)
-        why = weights_mismatch(cfg, weights, config_yaml)
+        weights = read_sampling_weights(cfg.train.init_from)
+        why = weights_mismatch(cfg, weights.backbone, weights.config_yaml)
         if why:
             raise CheckpointError(f"train.init_from={cfg.train.init_from}: the weights do not fit the configured "
                                   f"model: {why}")

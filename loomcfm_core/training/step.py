@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from loomcfm_core.config import Config
 from loomcfm_core.coupling import Assigned, Coupling, NoiseReader, diagonal_stats, make_coupling
+from loomcfm_core.data.latents import Targets
 from loomcfm_core.flow import cfm_loss, sample_t
 from loomcfm_core.models.loading import build_model
 from loomcfm_core.noise import noise_from_seeds
@@ -36,7 +37,8 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
 
 @dataclass
 class TrainState:
-    """Everything a step touches; ``model`` may be DDP-wrapped, ``raw`` is the bare module."""
+    """Everything a step touches; ``model`` may be DDP-wrapped, ``raw`` is the bare module; ``targets`` turns a
+    loaded batch into x1 (posterior draws for a latent cache)."""
 
     cfg: Config
     model: torch.nn.Module
@@ -48,6 +50,7 @@ class TrainState:
     t_generator: torch.Generator
     device: torch.device
     step: int = 0
+    targets: Targets = field(default_factory=Targets)
 
 
 def build_state(cfg: Config, num_points: int, device: torch.device, rank: int = 0, world_size: int = 1,
@@ -67,7 +70,7 @@ def build_state(cfg: Config, num_points: int, device: torch.device, rank: int = 
     optimizer = torch.optim.Adam(raw.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
                                  weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(cfg.train.warmup_steps))
-    shape = cfg.data.shape
+    shape = cfg.flow_shape
     coupling = make_coupling(cfg.coupling.kind, num_points, cfg.coupling.num_seeds, shape, cfg.coupling.cost,
                              seed=cfg.train.seed, rank=rank, world_size=world_size, pair_seeds=pair_seeds,
                              max_problem=cfg.coupling.max_problem, solver=cfg.coupling.solver, device=device,

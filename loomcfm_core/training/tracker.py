@@ -52,6 +52,7 @@ class Tracker:
             self.run_id = self._run.__enter__().info.run_id
             if not self.attach and self.resumed_from is None:
                 tracking.log_config(self.cfg)
+                tracking.log_latent_space(self.state.targets.space)
             elif not self.attach:
                 mlflow.set_tag("loomcfm.resumed_from", self.resumed_from)
         return self

@@ -14,7 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
 from loomcfm_core.config import load_config
-from loomcfm_core.training.launch import check_local_resources
+from loomcfm_core.training.launch import check_local_resources, with_absolute_paths
+from loomcfm_core.training.loop import run_uri_for
+from tests.models.autoencoders import latent_config
 from tests.training import TINY
 
 
@@ -52,21 +54,27 @@ def test_two_ray_workers_keep_identical_tables_and_loss_falls(tmp_path):
             "train/lr"} <= set(run.data.metrics)
 
 
+def interrupt(folder, *overrides, **popen) -> str:
+    """Start ``loomcfm train`` in ``folder``, SIGKILL it (the driver, its local Ray and the workers) once the
+    checkpoint of step 20 exists, and return the run's URI."""
+    interrupted = _cli(folder, *overrides, **popen)
+    runs = folder / "store" / "runs"
+    deadline = time.monotonic() + 300
+    while not list(runs.rglob("step-00000020.pt")):
+        assert interrupted.poll() is None, interrupted.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(interrupted.pid, signal.SIGKILL)
+    interrupted.wait()
+    return str(next(runs.iterdir()))
+
+
 def test_interrupted_run_resumes_exactly(tmp_path):
     common = ("train.max_steps=60", "train.checkpoint_every=10", "train.keep_checkpoints=2")
     straight = _cli(tmp_path / "a", *common)
     reference = _finish(straight)
 
-    interrupted = _cli(tmp_path / "b", *common)
-    ckpt_dir = tmp_path / "b" / "store" / "runs"
-    deadline = time.monotonic() + 300
-    while not list(ckpt_dir.rglob("step-00000020.pt")):
-        assert interrupted.poll() is None, interrupted.stdout.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(interrupted.pid, signal.SIGKILL)  # the driver, its local Ray and the workers
-    interrupted.wait()
-    run_uri = str(next(ckpt_dir.iterdir()))
+    run_uri = interrupt(tmp_path / "b", *common)
     steps = [s for s, _ in list_checkpoints(run_uri)]
     assert 20 <= steps[-1] < 60, steps
     assert not list(Path(run_uri).rglob("result.json"))
@@ -87,3 +95,16 @@ def test_local_resources_are_checked_before_starting():
     with pytest.raises(ValueError, match="GPUs"):
         check_local_resources(load_config("digits", ["ray.use_gpu=true"]), {"CPU": 2.0})
     check_local_resources(load_config("digits"), {"CPU": 2.0})
+
+
+def test_worker_configs_name_the_autoencoder_by_absolute_path(tmp_path, monkeypatch):
+    """Generation workers (Ray tasks, other working directories) decode with the autoencoder, so its paths
+    travel absolute; the run keeps the name of the config as given (``stages`` reads results back by it)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = latent_config(tmp_path, "weights/kl.safetensors", "model.autoencoder.config=weights/config.json")
+    out = with_absolute_paths(cfg)
+    assert out.model.autoencoder.weights == str(tmp_path / "weights" / "kl.safetensors")
+    assert out.model.autoencoder.config == str(tmp_path / "weights" / "config.json")
+    assert cfg.model.autoencoder.weights == "weights/kl.safetensors", "the caller's config is not changed"
+    assert with_absolute_paths(load_config("digits")).model.autoencoder is None
+    assert run_uri_for(cfg, "d") != run_uri_for(out, "d"), "which is why run_on_ray names the run first"
