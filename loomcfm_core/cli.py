@@ -17,7 +17,7 @@ from loomcfm_core.ablation import read_comparison
 from loomcfm_core.config import Config, load_config, load_config_text, preset_names
 from loomcfm_core.errors import ConfigError, LoomcfmError, UriError, UsageError
 from loomcfm_core.feature_store import fetch_inception_weights
-from loomcfm_core.kube import CONFIG_ENV
+from loomcfm_core.kube.rayjob import CONFIG_ENV
 from loomcfm_core.pipeline_summary import read_summary_table
 from loomcfm_core.processes import stop_on_signal, stopped_by
 from loomcfm_core.reference.flags import add_pairs_flags, add_train_flags, flag_notes, flag_overrides, positive
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-change", dest="allow_changes", action="append", default=[], metavar="KEY",
                        help="a schedule key (train.lr, train.warmup_steps, ...) that may differ from the run's "
                        "checkpoint on resume; the new value is applied and recorded (repeatable)")
+    train.add_argument("--launcher", choices=stages.LAUNCHERS, default="local",
+                       help="local: Ray on this machine; rayjob: a KubeRay RayJob on the cluster of your kubeconfig, "
+                       "shaped by the kube.* settings")
     add_train_flags(train)
 
     evaluate = commands.add_parser("evaluate", parents=[stage], help="FID/FD vs NFE of a checkpoint")
@@ -150,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "cache":
         result = stages.cache(cfg, args.parent_run_id)
     elif args.command == "train":
-        result = stages.train(cfg, args.dataset, args.parent_run_id, wait=args.wait, resume_step=args.resume_step)
+        result = stages.launch_train(cfg, args.dataset, args.parent_run_id, launcher=args.launcher, wait=args.wait,
+                                     resume_step=args.resume_step)
     elif args.command == "evaluate":
         result = stages.evaluate(cfg, args.ckpt, args.dataset, args.methods, args.parent_run_id)
     elif args.command == "pairs":

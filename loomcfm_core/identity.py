@@ -46,6 +46,7 @@ KEY_CLASSES: dict[str, str] = {
     "ray.num_workers": IDENTITY,
     "ray.*": FREE,
     "sample.*": FREE, "eval.*": FREE, "reflow.*": FREE, "storage.*": FREE, "tracking.*": FREE,
+    "kube.*": FREE,  # where a RayJob runs; the training's shape is ray.*, which cluster_config derives from it
 }
 SCHEDULE_KEYS = tuple(key for key, kind in KEY_CLASSES.items() if kind == SCHEDULE)
 URI_KEYS = ("train.init_from", "model.autoencoder.weights", "model.autoencoder.config")  # compared as absolute URIs: a relative path names the same file

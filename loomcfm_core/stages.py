@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from loomcfm_core import IMAGE, ablation, kube, reflow, tracking
+from loomcfm_core import ablation, reflow, tracking
 from loomcfm_core.ablation import ArmResult
 from loomcfm_core.checkpoint import checkpoint_sha256
 from loomcfm_core.config import Config
@@ -25,13 +25,16 @@ from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import UsageError
 from loomcfm_core.evaluation import evaluate as evaluate_checkpoint
 from loomcfm_core.feature_store import classifier_uri, train_dataset_classifier
+from loomcfm_core.kube.client import connect
+from loomcfm_core.kube.launcher import run_rayjob
+from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, load_template
 from loomcfm_core.metrics import feature_network, feature_network_kind, reference_stats
 from loomcfm_core.models.loading import check_buildable, default_device, fitting_weights, load_flow, load_model
 from loomcfm_core.pipeline_summary import base_rows, record_summary, summary_table
 from loomcfm_core.results import CacheResult, EvalResult, PairsResult, RunResult, SampleResult, TrainResult
 from loomcfm_core.sampling import check_method, generate, sample_seeds, save_grid
 from loomcfm_core.storage import is_remote, join, storage_for
-from loomcfm_core.training.launch import run_on_ray
+from loomcfm_core.training.launch import rewind_run, run_on_ray
 from loomcfm_core.training.loop import run_uri_for
 
 LAUNCHERS = ("local", "rayjob")
@@ -108,38 +111,54 @@ def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None
     return result
 
 
-def launch_train(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, launcher: str = "local",
-                 namespace: str = "loomcfm", keep_cluster: bool = False, pairs_uri: str = "",
-                 init_from: str = "") -> TrainResult:
-    """The train (or, given ``pairs_uri``, reflow-train) stage, in-process on Ray or as a RayJob.
+def launch_train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None,
+                 launcher: str = "local", pairs_uri: str = "", init_from: str = "", kfp_run_id: str = "",
+                 kfp_task: str = "", wait: bool = False, resume_step: int | None = None) -> TrainResult:
+    """The train (or, given ``pairs_uri``, reflow-train) stage, in-process on Ray or as a KubeRay RayJob
+    shaped and run by the config's ``kube`` section.
 
-    This is what the KFP train component calls: the choice of launcher is a parameter, not another pipeline.
+    This is what the KFP train component and ``loomcfm train`` call: the launcher is a parameter, not
+    another pipeline. ``kfp_run_id`` and ``kfp_task`` name a pipeline step's RayJob (a retried step finds
+    it again); without them the run folder does. ``wait``: a local training waits for another one holding
+    the run folder's lease instead of failing (a RayJob's entrypoint always waits: its retry follows a failed
+    attempt whose lease has to expire first). ``resume_step``: resume from that step's checkpoint, setting
+    later ones aside (the reference's ``--resume-step``); for a RayJob this happens here, before it starts.
     """
     if launcher not in LAUNCHERS:
         raise UsageError(f"launcher must be one of {', '.join(map(repr, LAUNCHERS))}, got {launcher!r}")
     if launcher == "rayjob" and not is_remote(cfg.storage.root):
         raise UsageError(f"launcher=rayjob needs storage.root on shared storage (s3://...), got "
-                         f"{cfg.storage.root!r}: the cluster's checkpoints would be unreachable from this step")
+                         f"{cfg.storage.root!r}: the cluster's checkpoints would be unreachable from here")
     if pairs_uri and not init_from:
         raise UsageError("reflow training from pairs_uri needs init_from (the checkpoint that generated them)")
     if pairs_uri:
         cfg, dataset_uri = reflow.reflow_config(cfg, pairs_uri, init_from), pairs_uri
-    if launcher == "rayjob":
-        return train_on_kubernetes(cfg, dataset_uri, parent_run_id, namespace, delete_after=not keep_cluster)
-    return train(cfg, dataset_uri, parent_run_id)
+    if launcher == "local":
+        return train(cfg, dataset_uri, parent_run_id, wait=wait, resume_step=resume_step)
+    dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id).dataset_uri
+    if resume_step is not None:
+        rewind_run(cfg, dataset_uri, resume_step, wait=wait)
+    return train_on_kubernetes(cfg, dataset_uri, parent_run_id, RunIdentity(run_uri_for(cfg, dataset_uri),
+                                                                            kfp_run_id, kfp_task))
 
 
-def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, namespace: str = "loomcfm",
-                        delete_after: bool = True, poll_seconds: float = 10.0, api=None) -> TrainResult:
+def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None = None,
+                        identity: RunIdentity | None = None, api=None) -> TrainResult:
     """The train stage as a KubeRay RayJob (``loomcfm train`` on its head node); returns the same result.
 
-    The config travels as resolved YAML text, so the RayJob trains exactly what this step validated; its
+    The config travels as resolved YAML text, so the RayJob trains exactly what this process validated;
     storage must be shared (``s3://``) for the result to be read back here.
+
+    Args:
+        identity: what names the RayJob; default: the run folder.
+        api: a :class:`loomcfm_core.kube.client.KubeApi`; default: this pod's or the kubeconfig's cluster.
     """
+    run_uri = run_uri_for(cfg, dataset_uri)
     args = ["--dataset", dataset_uri] + (["--parent-run-id", parent_run_id] if parent_run_id else [])
-    body = kube.build_rayjob(kube.load_template(), kube.job_name(), cfg.to_yaml(), args, IMAGE, delete_after)
-    kube.run_rayjob(api or kube.custom_objects_api(), namespace, body, poll_seconds, delete_after=delete_after)
-    return TrainResult.read(run_uri_for(cfg, dataset_uri))
+    body = build_rayjob(load_template(), cfg, identity or RunIdentity(run_uri), args,
+                        stage="reflow" if cfg.coupling.kind == "pairs" else "train")
+    run_rayjob(api or connect(cfg.kube.namespace), body, cfg.kube)
+    return TrainResult.read(run_uri)
 
 
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, methods: list[str] | None = None,

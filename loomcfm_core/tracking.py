@@ -166,7 +166,10 @@ def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None, tags
                                   tags={STAGE_TAG: run_name, **(tags or {}), **({} if attach else holder_tags())})
     with opened as run:
         if attach:
-            yield run
+            try:
+                yield run
+            finally:
+                _leave(run)
             return
         parent = parent_run_id or run.data.tags.get("mlflow.parentRunId")
         try:
@@ -182,6 +185,20 @@ def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None, tags
             except Exception as tracking_exc:  # noqa: BLE001 - the store may be what failed: keep exc
                 log.warning("could not record why run %s ended: %s", run.info.run_id, tracking_exc)
             raise
+
+
+def _leave(run: mlflow.ActiveRun) -> None:
+    """Stop logging into a run another process holds without ending it.
+
+    MLflow's ``ActiveRun.__exit__`` ends the active run FINISHED, or FAILED on any exception, and Ray stops a
+    worker with SIGTERM (``SystemExit``) right after its driver ended the run KILLED: the worker would overwrite
+    that. The holder alone decides how its run ends, so the run is taken off this process's stack of active
+    runs (``mlflow/tracking/fluent.py``, ``end_run`` pops it the same way before ``set_terminated``), which
+    makes ``__exit__`` leave it alone; MLflow has no public call that does only this.
+    """
+    stack = mlflow.tracking.fluent._active_run_stack.get()
+    if stack and stack[-1].info.run_id == run.info.run_id:
+        stack.pop()
 
 
 def config_params(cfg: Config) -> dict[str, str]:

@@ -110,6 +110,18 @@ def s3_bucket(s3_env) -> str:
     return name
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _no_local_ray_left():
+    """A stage run in-process starts a local Ray as the CLI does (``training.launch.connect``); the CLI stops it
+    when the command ends, a test module stops it here, so the next module (or its own ``ray.init``) starts
+    without a Ray it did not ask for."""
+    yield
+    if "ray" in sys.modules:
+        from loomcfm_core.training.local_ray import stop_local_ray
+
+        stop_local_ray()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """Keep node-local caches and default stores inside the test's tmp folder."""

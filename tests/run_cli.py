@@ -88,7 +88,7 @@ def on_small_disk(folder: Path, size: str) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(folder), size]
 
 
-def _ours(stderr: str) -> str:
+def ours(stderr: str) -> str:
     """stderr without the lines of Ray Train's ``PlacementGroupCleaner`` actor: on a host where another Ray
     cluster runs too (another test, another lane), its monitor thread dies with Ray's own traceback
     ("Found multiple active Ray instances", ``ray/train/v2/_internal/execution/controller/
@@ -99,7 +99,7 @@ def _ours(stderr: str) -> str:
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one ``loomcfm:`` line a failed command ends with (asserting there is exactly one, last, and no
     traceback)."""
-    assert "Traceback" not in _ours(proc.stderr), proc.stderr[-5000:]
+    assert "Traceback" not in ours(proc.stderr), proc.stderr[-5000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("loomcfm:")]
     assert len(lines) == 1 and proc.stderr.rstrip().endswith(lines[0]), proc.stderr[-5000:]
     return lines[0]

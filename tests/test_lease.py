@@ -22,7 +22,7 @@ from loomcfm_core.errors import LeaseError
 from loomcfm_core.lease import LEASE_FILE, Lease, check_held
 from loomcfm_core.processes import Holder, start_time
 from loomcfm_core.storage import join, storage_for
-from tests.run_cli import TINY, alive_in_session, error_line, run, sets, start, store_sets, wait_for
+from tests.run_cli import TINY, alive_in_session, error_line, ours, run, sets, start, store_sets, wait_for
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -183,7 +183,7 @@ def test_two_trainings_of_one_local_run_folder(tmp_path):
     stopped = third.finish(timeout=300)
     err = stopped.stderr
     assert stopped.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert err.rstrip().endswith("loomcfm: stopped by SIGTERM") and "Traceback" not in err, err[-3000:]
+    assert err.rstrip().endswith("loomcfm: stopped by SIGTERM") and "Traceback" not in ours(err), err[-3000:]
     time.sleep(2)
     assert not alive_in_session(third.pid), alive_in_session(third.pid)
     assert not (tmp_path / "store" / "runs" / "shared" / LEASE_FILE).exists(), "released on the way out"
@@ -216,8 +216,11 @@ def test_two_trainings_of_one_s3_run_folder(tmp_path, s3_bucket):
     finished = waiting.finish(timeout=900)
     err = finished.stderr
     assert finished.returncode == 0, err[-4000:]
+    # the killed driver's Ray worker may write checkpoints until the takeover fences it off (check_held)
+    resumed_at = int(re.search(r"resumed from .*step-(\d+)\.pt", err).group(1))
+    assert resumed_at >= killed_at
     result = json.loads(finished.stdout[finished.stdout.index("{"):])
-    assert result["step"] == max(60, killed_at) and result["run_uri"] == run_uri
+    assert result["step"] == max(60, resumed_at) and result["run_uri"] == run_uri
     assert f"took over the lease of pid {first.pid}" in err and f"resumed from {run_uri}/checkpoints/" in err
     assert not storage_for(run_uri).exists(join(run_uri, LEASE_FILE))
     assert not alive_in_session(first.pid), "the waiting training cleaned up what the killed one left"

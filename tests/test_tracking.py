@@ -142,6 +142,22 @@ def test_failing_stage_ends_its_run_failed(server_cfg, mlflow_server):
     assert mlflow.active_run() is None
 
 
+def test_a_worker_leaving_its_drivers_run_does_not_end_it(server_cfg, mlflow_server):
+    """Ray stops a worker with SIGTERM (``SystemExit`` in Python) after its driver ended the run KILLED; the
+    worker leaving (``attach``) must not make it FAILED, nor a worker that finishes make it FINISHED."""
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(experiment_id(server_cfg)).info.run_id  # held by the driver
+    with start_run(server_cfg, "train", run_id=run_id, attach=True):
+        mlflow.log_metric("loss", 1.0)
+    assert client.get_run(run_id).info.status == "RUNNING", "the driver ends it, not a worker"
+    with pytest.raises(SystemExit):
+        with start_run(server_cfg, "train", run_id=run_id, attach=True):
+            client.set_terminated(run_id, "KILLED")  # the driver, stopped by SIGTERM
+            raise SystemExit(15)  # Ray's SIGTERM handler in the worker
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert mlflow.active_run() is None
+
+
 def test_default_local_sqlite_store_keeps_artifacts_under_local_dir(tmp_path):
     cfg = Config()
     local_dir = tmp_path / "loomcfm-runs"

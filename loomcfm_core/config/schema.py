@@ -20,6 +20,7 @@ from loomcfm_core.data.pairs import TARGET_DTYPES
 from loomcfm_core.data.sources import check_source, source_forms
 from loomcfm_core.errors import did_you_mean
 from loomcfm_core.identity import SCHEDULE_KEYS
+from loomcfm_core.kube.settings import KubeConfig
 from loomcfm_core.models.autoencoder import KINDS as AUTOENCODER_KINDS
 from loomcfm_core.sampling import check_method
 from loomcfm_core.storage import check_uri
@@ -237,6 +238,7 @@ class Config(_Section):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+    kube: KubeConfig = KubeConfig()
 
     @property
     def flow_shape(self) -> tuple[int, int, int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from loomcfm_core.errors import UsageError
+
 REFERENCE = "the reference implementation's flags"
 # flag dest -> the config key it sets (values that need no translation)
 TRAIN_KEYS = {"run_name": "train.run_name", "random_seed": "train.seed"}
@@ -52,6 +54,9 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     keys = {"train": TRAIN_KEYS, "pairs": PAIRS_KEYS}.get(args.command, {})
     out = [f"{key}={getattr(args, dest)}" for dest, key in keys.items() if getattr(args, dest, None) is not None]
     if getattr(args, "num_gpus", None) is not None:
+        if getattr(args, "launcher", "local") == "rayjob":  # cluster_config derives ray.* from kube.*
+            raise UsageError("--num-gpus sets ray.num_workers and ray.use_gpu, which a RayJob (--launcher rayjob) "
+                             "takes from kube.ray_workers x kube.gpus_per_worker: set those instead")
         out += [f"ray.num_workers={args.num_gpus}", "ray.use_gpu=true"]
     return out
 

@@ -154,6 +154,21 @@ def _finished_at(run_uri: str, checkpoint_uri: str | None) -> bool:
     return read_summary(run_uri).checkpoint_uri == checkpoint_uri
 
 
+def rewind_run(cfg: Config, dataset_uri: str, step: int, wait: bool = False) -> list[str]:
+    """``--resume-step`` for a training that runs elsewhere (a RayJob): make step ``step``'s checkpoint the
+    run's latest (:func:`~loomcfm_core.checkpoint.rewind`) under the run folder's lease, taken and released
+    here before the RayJob exists. Its entrypoint then resumes from the latest, and so do KubeRay's retries of
+    it: a retry never sets aside what a failed attempt trained after ``step``, and a training that holds the
+    folder is never rewound under it (the lease refuses, or waits with ``wait``).
+
+    Returns:
+        Where the later checkpoints were moved.
+    """
+    run_uri = run_uri_for(cfg, dataset_uri)
+    with Lease(run_uri, cfg.train.lease_seconds, wait=wait):
+        return rewind(run_uri, step)
+
+
 def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, wait: bool = False,
                resume_step: int | None = None) -> TrainSummary:
     """Train on Ray Train with ``ray.num_workers`` workers; reruns resume from the latest checkpoint.

@@ -52,9 +52,10 @@ class Tracker:
             self.run_id = self._run.__enter__().info.run_id
             if not self.attach and self.resumed_from is None:
                 tracking.log_config(self.cfg)
-                tracking.log_latent_space(self.state.targets.space)
             elif not self.attach:
                 mlflow.set_tag("loomcfm.resumed_from", self.resumed_from)
+            # Only the workers know the latent space (the dataset's); the params are the same on every resume.
+            tracking.log_latent_space(self.state.targets.space)
         return self
 
     def __exit__(self, *exc) -> None:

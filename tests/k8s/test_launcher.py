@@ -1,170 +1,436 @@
-"""The KFP train step's RayJob launcher (loomcfm_core/kube.py) against the KubeRay CRD schema and a Kubernetes
-API stand-in served over HTTP (no cluster can run here), and the train stage that waits on it."""
+"""The RayJob launcher (loomcfm_core/kube/) against a KubeRay v1.7.0 controller simulator behind a Kubernetes
+API server on 127.0.0.1 (tests/k8s/kuberay_sim.py, tests/k8s/apiserver.py), through the real ``kubernetes``
+client and a kubeconfig, as from a laptop: KubeRay's lifecycle with retries, deadlines, validation, API-server
+errors, adoption, SIGTERM, the cluster shape, keep_cluster, and a retry that really resumes a training."""
 
+from __future__ import annotations
+
+import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 from pathlib import Path
 
-import jsonschema
 import pytest
-import yaml
+import torch
 
-from loomcfm_core import kube, stages
-from loomcfm_core.config import load_config
-from loomcfm_core.results import TrainResult
+from loomcfm_core import stages
+from loomcfm_core.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, write_state
+from loomcfm_core.config import load_config, load_config_text
+from loomcfm_core.data.cache import cache_dataset
+from loomcfm_core.errors import CheckpointError, LeaseError, RayJobError
+from loomcfm_core.kube.client import connect
+from loomcfm_core.kube.launcher import run_rayjob
+from loomcfm_core.kube.rayjob import (CONFIG_ENV, RUN_KEY_LABEL, RunIdentity, build_rayjob, cluster_config,
+                                      containers, load_template)
+from loomcfm_core.lease import LEASE_FILE, Lease
+from loomcfm_core.storage import join, storage_for
 from loomcfm_core.training.loop import run_uri_for
-from loomcfm_core.training.summary import TrainSummary, write_summary
+from tests.k8s.apiserver import ApiError, ApiServer, admit
+from tests.k8s.kuberay_rules import validate_metadata, validate_rayjob
+from tests.k8s.kuberay_sim import KubeRaySimulator, Scripted
+from tests.k8s.objects import find, render
+from tests.training import TINY
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
-
-
-def _rayjob_schema():
-    crd = yaml.safe_load((SHARED / "schemas" / "kuberay" / "ray.io_rayjobs.yaml").read_text())
-    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
-
-
-def test_rayjob_matches_the_crd_schema():
-    cfg = load_config("cifar10", ["storage.root=s3://bucket/loomcfm"])
-    body = kube.build_rayjob(kube.load_template(), kube.job_name(), cfg.to_yaml(),
-                             ["--dataset", "s3://bucket/loomcfm/datasets/cifar10-x", "--parent-run-id", "abc"],
-                             "registry.example/loomcfm:9.9", shutdown_after=False)
-    jsonschema.validate(body, _rayjob_schema())
-    assert body["spec"]["entrypoint"].startswith("loomcfm train --set ray.address=auto")
-    assert body["spec"]["entrypoint"].endswith("--dataset s3://bucket/loomcfm/datasets/cifar10-x --parent-run-id abc")
-    head = body["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert {"name": "LOOMCFM_CONFIG_YAML", "value": cfg.to_yaml()} in head["env"]
-    assert [e["name"] for e in head["env"]].count("LOOMCFM_CONFIG_YAML") == 1
-    assert all(c["image"] == "registry.example/loomcfm:9.9" for c in kube._containers(body))
-    assert body["spec"]["shutdownAfterJobFinishes"] is False
-    bad = dict(body, spec=dict(body["spec"], shutdownAfterJobFinishes="yes"))
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(bad, _rayjob_schema())
+NS = "ml"
+FAST = {"patience_s": 5.0, "retry_base_s": 0.05, "teardown_s": 1.0, "margin_s": 2.0, "gone_wait_s": 10.0}
+REPO = Path(__file__).resolve().parents[2]
 
 
-class FakeKubeAPI(BaseHTTPRequestHandler):
-    """Enough of the Kubernetes API for RayJobs: create, get (status follows a script), delete."""
+class Cluster:
+    """An API server with KubeRay's controller, and the kubeconfig that points at them."""
 
-    script: list = []
-    objects: dict = {}
-    deleted: list = []
-    refuse_create: int | None = None
-    failing_gets = 0
+    def __init__(self, server: ApiServer, sim: KubeRaySimulator):
+        self.server, self.sim, self.store = server, sim, server.store
+        self.plan: dict[int, Scripted] = {}
 
-    def _send(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def rayjob(self, name: str) -> dict | None:
+        return next((j for j in self.store.list("rayjobs", NS) if j["metadata"]["name"] == name), None)
 
-    def do_POST(self):
-        cls = type(self)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if cls.refuse_create:
-            return self._send(cls.refuse_create, {"kind": "Status", "message": "rayjobs is forbidden", "code": 403})
-        assert self.path == "/apis/ray.io/v1/namespaces/ml/rayjobs", self.path
-        cls.objects[body["metadata"]["name"]] = body
-        self._send(201, body)
+    def read_once_more(self) -> None:
+        """Wait until the launcher has read the RayJob once more: a GET that arrives now sees what is stored now."""
+        reads = self.store.requests.count(("get", "rayjobs"))
+        self.wait_for(lambda: self.store.requests.count(("get", "rayjobs")) > reads, "the launcher to read")
 
-    def do_GET(self):
-        cls = type(self)
-        if cls.failing_gets:
-            cls.failing_gets -= 1
-            return self._send(503, {"kind": "Status", "message": "etcd leader changed", "code": 503})
-        name = self.path.rsplit("/", 1)[-1]
-        status = cls.script.pop(0) if len(cls.script) > 1 else cls.script[0]
-        self._send(200, {**cls.objects[name], "status": status})
+    def hold_until_read(self, state) -> None:
+        """Keep the operator from moving on after it wrote a status that ``state(status)`` selects until the
+        launcher has read it (Retrying lasts two of its ticks, which a loaded machine's launcher can miss)."""
+        self.sim.after_write = lambda name, status: self.read_once_more() if state(status) else None
 
-    def do_DELETE(self):
-        type(self).deleted.append(self.path.rsplit("/", 1)[-1])
-        self._send(200, {"kind": "Status", "status": "Success"})
-
-    def log_message(self, *args):
-        pass
+    def wait_for(self, condition, what: str, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while not (result := condition()):
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            assert not self.sim.errors, self.sim.errors
+            time.sleep(0.05)
+        return result
 
 
 @pytest.fixture()
-def kube_api():
-    handler = type("Handler", (FakeKubeAPI,), {"script": [], "objects": {}, "deleted": [], "refuse_create": None,
-                                               "failing_gets": 0})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield handler, kube.custom_objects_api(host=f"http://127.0.0.1:{server.server_port}")
-    server.shutdown()
+def cluster(tmp_path, monkeypatch):
+    """``plan[k]`` is the k-th Ray job the test starts (any RayJob, any attempt); unplanned ones succeed."""
+    plan: dict[int, Scripted] = {}
+    started = itertools.count(1)
+    with ApiServer() as server, KubeRaySimulator(server.store,
+                                                 attempt=lambda job, n: plan.get(next(started), Scripted())) as sim:
+        monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig", NS)))
+        for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+            monkeypatch.delenv(var, raising=False)  # not in a pod: the kubeconfig is used
+        c = Cluster(server, sim)
+        c.plan = plan
+        yield c
+    assert not sim.errors, sim.errors
 
 
-def _body():
-    return kube.build_rayjob(kube.load_template(), "loomcfm-train-test", "name: x", ["--dataset", "s3://b/d"], "img:1")
+def _cfg(*overrides: str):
+    return load_config("digits", ["storage.root=s3://bucket/loomcfm", f"kube.namespace={NS}", "kube.poll_s=0.05",
+                                  *overrides])
 
 
-def test_launcher_waits_for_success_and_cleans_up(kube_api, caplog):
-    handler, api = kube_api
+def _body(cfg, identity: RunIdentity | None = None) -> dict:
+    return build_rayjob(load_template(), cfg, identity or RunIdentity("s3://bucket/loomcfm/runs/digits-0123"),
+                        ["--dataset", "s3://bucket/loomcfm/datasets/digits-x"])
+
+
+def _launch(cfg, body=None, **tuning):
+    return run_rayjob(connect(NS), body or _body(cfg), cfg.kube, **{**FAST, **tuning})
+
+
+def _states(history: list[str]) -> list[str]:
+    return [s for i, s in enumerate(history) if i == 0 or history[i - 1] != s]
+
+
+def test_success_follows_kuberays_lifecycle_copies_the_driver_log_and_cleans_up(cluster, caplog):
     caplog.set_level("INFO")
-    handler.script = [{}, {"jobDeploymentStatus": "Initializing"},
-                      {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-                      {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]
-    status = kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01)
-    assert status["jobStatus"] == "SUCCEEDED"
-    assert handler.objects["loomcfm-train-test"]["spec"]["entrypoint"].endswith("--dataset s3://b/d")
-    assert handler.deleted == ["loomcfm-train-test"]
-    assert "job=RUNNING" in caplog.text and "deployment=Initializing" in caplog.text
+    cluster.plan[1] = Scripted(lines=("epoch 1: loss 0.5", "epoch 2: loss 0.4"))
+    body = _body(_cfg())
+    status = _launch(_cfg(), body)
+    name = body["metadata"]["name"]
+    assert status["jobDeploymentStatus"] == "Complete" and status["jobStatus"] == "SUCCEEDED"
+    assert status["succeeded"] == 1 and status["failed"] == 0
+    assert _states(cluster.sim.history[name]) == ["Initializing", "Running", "Complete"]
+    assert f"[{name}] epoch 2: loss 0.4" in caplog.text and f"Job '{status['jobId']}' succeeded" in caplog.text
+    assert "Complete job=SUCCEEDED (attempt 1/3" in caplog.text
+    cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS), "the RayJob to go")
+    assert not cluster.store.list("rayclusters", NS) and not cluster.store.list("pods", NS), "GC took the rest"
+    assert cluster.store.created["rayjobs"] == 1
 
 
-def test_launcher_surfaces_the_failure_message(kube_api):
-    handler, api = kube_api
-    handler.script = [{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-                      {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED",
-                       "message": "Job entrypoint command failed with exit code 1"}]
-    with pytest.raises(kube.RayJobError, match="FAILED: Job entrypoint command failed with exit code 1"):
-        kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01)
-    assert handler.deleted == ["loomcfm-train-test"]
+def test_the_launchers_api_calls_are_what_its_role_grants(cluster):
+    _launch(_cfg())
+    used = set(cluster.store.requests)
+    role = find(render("base"), "Role", "loomcfm-rayjob-launcher")[0]
+    granted = {(verb, resource) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+    assert used == {("create", "rayjobs"), ("get", "rayjobs"), ("delete", "rayjobs"), ("list", "pods"),
+                    ("get", "pods/log")}
+    assert used <= granted, used - granted
 
 
-def test_launcher_can_leave_the_cluster_and_times_out(kube_api):
-    handler, api = kube_api
-    handler.script = [{"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"}]
-    with pytest.raises(kube.RayJobError, match="did not finish within 0 s"):
-        kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01, timeout_seconds=0.05, delete_after=False)
-    assert handler.deleted == []
+def test_a_failed_attempt_is_retried_and_watched_to_success(cluster, caplog):
+    caplog.set_level("INFO")
+    cluster.plan.update({1: Scripted(exit_code=1, lines=("Traceback ...", "RuntimeError: node lost")),
+                         2: Scripted(lines=("resumed from step 20",))})
+    # the launcher sees Retrying (its reason) and the second attempt before it ends
+    cluster.hold_until_read(lambda s: s.get("jobDeploymentStatus") in ("Retrying", "Running") and s.get("failed"))
+    body = _body(_cfg())
+    status = _launch(_cfg(), body)
+    name = body["metadata"]["name"]
+    assert status["jobStatus"] == "SUCCEEDED" and status["failed"] == 1 and status["succeeded"] == 1
+    assert _states(cluster.sim.history[name]) == ["Initializing", "Running", "Retrying", "New", "Initializing",
+                                                  "Running", "Complete"]
+    assert "attempt 2/3 started" in caplog.text and "the previous one failed (AppFailed: Job entrypoint command " \
+        "failed with exit code 1, last available logs (truncated to 20,000 chars): ... RuntimeError: node lost)" \
+        in caplog.text
+    assert f"[{name}] resumed from step 20" in caplog.text
+    assert cluster.store.created["rayjobs"] == 1 and cluster.store.created["rayclusters"] == 2
 
 
-def test_launcher_reports_a_refused_create(kube_api):
-    handler, api = kube_api
-    handler.refuse_create = 403
-    with pytest.raises(kube.RayJobError, match="cannot create RayJob ml/loomcfm-train-test: 403"):
-        kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01)
+def test_the_last_failure_raises_with_kuberays_reason_message_and_attempts(cluster):
+    cluster.plan.update({n: Scripted(exit_code=1, lines=("ValueError: data.source is broken",)) for n in (1, 2)})
+    cfg = _cfg("kube.backoff_limit=1")
+    body = _body(cfg)
+    name = body["metadata"]["name"]
+    with pytest.raises(RayJobError) as info:
+        _launch(cfg, body)
+    text = str(info.value)
+    assert f"RayJob {NS}/{name} ended Failed after 2 of 2 attempt(s) (kube.backoff_limit=1): AppFailed" in text
+    assert "Job entrypoint command failed with exit code 1" in text and "ValueError: data.source is broken" in text
+    assert f"kubectl -n {NS} describe rayjob {name}; kubectl -n {NS} logs -l job-name={name}" in text
+    assert "its Ray cluster is gone (kube.keep_cluster=false); the RayJob and its submitter's log stay" in text
+    assert _states(cluster.sim.history[name])[-1] == "Failed"
+    # what the error's kubectl commands show is still there; the cluster is not (ttlSecondsAfterFinished 0)
+    assert body["spec"]["shutdownAfterJobFinishes"] is True and body["spec"]["ttlSecondsAfterFinished"] == 0
+    cluster.wait_for(lambda: not cluster.store.list("rayclusters", NS), "the failed RayJob's cluster to go")
+    assert cluster.rayjob(name)["status"]["reason"] == "AppFailed"
+    (pod,) = cluster.store.list("pods", NS, f"job-name={name}")
+    assert "ValueError: data.source is broken" in cluster.store.read_log(NS, pod["metadata"]["name"], {})
 
 
-def test_train_stage_on_kubernetes_reads_back_the_result(kube_api, tmp_path):
-    handler, api = kube_api
-    handler.script = [{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]
-    cfg = load_config("digits", [f"storage.root={tmp_path}/store"])
-    dataset_uri = f"{tmp_path}/store/datasets/digits-x"
-    summary = TrainSummary(run_uri=run_uri_for(cfg, dataset_uri), dataset_uri=dataset_uri, step=7,
-                           checkpoint_uri="s3://b/ckpt.pt", mlflow_run_id="run-1", table_hashes=["-"],
-                           metrics={"train/loss": 0.5})
-    expected = TrainResult(**vars(summary), model_version="3", model_alias="base")
-    write_summary(summary)  # what the RayJob's `loomcfm train` commits when it finishes: training's summary,
-    expected.commit_registration()  # then the model version it registered
-    out = stages.train_on_kubernetes(cfg, dataset_uri, "parent-1", namespace="ml", poll_seconds=0.01, api=api)
-    assert out == expected
-    (created,) = handler.objects.values()
-    assert created["spec"]["entrypoint"].endswith(f"--dataset {dataset_uri} --parent-run-id parent-1")
-    head = created["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert next(e["value"] for e in head["env"] if e["name"] == "LOOMCFM_CONFIG_YAML") == cfg.to_yaml()
+def test_a_stopped_ray_job_is_a_failure_not_a_success(cluster):
+    """`ray job stop` (the dashboard's stop) ends the Ray job STOPPED; KubeRay then writes Complete."""
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+
+    def stop_it():
+        run = cluster.wait_for(lambda: next((r for r in cluster.sim.runs.values() if r.status == "RUNNING"), None),
+                               "the Ray job")
+        cluster.sim.stop_job(run.job_id)
+
+    threading.Thread(target=stop_it, daemon=True).start()
+    body = _body(_cfg())
+    try:
+        with pytest.raises(RayJobError, match=r"RayJob ml/\S+ was stopped after 1 of 3 attempt\(s\) \(kube.backoff_limit"
+                           r"=2\): STOPPED\nJob was intentionally stopped."):
+            _launch(_cfg(), body)
+    finally:
+        hold.set()
+    assert cluster.rayjob(body["metadata"]["name"])["status"]["jobDeploymentStatus"] == "Complete"
 
 
-def test_launcher_rides_out_api_server_hiccups(kube_api, monkeypatch):
-    handler, api = kube_api
-    monkeypatch.setattr(kube.time, "sleep", lambda seconds: None)
-    handler.failing_gets = 3
-    handler.script = [{"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}]
-    assert kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01)["jobStatus"] == "SUCCEEDED"
-    handler.failing_gets = kube.MAX_POLL_FAILURES + 1
-    with pytest.raises(kube.RayJobError, match="cannot read RayJob ml/loomcfm-train-test .*503"):
-        kube.run_rayjob(api, "ml", _body(), poll_seconds=0.01)
+def test_a_suspended_and_resumed_rayjob_is_watched_to_its_end(cluster, caplog):
+    """Suspending and Suspended are not terminal (Kueue, or kubectl patch spec.suspend): the launcher waits, and
+    the resumed RayJob's new Ray job is not counted as a failed attempt."""
+    caplog.set_level("INFO")
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    body = _body(_cfg())
+    name = body["metadata"]["name"]
+
+    def suspend(flag: bool) -> None:
+        while True:  # the operator writes too: read, change, write until no conflict
+            job = cluster.store.get("rayjobs", NS, name)
+            job["spec"]["suspend"] = flag
+            try:
+                cluster.store.update("rayjobs", NS, job)
+                return
+            except ApiError as exc:
+                assert exc.reason == "Conflict"
+
+    def operator():
+        cluster.wait_for(lambda: cluster.sim.runs, "the Ray job")
+        suspend(True)
+        cluster.wait_for(lambda: "Suspended" in cluster.sim.history.get(name, []), "Suspended")
+        suspend(False)
+
+    # the launcher sees Suspended, and the resumed RayJob's Ray job before it ends
+    cluster.hold_until_read(lambda s: s.get("jobDeploymentStatus") == "Suspended" or s.get("jobStatus") == "RUNNING")
+    threading.Thread(target=operator, daemon=True).start()
+    try:
+        status = _launch(_cfg(), body)
+    finally:
+        hold.set()
+    assert status["jobStatus"] == "SUCCEEDED" and status["failed"] == 0
+    assert "Suspended (attempt 1/3" in caplog.text
+    assert "the RayJob was suspended and resumed" in caplog.text and "the previous one failed" not in caplog.text
+
+
+def test_validation_failed_ends_the_wait_with_kuberays_message(cluster):
+    """The old keep_cluster form (shutdownAfterJobFinishes false with a TTL) is what KubeRay rejects."""
+    body = _body(_cfg())
+    body["spec"].update(shutdownAfterJobFinishes=False, ttlSecondsAfterFinished=600)
+    assert validate_rayjob(body) == ("The RayJob spec is invalid: a RayJob with shutdownAfterJobFinishes set to "
+                                     "false cannot have TTLSecondsAfterFinished")
+    with pytest.raises(RayJobError, match=r"ended ValidationFailed after 0 of 3 attempt\(s\).*ValidationFailed\n"
+                       r"The RayJob spec is invalid: a RayJob with shutdownAfterJobFinishes set to false cannot have "
+                       r"TTLSecondsAfterFinished"):
+        _launch(_cfg(), body)
+
+
+def test_keep_cluster_is_valid_and_keeps_a_failed_head_but_not_its_workers(cluster):
+    cfg = _cfg("kube.keep_cluster=true", "kube.keep_cluster_s=3600", "kube.backoff_limit=0")
+    body = _body(cfg)
+    assert "shutdownAfterJobFinishes" not in body["spec"] and "ttlSecondsAfterFinished" not in body["spec"]
+    admit("RayJob", json.loads(json.dumps(body)), strict=True)
+    assert validate_rayjob(body) is None
+    cluster.plan[1] = Scripted(exit_code=3, lines=("CUDA error: out of memory",))
+    with pytest.raises(RayJobError, match=r"its head pod stays for kube.keep_cluster_s=3600 s: kubectl -n ml logs -l "
+                       r"ray.io/cluster=loomcfm-train-\w+-\w+,ray.io/node-type=head"):
+        _launch(cfg, body)
+    name = body["metadata"]["name"]
+    assert cluster.rayjob(name) is not None, "a failed RayJob kept for post-mortem stays"
+    (ray_cluster,) = cluster.wait_for(lambda: [c for c in cluster.store.list("rayclusters", NS)
+                                               if all(g.get("suspend") for g in c["spec"]["workerGroupSpecs"])],
+                                      "DeleteWorkers to suspend the worker groups")
+    time.sleep(0.3)
+    assert cluster.store.list("rayclusters", NS), "the head stays for keep_cluster_s"
+
+
+def test_keep_cluster_deletes_the_cluster_of_a_success_at_once(cluster):
+    cfg = _cfg("kube.keep_cluster=true")
+    body = _body(cfg)
+    _launch(cfg, body)
+    assert cluster.rayjob(body["metadata"]["name"]) is not None, "keep_cluster leaves the RayJob"
+    cluster.wait_for(lambda: not cluster.store.list("rayclusters", NS), "DeleteCluster on SUCCEEDED")
+
+
+def test_deadline_exceeded_is_not_retried(cluster):
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    try:
+        with pytest.raises(RayJobError, match=r"ended Failed after 1 of 3 attempt\(s\).*DeadlineExceeded\nThe RayJob "
+                           r"has passed the activeDeadlineSeconds"):
+            _launch(_cfg("kube.active_deadline_s=1"))
+    finally:
+        hold.set()
+
+
+def test_pre_running_deadline_is_retried_until_the_backoff_limit(tmp_path, monkeypatch):
+    with ApiServer() as server, KubeRaySimulator(server.store, cluster_ready_after_s=None) as sim:
+        monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig", NS)))
+        cfg = _cfg("kube.pre_running_deadline_s=1", "kube.backoff_limit=1")
+        with pytest.raises(RayJobError, match=r"ended Failed after 2 of 2 attempt\(s\).*PreRunningDeadlineExceeded"):
+            _launch(cfg)
+        assert server.store.created["rayclusters"] == 2 and not sim.errors
+
+
+def test_api_server_errors_are_ridden_out_and_a_committed_create_is_adopted(cluster, caplog):
+    caplog.set_level("INFO")
+    cluster.store.commit_then_fail(1)  # the create is stored, then answered 504
+    cluster.store.fail_next(3, 503)
+    cluster.store.fail_next(1, 429)
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    watching = lambda: cluster.store.requests.count(("get", "rayjobs")) >= 3  # noqa: E731 (adopted, then reads)
+    watcher = threading.Thread(target=lambda: (cluster.wait_for(watching, "the launcher to watch"),
+                                               cluster.store.fail_next(4, 500), hold.set()), daemon=True)
+    watcher.start()
+    status = _launch(_cfg())
+    assert status["jobStatus"] == "SUCCEEDED" and cluster.store.created["rayjobs"] == 1
+    assert "adopting RayJob" in caplog.text and "trying again" in caplog.text
+
+
+def test_an_api_server_that_stays_down_is_a_clear_error(cluster):
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    threading.Thread(target=lambda: (cluster.wait_for(lambda: cluster.sim.runs, "the Ray job"),
+                                     cluster.store.fail_next(10_000, 503)), daemon=True).start()
+    try:
+        with pytest.raises(RayJobError, match=r"cannot read RayJob ml/loomcfm-train-\w+: the Kubernetes API failed "
+                           r"\d+ times in a row over \d+ s; last: 503 ServiceUnavailable"):
+            _launch(_cfg(), patience_s=1.0)
+    finally:
+        cluster.store.clear_faults()
+        hold.set()
+
+
+def test_a_rayjob_deleted_by_someone_else_ends_the_wait(cluster):
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    body = _body(_cfg())
+    name = body["metadata"]["name"]
+    threading.Thread(target=lambda: (cluster.wait_for(lambda: cluster.sim.runs, "the Ray job"),
+                                     cluster.store.delete("rayjobs", NS, name)), daemon=True).start()
+    with pytest.raises(RayJobError, match=f"RayJob {NS}/{name} was deleted while the launcher watched it"):
+        _launch(_cfg(), body)
+    assert next(iter(cluster.sim.runs.values())).status == "STOPPED", "the finalizer stopped the Ray job"
+
+
+def test_the_launchers_time_bound_when_kuberay_is_not_running(cluster):
+    cluster.sim.pause()  # the operator is down: nothing ever advances the RayJob
+    with pytest.raises(RayJobError, match=r"did not end within 3 s = 1 attempt\(s\) x kube.active_deadline_s=1 \+ 0 "
+                       r"retries x 1 s \+ 2 s; KubeRay should have ended it: is its operator running"):
+        _launch(_cfg("kube.active_deadline_s=1", "kube.backoff_limit=0"))
+
+
+def test_an_earlier_tries_failed_rayjob_is_replaced_and_one_being_deleted_is_waited_for(cluster, caplog):
+    caplog.set_level("INFO")
+    identity = RunIdentity("s3://bucket/loomcfm/runs/digits-0123", "2f0c9e2a-aaaa-bbbb-cccc-0123456789ab", "train")
+    cluster.plan[1] = Scripted(exit_code=1)  # the first try's RayJob fails and is kept; the others succeed
+    kept = _cfg("kube.keep_cluster=true", "kube.backoff_limit=0")
+    with pytest.raises(RayJobError):
+        _launch(kept, _body(kept, identity))
+    assert cluster.store.list("rayjobs", NS), "kept"
+    status = _launch(_cfg(), _body(_cfg(), identity))  # the KFP retry of the same task
+    assert status["jobStatus"] == "SUCCEEDED" and cluster.store.created["rayjobs"] == 2
+    assert "of an earlier try ended Failed job=FAILED reason=AppFailed; replacing it" in caplog.text
+    # one being deleted (the operator is slow to remove its finalizer): wait, then create
+    body = _body(kept, identity)
+    _launch(kept, body)
+    cluster.sim.pause()
+    cluster.store.delete("rayjobs", NS, body["metadata"]["name"])
+    threading.Timer(0.5, cluster.sim.paused.clear).start()
+    _launch(_cfg(), body)
+    assert "is being deleted; waiting for it to go" in caplog.text and cluster.store.created["rayjobs"] == 4
+
+
+def test_a_name_collision_with_another_runs_rayjob_is_refused(cluster):
+    body = _body(_cfg())
+    other = json.loads(json.dumps(body))
+    other["metadata"]["labels"][RUN_KEY_LABEL] = "someone-else"
+    cluster.store.create("rayjobs", NS, other)
+    with pytest.raises(RayJobError, match=r"exists but is not this run's \(loomcfm.io/run-key='someone-else'"):
+        _launch(_cfg(), body)
+
+
+def test_an_invalid_body_is_refused_by_the_api_server(cluster):
+    body = _body(_cfg())
+    body["spec"]["preRunningDeadlineSeconds"] = 0
+    with pytest.raises(RayJobError, match=r"cannot create RayJob ml/\S+: 422 Invalid: .*preRunningDeadlineSeconds"):
+        _launch(_cfg(), body)
+    body = _body(_cfg())
+    body["spec"]["shutdownAfterJobFinsihes"] = True
+    with pytest.raises(RayJobError, match=r'400 BadRequest: .*strict decoding error: unknown field '
+                       r'"spec.shutdownAfterJobFinsihes"'):
+        _launch(_cfg(), body)
+    assert cluster.store.created["rayjobs"] == 0
+
+
+# ---- identity and shape -------------------------------------------------------------------------------------
+
+def test_rayjob_names_are_stable_dns1035_labels_kuberay_accepts():
+    uuid = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"  # KFP run ids are UUIDs, may start with a digit
+    names = set()
+    for task in ("train", "train-2", "a" * 80, "Train_Reflow.Final"):
+        identity = RunIdentity("s3://b/runs/x", uuid, task)
+        name = identity.name()
+        assert name == RunIdentity("s3://b/runs/x", uuid, task).name(), "a retried step derives the same name"
+        assert validate_metadata({"name": name}) is None and len(name) <= 39, name
+        names.add(name)
+        assert all(len(v) <= 63 for v in identity.labels().values())
+    assert len(names) == 4
+    assert RunIdentity("s3://b/runs/x").name() != RunIdentity("s3://b/runs/y").name()
+    assert RunIdentity("s3://b/runs/x").name("reflow").startswith("loomcfm-reflow-")
+    cli = RunIdentity("s3://b/runs/x")
+    assert cli.annotations() == {"loomcfm.io/run-folder": "s3://b/runs/x"} and "loomcfm.io/kfp-run-id" not in cli.labels()
+
+
+def test_four_workers_with_two_gpus_each_make_eight_ray_train_workers(cluster):
+    cfg = _cfg("kube.ray_workers=4", "kube.gpus_per_worker=2", "kube.worker_cpu=16", "kube.worker_memory=64Gi",
+               "kube.gpu_node_selector=nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3",
+               "kube.image=registry.corp/ml/loomcfm:1.2")
+    body = _body(cfg)
+    (group,) = body["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 4
+    pod = group["template"]["spec"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    assert limits == {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2"}
+    assert pod["containers"][0]["resources"]["requests"] == limits
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    head = body["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    trained = load_config_text(next(e["value"] for e in head["env"] if e["name"] == CONFIG_ENV))
+    assert trained.ray.num_workers == 8 and trained.ray.use_gpu is True and trained.ray.address == "auto"
+    assert trained.ray.cpus_per_worker == 8.0 and trained == cluster_config(cfg)
+    assert trained.model_dump(exclude={"ray"}) == cfg.model_dump(exclude={"ray"}), "only ray.* is derived"
+    images = {c["image"] for c in containers(body)}
+    assert images == {"registry.corp/ml/loomcfm:1.2"}
+    admit("RayJob", json.loads(json.dumps(body)), strict=True)
+    assert validate_rayjob(body) is None
+    assert _launch(cfg, body)["jobStatus"] == "SUCCEEDED"
+
+
+def test_cpu_workers_share_nothing_but_their_pod():
+    cfg = _cfg("kube.ray_workers=3", "kube.worker_cpu=2500m")
+    body = _body(cfg)
+    pod = body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"] and "nodeSelector" not in pod
+    ray = cluster_config(cfg).ray
+    assert (ray.num_workers, ray.use_gpu, ray.cpus_per_worker) == (3, False, 2.5)
 
 
 def test_launch_train_rejects_what_cannot_work(tmp_path):
@@ -175,3 +441,161 @@ def test_launch_train_rejects_what_cannot_work(tmp_path):
         stages.launch_train(cfg, "s3://b/d", pairs_uri="s3://b/pairs")
     with pytest.raises(ValueError, match="launcher must be"):
         stages.launch_train(cfg, "s3://b/d", launcher="slurm")
+    with pytest.raises(ValueError, match=r"kube.on_terminate"):
+        load_config("digits", ["kube.on_terminate=keep"])
+
+
+def test_resume_step_rewinds_under_the_lease_before_the_rayjob_and_a_retry_resumes_from_the_latest(cluster,
+                                                                                                     s3_bucket):
+    """``loomcfm train --launcher rayjob --resume-step 2``: the launcher sets the later checkpoint aside under the
+    run's lease (released again) before it creates the RayJob, whose entrypoint has no ``--resume-step``; so
+    KubeRay's retry after a failed attempt resumes from what that attempt saved instead of rewinding again. A
+    missing step, or a folder another training holds, fails before any RayJob exists, with nothing moved."""
+    cfg = _cfg(f"storage.root=s3://{s3_bucket}/loomcfm", "kube.backoff_limit=1")
+    dataset_uri = f"s3://{s3_bucket}/loomcfm/datasets/digits-x"
+    run_uri = run_uri_for(cfg, dataset_uri)
+    for step in (2, 4):
+        write_state({"step": step}, f"{checkpoint_dir(run_uri)}/step-{step:08d}.pt")
+    with pytest.raises(CheckpointError, match=r"--resume-step 3: .* \(steps: 2, 4;"):
+        stages.launch_train(cfg, dataset_uri, launcher="rayjob", resume_step=3)
+    with Lease(run_uri, 60), pytest.raises(LeaseError):
+        stages.launch_train(cfg, dataset_uri, launcher="rayjob", resume_step=2)
+    assert [s for s, _ in list_checkpoints(run_uri)] == [2, 4] and not cluster.store.created.get("rayjobs")
+
+    seen = []
+
+    class Attempt(Scripted):
+        def start(self, command, env, emit):
+            lease_held = storage_for(run_uri).exists(join(run_uri, LEASE_FILE))
+            seen.append((command, [s for s, _ in list_checkpoints(run_uri)], lease_held))
+            if len(seen) == 1:  # the first attempt trains to step 3, then fails
+                write_state({"step": 3}, f"{checkpoint_dir(run_uri)}/step-00000003.pt")
+            super().start(command, env, emit)
+
+    cluster.plan.update({1: Attempt(exit_code=1), 2: Attempt(exit_code=1)})
+    with pytest.raises(RayJobError, match=r"after 2 of 2 attempt"):
+        stages.launch_train(cfg, dataset_uri, launcher="rayjob", resume_step=2)
+    assert [(checkpoints, held) for _, checkpoints, held in seen] == [([2], False), ([2, 3], False)]
+    assert all("loomcfm train" in command and "--resume-step" not in command for command, _, _ in seen)
+    assert storage_for(run_uri).exists(join(run_uri, "set-aside", "step-00000004.pt"))
+    assert cluster.store.created["rayjobs"] == 1
+
+
+# ---- SIGTERM and adoption, in real processes -----------------------------------------------------------------
+
+def _env(cluster: Cluster) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env["KUBECONFIG"] = os.environ["KUBECONFIG"]
+    return env
+
+
+def _terminate_when_running(cluster: Cluster, proc: subprocess.Popen) -> str:
+    cluster.wait_for(lambda: any(r.status == "RUNNING" for r in cluster.sim.runs.values()) or proc.poll() is not None,
+                     "the training to run", timeout=120)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    time.sleep(0.3)  # the launcher is watching now
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out[-3000:]
+    return out
+
+
+def test_sigterm_deletes_the_rayjob_from_the_cli_launcher(cluster):
+    """`loomcfm train --launcher rayjob` from a laptop (its kubeconfig), then SIGTERM (Ctrl-C or kill)."""
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    cmd = [sys.executable, "-m", "loomcfm_core.cli", "train", "--launcher", "rayjob",
+           "--dataset", "s3://bucket/loomcfm/datasets/digits-x"]
+    for item in ("storage.root=s3://bucket/loomcfm", f"kube.namespace={NS}", "kube.poll_s=0.1"):
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = _terminate_when_running(cluster, proc)
+        assert "loomcfm: error: terminated while watching RayJob ml/loomcfm-train-" in out
+        assert "deleted it: KubeRay stops the Ray job and removes its cluster" in out
+        cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS), "the RayJob to go (finalizer removed)")
+        assert [r.status for r in cluster.sim.runs.values()] == ["STOPPED"], "the finalizer stopped the Ray job"
+    finally:
+        hold.set()
+
+
+def test_sigterm_with_leave_keeps_the_rayjob_and_the_retried_step_adopts_it(cluster):
+    run_id = "7e57ab1e-0000-4000-8000-00000000c0de"
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold, lines=("step 10",))
+    overrides = ["storage.root=s3://bucket/loomcfm", f"kube.namespace={NS}", "kube.poll_s=0.1",
+                 "kube.on_terminate=leave"]
+    step = textwrap.dedent(f"""
+        import logging
+        from loomcfm_core import stages
+        from loomcfm_core.config import load_config, load_config_text
+        logging.basicConfig(level=logging.INFO)
+        cfg = load_config("digits", {overrides!r})
+        stages.launch_train(cfg, "s3://bucket/loomcfm/datasets/digits-x", launcher="rayjob", kfp_run_id={run_id!r},
+                            kfp_task="train")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", step], env=_env(cluster), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out = _terminate_when_running(cluster, proc)
+        assert "left it running (kube.on_terminate=leave): a retried step of the same run adopts it" in out
+        (left,) = cluster.store.list("rayjobs", NS, f"loomcfm.io/kfp-run-id={run_id}")
+        assert left["status"]["jobDeploymentStatus"] == "Running" and not left["metadata"].get("deletionTimestamp")
+        cfg = load_config("digits", overrides)
+        identity = RunIdentity(run_uri_for(cfg, "s3://bucket/loomcfm/datasets/digits-x"), run_id, "train")
+        threading.Timer(1.0, hold.set).start()
+        status = _launch(cfg, _body(cfg, identity))  # the retried step
+    finally:
+        hold.set()
+    assert status["jobStatus"] == "SUCCEEDED" and cluster.store.created["rayjobs"] == 1
+    assert left["metadata"]["name"] == identity.name()
+
+
+# ---- a retry that resumes a real training --------------------------------------------------------------------
+
+@pytest.mark.timeout(900)
+def test_a_killed_attempt_is_retried_and_resumes_to_the_uninterrupted_result(tmp_path, s3_bucket, monkeypatch, caplog):
+    """The simulator runs each attempt's entrypoint (`loomcfm train` on digits, s3:// storage on moto) and kills
+    the first after its first checkpoint; KubeRay's retry starts the next, which resumes. A second RayJob trains
+    the same config uninterrupted into another storage root: step count, weights and coupling table agree."""
+    caplog.set_level("INFO")
+    common = [*TINY, "train.max_steps=20", "train.checkpoint_every=10", "train.keep_checkpoints=2",
+              f"tracking.local_dir={tmp_path / 'mlflow'}", f"kube.namespace={NS}", "kube.poll_s=0.2",
+              "kube.worker_cpu=1"]
+    cfg = load_config("digits", [*common, f"storage.root=s3://{s3_bucket}/loomcfm"])
+    reference_cfg = load_config("digits", [*common, f"storage.root=s3://{s3_bucket}/reference"])
+    dataset_uri = cache_dataset(cfg).uri
+    run_uri = run_uri_for(cfg, dataset_uri)
+    killed: list[int] = []
+    looked = [0.0]
+
+    def kill_after_first_checkpoint(run) -> bool:
+        if run.number != 1 or run.rayjob != RunIdentity(run_uri).name() or killed or time.monotonic() < looked[0] + 0.5:
+            return False
+        looked[0] = time.monotonic()
+        if list_checkpoints(run_uri):
+            killed.append(run.number)
+            return True
+        return False
+
+    with ApiServer() as server, KubeRaySimulator(server.store, kill_when=kill_after_first_checkpoint) as sim:
+        monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig", NS)))
+        resumed = stages.launch_train(cfg, dataset_uri, launcher="rayjob")
+        reference = stages.launch_train(reference_cfg, dataset_uri, launcher="rayjob")
+        name = RunIdentity(run_uri).name()
+        assert killed == [1] and not sim.errors
+        assert _states(sim.history[name]) == ["Initializing", "Running", "Retrying", "New", "Initializing",
+                                              "Running", "Complete"]
+        first = next(r for r in sim.runs.values() if r.rayjob == name and r.number == 1)
+        assert first.status == "FAILED" and "failed with exit code -9" in first.message
+    # Retrying can pass between two reads: the new attempt shows as `failed` growing (and a new jobId)
+    assert "attempt 2/3 started" in caplog.text
+    assert f"[{name}]" in caplog.text and '"step": 20' in caplog.text, "the driver's output is in this log"
+    assert resumed.step == reference.step == 20 and resumed.run_uri == run_uri
+    assert resumed.table_hashes == reference.table_hashes != ["-"]
+    a, b = load_checkpoint(reference.checkpoint_uri), load_checkpoint(resumed.checkpoint_uri)
+    assert torch.equal(a["coupling"]["table"], b["coupling"]["table"])
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(b["ema"][key], a["ema"][key], rtol=0, atol=1e-6)
+    assert resumed.model_alias == "base" and resumed.model_version

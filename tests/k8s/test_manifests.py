@@ -28,7 +28,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.k8s.objects import (DEFAULT_IMAGE, IMAGE_REPO, K8S, NAMESPACE, REPO, SHARED, all_objects, configmaps,
+from tests.k8s.kuberay_rules import validate_rayjob
+from tests.k8s.objects import (IMAGE_REPO, K8S, NAMESPACE, REPO, SHARED, all_objects, configmaps,
                                find, kustomizations, pod_templates, render, standalone_documents)
 
 STAGES = ("cache", "train", "evaluate", "pairs", "reflow")
@@ -38,8 +39,10 @@ JOBS_PLATFORM = {"jobs": "base", "overlays/cpu/jobs": "overlays/cpu", "overlays/
 INPUTS = {"dataset_uri": "s3://loomcfm/loomcfm/datasets/digits-0123456789ab",
           "checkpoint_uri": "s3://loomcfm/loomcfm/runs/digits-0123456789ab/checkpoints/step-00000400.pt",
           "pairs_uri": "s3://loomcfm/loomcfm/datasets/digits-pairs-ba9876543210"}
-# RBAC: all the pipeline's launcher may do (loomcfm_core/kube.py creates, watches and deletes RayJobs).
-ALLOWED_RULES = {("ray.io", "rayjobs"): {"create", "get", "list", "watch", "delete"}, ("", "pods/log"): {"get"}}
+# RBAC: all the pipeline's launcher may do (loomcfm_core/kube/launcher.py creates, adopts, watches and deletes
+# RayJobs; loomcfm_core/kube/logs.py lists the submitter pods and reads their logs).
+ALLOWED_RULES = {("ray.io", "rayjobs"): {"create", "get", "list", "watch", "delete"}, ("", "pods"): {"get", "list"},
+                 ("", "pods/log"): {"get"}}
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                       "projected", "secret"}
 CREDENTIAL_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|KEY_ID|PRIVATE_KEY|CREDENTIAL)", re.I)
@@ -492,6 +495,8 @@ def test_rayjobs_train_on_their_own_cluster(name, monkeypatch):
     assert set(jobs) == {"train", "reflow"}
     for stage, job in jobs.items():
         spec = job["spec"]
+        assert validate_rayjob(job) is None, f"k8s/{name}: KubeRay would not run {stage}: {validate_rayjob(job)}"
+        assert "--set ray." not in spec["entrypoint"], "ray.* come from the config (one place with the worker group)"
         assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
         assert spec["backoffLimit"] >= 1 and spec["submissionMode"] == "K8sJobMode"
         head, groups = head_and_workers(job)
@@ -557,7 +562,7 @@ def test_platform_configs_resolve():
 def test_train_rayjob_has_one_source():
     """kubectl and the KFP launcher run the same training RayJob: the k8s/ file is a byte copy of the template
     the package ships (kustomize reads nothing outside k8s/, so it cannot point at the package's file)."""
-    from loomcfm_core import kube
+    from loomcfm_core.kube import rayjob as kube
 
     packaged = REPO / "loomcfm_core" / "templates" / kube.TEMPLATE
     assert (K8S / "jobs" / "train-rayjob.yaml").read_bytes() == packaged.read_bytes(), \
@@ -569,22 +574,28 @@ def test_train_rayjob_has_one_source():
 
 
 def test_train_template_is_what_the_kfp_launcher_expects():
+    from loomcfm_core.config import load_config_text
+    from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, cluster_config, load_template
+
     docs = standalone_documents()["jobs/train-rayjob.yaml"]
     assert len(docs) == 1 and docs[0]["kind"] == "RayJob", "the KFP launcher loads one plain RayJob document"
     job = docs[0]
-    assert not crd_errors(job)
-    assert job["spec"]["entrypoint"].startswith("loomcfm train")
-    head, _ = head_and_workers(job)
-    assert head["name"] == "ray-head"
+    assert not crd_errors(job) and validate_rayjob(job) is None
+    assert job["spec"]["entrypoint"].startswith("loomcfm train") and "ray." not in job["spec"]["entrypoint"]
+    head, groups = head_and_workers(job)
+    assert head["name"] == "ray-head" and len(groups) == 1
     assert any(e["name"] == "LOOMCFM_CONFIG_YAML" for e in head["env"])
-    from loomcfm_core import kube
-
-    built = kube.build_rayjob(kube.load_template(), "loomcfm-train-0a1b2c3d", "extends: digits\n",
-                              ["--dataset", INPUTS["dataset_uri"]], DEFAULT_IMAGE)
-    errors = crd_errors(built)
-    assert not errors, errors
-    head, _ = head_and_workers(built)
-    assert [e["value"] for e in head["env"] if e["name"] == "LOOMCFM_CONFIG_YAML"] == ["extends: digits\n"]
+    cfg = load_config_text("extends: digits\nstorage: {root: s3://loomcfm/loomcfm}\n")
+    for keep in ("false", "true"):
+        run_cfg = load_config_text(cfg.to_yaml(), [f"kube.keep_cluster={keep}"])
+        built = build_rayjob(load_template(), run_cfg, RunIdentity("s3://loomcfm/loomcfm/runs/digits-0a1b2c3d"),
+                             ["--dataset", INPUTS["dataset_uri"]])
+        errors = crd_errors(built)
+        assert not errors, errors
+        assert validate_rayjob(built) is None
+        head, _ = head_and_workers(built)
+        assert [e["value"] for e in head["env"] if e["name"] == "LOOMCFM_CONFIG_YAML"] == \
+            [cluster_config(run_cfg).to_yaml()]
 
 
 # ---- the MLflow server and MinIO as the manifests start them ------------------------------------------------

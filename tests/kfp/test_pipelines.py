@@ -16,6 +16,7 @@ from loomcfm_core.cli import main
 from loomcfm_core.config import ConfigError, load_config_text
 from loomcfm_core.pipeline_summary import read_summary_table
 from pipelines import runner
+from pipelines.common import CLUSTER_PARAMETERS, TRAIN_RETRIES
 
 TINY = ["train.max_steps=30", "reflow.max_steps=20", "reflow.num_pairs=256", "eval.num_samples=300",
         "eval.methods=[euler-1,euler-4]", "ray.cpus_per_worker=1", "model.attn_resolutions=[]"]
@@ -35,6 +36,40 @@ def test_compiled_packages_are_up_to_date(tmp_path):
     assert images == {IMAGE}
     assert "evaluate" in spec["root"]["dag"]["tasks"]["evaluate-2"]["dependentTasks"], \
         "the reflow evaluation records the summary with the base rows: it must wait for the base evaluation"
+
+
+def test_train_steps_name_their_rayjob_pass_the_cluster_shape_and_are_retried():
+    """Each train task gets the run id and its own task name as whole arguments (the KFP driver substitutes a
+    placeholder only when it is the entire value), every cluster parameter of the pipeline, and a retry policy."""
+    for path in runner.COMPILED.glob("*.yaml"):
+        spec, _ = yaml.safe_load_all(path.read_text())
+        root = spec["root"]["inputDefinitions"]["parameters"]
+        assert set(CLUSTER_PARAMETERS) <= set(root), path.name
+        trains = [t for t in spec["root"]["dag"]["tasks"].values() if t["componentRef"]["name"].startswith("comp-train")]
+        assert len(trains) == (2 if path.name == "loomcfm_pipeline.yaml" else 1)
+        for task in trains:
+            params = task["inputs"]["parameters"]
+            assert params["kfp_run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+            assert params["kfp_task"] == {"runtimeValue": {"constant": "{{$.pipeline_task_name}}"}}
+            assert all(params[name] == {"componentInputParameter": name} for name in CLUSTER_PARAMETERS)
+            assert task["retryPolicy"]["maxRetryCount"] == TRAIN_RETRIES >= 1
+            assert not task["cachingOptions"].get("enableCache"), "training has side effects: never cached"
+
+
+def test_the_train_component_turns_its_parameters_into_kube_settings():
+    from loomcfm_core.config import load_config_text
+    from loomcfm_core.kube.rayjob import cluster_config
+    from loomcfm_core.kube.settings import as_overrides
+
+    cfg = load_config_text("digits", as_overrides(namespace="team-a", keep_cluster=True, image="reg.corp/loomcfm:2",
+                                                  ray_workers=4, gpus_per_worker="2", worker_cpu="8",
+                                                  worker_memory="32Gi", gpu_node_selector=""))
+    assert (cfg.kube.namespace, cfg.kube.image, cfg.kube.gpu_node_selector, cfg.kube.worker_cpu) == \
+        ("team-a", "reg.corp/loomcfm:2", "", "8")
+    ray = cluster_config(cfg).ray
+    assert (ray.num_workers, ray.use_gpu, ray.cpus_per_worker) == (8, True, 4.0)
+    with pytest.raises(ConfigError, match=r"kube.ray_workers"):
+        load_config_text("digits", as_overrides(ray_workers=0))
 
 
 def test_bad_overrides_fail_before_anything_runs(tmp_path, capfd):

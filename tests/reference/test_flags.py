@@ -3,11 +3,13 @@ Araachie/loom-cfm @213f24f ``train.py``/``generate_pairs.py``/``evaluate.py:pars
 
 import json
 
+import pytest
 import torch
 
 from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
 from loomcfm_core.cli import build_parser, main, resolve_config
 from loomcfm_core.data.dataset import ShardedDataset
+from loomcfm_core.errors import UsageError
 from loomcfm_core.reference.flags import flag_overrides
 from tests.conftest import SMALL
 from tests.run_cli import TINY, run, sets, store_sets
@@ -24,6 +26,11 @@ def test_train_flags_become_config_values():
     assert (cfg.train.run_name, cfg.ray.num_workers, cfg.ray.use_gpu, cfg.train.seed) == ("r1", 4, True, 1543)
     plain = _config(["train"])
     assert (plain.train.run_name, plain.ray.num_workers, plain.ray.use_gpu, plain.train.seed) == (None, 1, False, 0)
+    # a RayJob's ray.* come from kube.*: the flag would be overwritten there, so it is refused, naming what to set
+    with pytest.raises(UsageError, match=r"--num-gpus .* --launcher rayjob\) takes from kube.ray_workers x "
+                       r"kube.gpus_per_worker"):
+        _config(["train", "--launcher", "rayjob", "--num-gpus", "4"])
+    assert _config(["train", "--launcher", "rayjob", "--run-name", "r1"]).train.run_name == "r1"
 
 
 def test_pairs_and_evaluate_flags(tmp_path):
@@ -33,7 +40,7 @@ def test_pairs_and_evaluate_flags(tmp_path):
     args = build_parser().parse_args(["evaluate", "--config", "digits", "--ckpt", "c.pt"])
     assert (args.config, args.ckpt) == ("digits", "c.pt")
     for command, flags in (("train", ["--run-name", "--num-gpus", "--resume-step", "--random-seed", "--wandb",
-                                      "--dataset", "--set", "--allow-change"]),
+                                      "--dataset", "--set", "--allow-change", "--launcher", "--wait"]),
                            ("pairs", ["--ckpt", "--output", "--num_images", "--method", "--batch_size", "--set"]),
                            ("evaluate", ["--config", "--ckpt", "--methods", "--dataset"])):
         text = build_parser()._subparsers._group_actions[0].choices[command].format_help()

@@ -99,7 +99,8 @@ def test_local_resources_are_checked_before_starting():
 
 def test_worker_configs_name_the_autoencoder_by_absolute_path(tmp_path, monkeypatch):
     """Generation workers (Ray tasks, other working directories) decode with the autoencoder, so its paths
-    travel absolute; the run keeps the name of the config as given (``stages`` reads results back by it)."""
+    travel absolute; the run keeps the name of the config as given (``stages`` reads results back by it):
+    ``identity.URI_KEYS`` names a run by the absolute form of these paths."""
     monkeypatch.chdir(tmp_path)
     cfg = latent_config(tmp_path, "weights/kl.safetensors", "model.autoencoder.config=weights/config.json")
     out = with_absolute_paths(cfg)
@@ -107,4 +108,4 @@ def test_worker_configs_name_the_autoencoder_by_absolute_path(tmp_path, monkeypa
     assert out.model.autoencoder.config == str(tmp_path / "weights" / "config.json")
     assert cfg.model.autoencoder.weights == "weights/kl.safetensors", "the caller's config is not changed"
     assert with_absolute_paths(load_config("digits")).model.autoencoder is None
-    assert run_uri_for(cfg, "d") != run_uri_for(out, "d"), "which is why run_on_ray names the run first"
+    assert run_uri_for(cfg, "d") == run_uri_for(out, "d"), "the run's name compares the paths absolute"

@@ -1,0 +1,114 @@
+"""The ``kube`` config section: where and how a training runs as a KubeRay RayJob.
+
+It holds the cluster shape (worker pods, GPUs, CPU, memory, GPU nodes), the RayJob's retry and deadline
+settings and what the launcher does when it ends or is stopped. The Ray Train settings a RayJob trains with
+(``ray.*``) are derived from the same shape (:func:`loomcfm_core.kube.rayjob.cluster_config`), so the worker
+group and the training never disagree. Quantities follow Kubernetes' ``resource.ParseQuantity``
+(k8s.io/apimachinery ``pkg/api/resource/quantity.go``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from loomcfm_core.errors import ConfigError
+
+ON_TERMINATE = ("delete", "leave")  # what a SIGTERM'd launcher does with its RayJob
+GPU_RESOURCE = "nvidia.com/gpu"
+
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")  # quantity.go splitREString
+_DECIMAL = {"": 0, "n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+_BINARY = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
+# Label keys and values (k8s.io/apimachinery pkg/util/validation: IsQualifiedName, IsValidLabelValue).
+_LABEL_NAME = r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]"
+_LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_LABEL_NAME}$")
+_LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
+
+
+def parse_quantity(text: str) -> Decimal:
+    """A Kubernetes quantity (``500m``, ``8``, ``32Gi``, ``1e3``) as a number; ConfigError when it is not one."""
+    match = _QUANTITY.match(text.strip())
+    if not match:
+        raise ConfigError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)")
+    number, suffix = match.groups()
+    try:
+        value = Decimal(number)
+    except InvalidOperation:
+        raise ConfigError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)") from None
+    if suffix in _BINARY:
+        return value * 2 ** _BINARY[suffix]
+    if suffix in _DECIMAL:
+        return value * Decimal(10) ** _DECIMAL[suffix]
+    if re.fullmatch(r"[eE][-+]?[0-9]+", suffix):
+        return value * Decimal(10) ** int(suffix[1:])
+    raise ConfigError(f"{text!r}: unknown quantity suffix {suffix!r} (binary Ki..Ei, decimal m, k..E)")
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """``key=value[,key=value]`` (a node selector) as a dict; ConfigError naming the bad pair."""
+    selector = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not _LABEL_KEY.match(key.strip()) or not _LABEL_VALUE.match(value.strip()):
+            raise ConfigError(f"{pair!r} is not a node label key=value pair")
+        selector[key.strip()] = value.strip()
+    return selector
+
+
+def as_overrides(**values: object) -> list[str]:
+    """``kube.<key>=<value>`` overrides (values as JSON, which the YAML of an override reads back exactly: an
+    empty string stays empty, ``"2"`` stays text) from keyword arguments, e.g. a pipeline's parameters; a
+    None leaves the config's value."""
+    return [f"kube.{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
+
+
+class KubeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    namespace: str = Field("loomcfm", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                           description="where the RayJob runs")
+    image: str | None = Field(None, description="image of the RayJob's pods; default: the package's image "
+                              "(LOOMCFM_IMAGE, else ghcr.io/loomcfm/loomcfm:<version>)")
+    ray_workers: int = Field(1, ge=1, description="worker pods of the Ray cluster")
+    gpus_per_worker: int = Field(0, ge=0, description=f"{GPU_RESOURCE} per worker pod; one Ray Train worker "
+                                 "per GPU (ray.num_workers = ray_workers x gpus_per_worker)")
+    worker_cpu: str = Field("4", description="CPU request and limit of a worker pod (quantity)")
+    worker_memory: str = Field("8Gi", description="memory request and limit of a worker pod (quantity)")
+    gpu_node_selector: str = Field("nvidia.com/gpu.present=true", description="key=value[,key=value]: the "
+                                   "nodes GPU workers may run on (empty: any); they also tolerate the "
+                                   f"{GPU_RESOURCE} taint")
+    backoff_limit: int = Field(2, ge=0, description="KubeRay retries of a failed attempt (each on a new "
+                               "cluster, resuming from the latest checkpoint)")
+    active_deadline_s: int = Field(86400, ge=1, description="KubeRay fails an attempt this long after it "
+                                   "started (per attempt; not retried)")
+    pre_running_deadline_s: int = Field(1800, ge=1, description="KubeRay fails (and retries) an attempt "
+                                        "that is not running this long after it started: no nodes, no GPUs")
+    on_terminate: Literal[ON_TERMINATE] = Field("delete", description="when the launcher gets SIGTERM (the "
+                                                "KFP run is terminated, its pod evicted): delete the RayJob, "
+                                                "or leave it for a retried step to adopt")
+    keep_cluster: bool = Field(False, description="keep a failed RayJob's head pod for post-mortem (workers "
+                                "go at once) and leave the RayJob in place")
+    keep_cluster_s: int = Field(86400, ge=0, description="with keep_cluster: how long the failed head stays")
+    poll_s: float = Field(10.0, gt=0, description="seconds between status reads")
+
+    @field_validator("worker_cpu", "worker_memory")
+    @classmethod
+    def _positive_quantity(cls, value: str) -> str:
+        if parse_quantity(value) <= 0:
+            raise ValueError(f"must be a positive quantity, got {value!r}")
+        return value.strip()
+
+    @field_validator("gpu_node_selector")
+    @classmethod
+    def _selector(cls, value: str) -> str:
+        parse_selector(value)
+        return value.strip()
+
+    @property
+    def attempts(self) -> int:
+        return self.backoff_limit + 1
