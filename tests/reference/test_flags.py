@@ -27,7 +27,7 @@ def test_train_flags_become_config_values():
     plain = _config(["train"])
     assert (plain.train.run_name, plain.ray.num_workers, plain.ray.use_gpu, plain.train.seed) == (None, 1, False, 0)
     # a RayJob's ray.* come from kube.*: the flag would be overwritten there, so it is refused, naming what to set
-    with pytest.raises(UsageError, match=r"--num-gpus .* --launcher rayjob\) takes from kube.ray_workers x "
+    with pytest.raises(UsageError, match=r"--num-gpus .*\(--launcher rayjob\) takes from kube.ray_workers x "
                        r"kube.gpus_per_worker"):
         _config(["train", "--launcher", "rayjob", "--num-gpus", "4"])
     assert _config(["train", "--launcher", "rayjob", "--run-name", "r1"]).train.run_name == "r1"
