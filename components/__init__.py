@@ -5,10 +5,11 @@ pip-installed at run time. Each takes the config as YAML text (a preset name, a 
 resolved YAML ``prepare`` emits) plus ``key=value`` overrides, validated exactly as the CLI validates them.
 """
 
+from components.ablation import ablation_arm, ablation_plan, ablation_report
 from components.cache import cache
 from components.evaluate import evaluate
 from components.pairs import pairs
 from components.prepare import prepare
 from components.train import train
 
-__all__ = ["cache", "evaluate", "pairs", "prepare", "train"]
+__all__ = ["ablation_arm", "ablation_plan", "ablation_report", "cache", "evaluate", "pairs", "prepare", "train"]

@@ -45,16 +45,46 @@ def latest_checkpoint(run_uri: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(state: dict, run_uri: str, step: int, keep: int) -> str:
-    """Upload ``state`` as the step's checkpoint, then delete all but the newest ``keep``."""
-    uri = join(checkpoint_dir(run_uri), f"step-{step:08d}.pt")
+def write_state(state: dict, uri: str) -> str:
+    """Upload ``state`` to ``uri`` atomically, in the form :func:`load_checkpoint` reads."""
     with tempfile.TemporaryDirectory(prefix="loomcfm-ckpt-") as tmp:
         path = Path(tmp) / "checkpoint.pt"
         torch.save({"format": FORMAT, **state}, path)
-        storage_for(uri).put(path, uri)
+        return storage_for(uri).put(path, uri)
+
+
+def save_checkpoint(state: dict, run_uri: str, step: int, keep: int) -> str:
+    """Upload ``state`` as the step's checkpoint, then delete all but the newest ``keep``."""
+    uri = write_state(state, join(checkpoint_dir(run_uri), f"step-{step:08d}.pt"))
     for _, old in list_checkpoints(run_uri)[:-keep]:
         storage_for(old).delete(old)
     return uri
+
+
+SET_ASIDE = "set-aside"
+
+
+def rewind(run_uri: str, step: int) -> list[str]:
+    """Make step ``step``'s checkpoint the run's latest (``-1``: keep the latest), so that the next training
+    resumes from it; later checkpoints are moved to ``<run_uri>/set-aside/`` rather than deleted, and their
+    new URIs returned. Without this, a run continued from an earlier step would later resume from the
+    abandoned, higher-numbered files."""
+    found = list_checkpoints(run_uri)
+    if step == -1:
+        return []
+    if step not in {s for s, _ in found}:
+        have = ", ".join(str(s) for s, _ in found) or "none"
+        raise CheckpointError(f"--resume-step {step}: {checkpoint_dir(run_uri)} has no checkpoint of step {step} "
+                              f"(steps: {have}; train.keep_checkpoints keeps only the newest)")
+    moved = []
+    with tempfile.TemporaryDirectory(prefix="loomcfm-ckpt-") as tmp:
+        for later, uri in found:
+            if later > step:
+                store, target = storage_for(uri), join(run_uri, SET_ASIDE, uri.rsplit("/", 1)[-1])
+                store.put(store.get(uri, Path(tmp) / "checkpoint.pt"), target)
+                store.delete(uri)
+                moved.append(target)
+    return moved
 
 
 # What torch.load raises for a file that is not a torch pickle (a PNG, a truncated download, text).

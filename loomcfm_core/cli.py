@@ -13,12 +13,14 @@ import threading
 from pathlib import Path
 
 from loomcfm_core import stages
+from loomcfm_core.ablation import read_comparison
 from loomcfm_core.config import Config, load_config, load_config_text, preset_names
 from loomcfm_core.errors import ConfigError, LoomcfmError, UriError, UsageError
 from loomcfm_core.feature_store import fetch_inception_weights
 from loomcfm_core.kube.rayjob import CONFIG_ENV
 from loomcfm_core.pipeline_summary import read_summary_table
 from loomcfm_core.processes import stop_on_signal, stopped_by
+from loomcfm_core.reference.flags import add_pairs_flags, add_train_flags, flag_notes, flag_overrides, positive
 from loomcfm_core.sampling import parse_method
 from loomcfm_core.storage import check_uri
 from loomcfm_core.tracking import tracking_uri
@@ -32,13 +34,6 @@ def _config_options() -> argparse.ArgumentParser:
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
     return common
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def resolve_config(ref: str | None, overrides: list[str]) -> Config:
@@ -72,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--launcher", choices=stages.LAUNCHERS, default="local",
                        help="local: Ray on this machine; rayjob: a KubeRay RayJob on the cluster of your kubeconfig, "
                        "shaped by the kube.* settings")
+    add_train_flags(train)
 
     evaluate = commands.add_parser("evaluate", parents=[stage], help="FID/FD vs NFE of a checkpoint")
     evaluate.add_argument("--ckpt", required=True, metavar="URI", help="checkpoint (ours or the reference's)")
@@ -82,15 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     pairs = commands.add_parser("pairs", parents=[stage], help="generate reflow (noise, sample) pairs")
     pairs.add_argument("--ckpt", required=True, metavar="URI", help="checkpoint to sample from")
+    add_pairs_flags(pairs)
 
     # The reference implementation's sample.py flags, kept so its users' commands work.
     sample = commands.add_parser("sample", parents=[common], help="write sampled PNGs and a grid")
     sample.add_argument("--ckpt", required=True, help="Path to the model checkpoint.")
     sample.add_argument("--output", required=True, help="Path to the output directory to write images to.")
-    sample.add_argument("--num_images", type=_positive, required=True, help="Number of images to generate.")
-    sample.add_argument("--nrows", type=_positive, default=8, help="nrows in make_grid.")
+    sample.add_argument("--num_images", type=positive, required=True, help="Number of images to generate.")
+    sample.add_argument("--nrows", type=positive, default=8, help="nrows in make_grid.")
     sample.add_argument("--method", required=True, help="Generation method of format solver-steps.")
-    sample.add_argument("--batch_size", type=_positive, default=None, help="Batch size (default: sample.batch_size).")
+    sample.add_argument("--batch_size", type=positive, default=None, help="Batch size (default: sample.batch_size).")
 
     commands.add_parser("run", parents=[common], help="the whole pipeline: cache, train, evaluate, pairs, "
                         "reflow train, evaluate")
@@ -99,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
     pipeline_commands.add_parser("compile", help="write pipelines/compiled/*.yaml (the files to upload in the KFP UI)")
     run_opts = argparse.ArgumentParser(add_help=False, parents=[common])
-    run_opts.add_argument("--pipeline", choices=["full", "reflow"], default="full")
+    run_opts.add_argument("--pipeline", choices=["full", "reflow", "ablation"], default="full")
     run_opts.add_argument("--checkpoint", default=None, metavar="URI", help="the reflow pipeline's starting checkpoint")
     run_opts.add_argument("--launcher", choices=stages.LAUNCHERS, default="local",
                           help="train in the step (local Ray) or as a KubeRay RayJob")
@@ -155,18 +152,21 @@ def run(args: argparse.Namespace) -> int:
         digest = fetch_inception_weights(args.to)
         print(f"{args.to}\nsha256 {digest}\nset eval.inception_weights={args.to} (the .sha256 beside it is checked)")
         return 0
-    cfg = resolve_config(args.config, args.overrides)
+    cfg = resolve_config(args.config, args.overrides + flag_overrides(args))
+    for note in flag_notes(args, tracking_uri(cfg)):
+        print(note, file=sys.stderr)
     if args.command == "config":
         print(cfg.to_yaml(), end="")
         return 0
     if args.command == "cache":
         result = stages.cache(cfg, args.parent_run_id)
     elif args.command == "train":
-        result = stages.launch_train(cfg, args.dataset, args.parent_run_id, launcher=args.launcher, wait=args.wait)
+        result = stages.launch_train(cfg, args.dataset, args.parent_run_id, launcher=args.launcher, wait=args.wait,
+                                     resume_step=args.resume_step)
     elif args.command == "evaluate":
         result = stages.evaluate(cfg, args.ckpt, args.dataset, args.methods, args.parent_run_id)
     elif args.command == "pairs":
-        result = stages.pairs(cfg, args.ckpt, args.parent_run_id)
+        result = stages.pairs(cfg, args.ckpt, args.parent_run_id, output=args.output)
     elif args.command == "sample":
         parse_method(args.method)
         result = stages.sample(cfg, args.ckpt, args.output, args.num_images, args.method,
@@ -194,7 +194,8 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
         parent_run_id = runner.run_local(args.pipeline, pipeline_args, str(Path(args.pipeline_root).resolve()),
                                          args.cache)
         cfg = load_config_text(pipeline_args["config_yaml"], args.overrides)
-        print(f"\n{read_summary_table(cfg, parent_run_id)}\n\npipeline {args.pipeline} finished; step outputs under "
+        read_table = read_comparison if args.pipeline == "ablation" else read_summary_table
+        print(f"\n{read_table(cfg, parent_run_id)}\n\npipeline {args.pipeline} finished; step outputs under "
               f"{args.pipeline_root}/\nBrowse the runs (parent run {parent_run_id}):\n"
               f"  {mlflow_ui_command(tracking_uri(cfg))}")
     else:

@@ -45,6 +45,7 @@ from loomcfm_core.noise import noise_from_seeds, random_seeds
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # all ranks' tensors concatenated in rank order
 Broadcast = Callable[[torch.Tensor], torch.Tensor]  # rank 0's tensor, on every rank
+NoiseReader = Callable[[torch.Tensor], torch.Tensor]  # dataset indices -> their stored noise (CPU)
 SEED_KINDS = ("independent", "minibatch_ot", "fixed", "loom")  # the kinds SeedCoupling implements
 KINDS = (*SEED_KINDS, "pairs")  # coupling.kind
 COSTS = ("l2", "sqeuclidean")  # coupling.cost: the distance, or its square
@@ -81,15 +82,22 @@ class Coupling:
 
 
 class PairsCoupling(Coupling):
-    """Reflow: the dataset fixes each target's noise (stored as its seed); nothing is reassigned."""
+    """Reflow: the dataset fixes each target's noise — stored as its seed (our pairs) or as the noise array
+    itself (the reference's pairs, read by ``stored``) — and nothing is reassigned."""
 
     kind = "pairs"
 
-    def __init__(self, seeds: torch.Tensor, shape: tuple[int, ...], cost: str = "l2") -> None:
-        self.seeds, self.shape, self.cost = seeds, tuple(shape), cost
+    def __init__(self, seeds: torch.Tensor | None, shape: tuple[int, ...], cost: str = "l2",
+                 stored: NoiseReader | None = None) -> None:
+        if (seeds is None) == (stored is None):
+            raise UsageError("the pairs coupling takes either the pairs' noise seeds or their stored noise")
+        self.seeds, self.stored, self.shape, self.cost = seeds, stored, tuple(shape), cost
 
     def couple(self, x1, index, gather=None, broadcast=None):
-        x0 = noise_from_seeds(self.seeds[index.cpu()], self.shape, x1.device, x1.dtype)
+        if self.stored is not None:
+            x0 = self.stored(index.cpu()).to(x1.device, x1.dtype)
+        else:
+            x0 = noise_from_seeds(self.seeds[index.cpu()], self.shape, x1.device, x1.dtype)
         return x0, diagonal_stats(x1, x0, self.cost)
 
 
@@ -232,10 +240,12 @@ class SeedCoupling(Coupling):
         return Assigned(new, CouplingStats(total_sums[0].item(), total_sums[1].item(),
                                            int(everything[:, -1].sum())))
 
-    def total_cost(self, data: torch.Tensor) -> torch.Tensor:
-        """Sum over the table of cost(x_i, noise(seed)) for every point and slot; ``data[i]`` is point i."""
-        return sum(pair_costs(data, noise_from_seeds(self.table[:, slot], self.shape), self.cost).sum()
-                   for slot in range(self.table.shape[1]))
+    def total_cost(self, data: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum over the table of cost(x_i, noise(seed)) for every slot of the points ``index`` (default: all
+        points, ``data[i]`` being point i); summing over chunks of points gives the whole table's cost."""
+        rows = self.table if index is None else self.table[index.cpu()]
+        return sum(pair_costs(data, noise_from_seeds(rows[:, slot], self.shape, data.device), self.cost).sum()
+                   for slot in range(rows.shape[1]))
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "table": self.table, "generator": self.generator.get_state()}
@@ -252,14 +262,14 @@ class SeedCoupling(Coupling):
 
 def make_coupling(kind: str, num_points: int, num_seeds: int, shape: tuple[int, ...], cost: str = "l2",
                   seed: int = 0, rank: int = 0, world_size: int = 1, pair_seeds: torch.Tensor | None = None,
-                  max_problem: int | None = None, solver: str = "lapjv",
-                  device: torch.device | str | None = None) -> Coupling:
+                  max_problem: int | None = None, solver: str = "lapjv", device: torch.device | str | None = None,
+                  pair_noise: NoiseReader | None = None) -> Coupling:
     if kind == "pairs":
-        if pair_seeds is None:
-            raise UsageError("coupling.kind=pairs needs a dataset of (noise seed, target) pairs: point data.uri "
-                             "at the output of `loomcfm pairs`")
-        return PairsCoupling(pair_seeds, shape, cost)
-    if pair_seeds is not None:
+        if pair_seeds is None and pair_noise is None:
+            raise UsageError("coupling.kind=pairs needs a dataset of (noise, target) pairs: point data.uri "
+                             "at the output of `loomcfm pairs`, or at reference pairs cached with a pairs: source")
+        return PairsCoupling(pair_seeds, shape, cost, stored=pair_noise)
+    if pair_seeds is not None or pair_noise is not None:
         raise UsageError(f"the dataset holds reflow pairs; train it with coupling.kind=pairs, not {kind!r}")
     return SeedCoupling(kind, num_points, num_seeds, shape, cost, seed, rank, world_size, max_problem, solver,
                         device)

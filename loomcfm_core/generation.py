@@ -24,6 +24,7 @@ import torch
 
 from loomcfm_core.config import Config, load_config_text
 from loomcfm_core.data.cache import ShardWriter
+from loomcfm_core.data.pairs import store_targets
 from loomcfm_core.metrics import feature_network
 from loomcfm_core.models.loading import default_device, load_flow
 from loomcfm_core.sampling import generate
@@ -61,6 +62,12 @@ def _batches(seeds: torch.Tensor, batch_size: int):
 
 # ---- pairs -----------------------------------------------------------------------------------------------
 
+def pair_target_dtype(cfg: Config) -> str:
+    """How pair targets are stored: ``reflow.target_dtype`` for pixels; a latent model's targets are latents,
+    not pixels, and stay float32."""
+    return "float32" if cfg.model.autoencoder is not None else cfg.reflow.target_dtype
+
+
 def _pairs_part(config_yaml: str, checkpoint_uri: str, uri: str, seeds: torch.Tensor, part: int,
                 device: str | None) -> tuple[list[dict], list[float], dict | None]:
     """One worker's pairs: sampled in the global batches, written as ``train/part-<part>-shard-*.h5``; a latent
@@ -80,7 +87,7 @@ def _pairs_part(config_yaml: str, checkpoint_uri: str, uri: str, seeds: torch.Te
             samples = generate(flow.model, cfg.flow_shape, cfg.reflow.method, chunk, len(chunk), device,
                                desc=f"pairs part {part}")
             nfes.append(samples.nfe)
-            writer.write({"target": samples.images.numpy().astype(np.float32), "seeds": chunk.numpy()})
+            writer.write({"target": store_targets(samples.images, pair_target_dtype(cfg)), "seeds": chunk.numpy()})
         return writer.close(), nfes, flow.latent_space.to_dict() if flow.latent_space else None
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import mlflow
 import torch
 
-from loomcfm_core import kfp_env, reflow, tracking
+from loomcfm_core import ablation, kfp_env, reflow, tracking
+from loomcfm_core.ablation import ArmResult
 from loomcfm_core.checkpoint import checkpoint_sha256
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset
@@ -33,7 +34,7 @@ from loomcfm_core.pipeline_summary import base_rows, record_summary, summary_tab
 from loomcfm_core.results import CacheResult, EvalResult, PairsResult, RunResult, SampleResult, TrainResult
 from loomcfm_core.sampling import check_method, generate, sample_seeds, save_grid
 from loomcfm_core.storage import is_remote, join, storage_for
-from loomcfm_core.training.launch import run_on_ray
+from loomcfm_core.training.launch import rewind_run, run_on_ray
 from loomcfm_core.training.loop import run_uri_for
 
 LAUNCHERS = ("local", "rayjob")
@@ -56,7 +57,8 @@ def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
     with stage_run(cfg, "cache", parent_run_id):
         cached = cache_dataset(cfg)
         splits = cached.manifest["splits"]
-        result = CacheResult(cached.uri, cached.created, splits["train"]["count"], splits["val"]["count"])
+        result = CacheResult(cached.uri, cached.created, splits["train"]["count"],
+                             splits.get("val", {}).get("count", 0))
         if feature_network_kind(cfg) == "classifier":
             if not storage_for(cached.uri).exists(classifier_uri(cached.uri)):
                 result.classifier_val_accuracy = train_dataset_classifier(cached.uri, cfg.data.local_cache,
@@ -87,17 +89,19 @@ def image_dataset_uri(cfg: Config, parent_run_id: str | None = None) -> str:
 
 
 def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None,
-          wait: bool = False) -> TrainResult:
+          wait: bool = False, resume_step: int | None = None) -> TrainResult:
     """Train on Ray Train (resuming a rerun) and register the EMA model under the alias ``base`` or ``reflow``
     (MLflow reserves ``latest``). The run's ``result.json`` (written by training) gets the registration
     beside it, so a launcher in another process reads the same result back.
 
     Args:
         wait: when another training holds the run folder's lease, wait for it instead of failing.
+        resume_step: resume from this step's checkpoint, setting later ones aside (-1: the latest; the
+            reference's ``--resume-step``).
     """
     check_buildable(cfg)  # before a dataset is cached for a network that cannot exist
     dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id).dataset_uri
-    summary = run_on_ray(cfg, dataset_uri, parent_run_id, wait=wait)
+    summary = run_on_ray(cfg, dataset_uri, parent_run_id, wait=wait, resume_step=resume_step)
     model = load_model(cfg, summary.checkpoint_uri, torch.device("cpu"))
     alias = "reflow" if cfg.coupling.kind == "pairs" else "base"
     version = tracking.register_model(cfg, summary.mlflow_run_id, model, alias, summary.checkpoint_uri,
@@ -109,7 +113,7 @@ def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None
 
 def launch_train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None,
                  launcher: str = "local", pairs_uri: str = "", init_from: str = "", kfp_run_id: str = "",
-                 kfp_task: str = "", wait: bool = False) -> TrainResult:
+                 kfp_task: str = "", wait: bool = False, resume_step: int | None = None) -> TrainResult:
     """The train (or, given ``pairs_uri``, reflow-train) stage, in-process on Ray or as a KubeRay RayJob
     shaped and run by the config's ``kube`` section.
 
@@ -117,7 +121,8 @@ def launch_train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str
     another pipeline. ``kfp_run_id`` and ``kfp_task`` name a pipeline step's RayJob (a retried step finds
     it again); without them the run folder does. ``wait``: a local training waits for another one holding
     the run folder's lease instead of failing (a RayJob's entrypoint always waits: its retry follows a failed
-    attempt whose lease has to expire first).
+    attempt whose lease has to expire first). ``resume_step``: resume from that step's checkpoint, setting
+    later ones aside (the reference's ``--resume-step``); for a RayJob this happens here, before it starts.
     """
     if launcher not in LAUNCHERS:
         raise UsageError(f"launcher must be one of {', '.join(map(repr, LAUNCHERS))}, got {launcher!r}")
@@ -129,8 +134,10 @@ def launch_train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str
     if pairs_uri:
         cfg, dataset_uri = reflow.reflow_config(cfg, pairs_uri, init_from), pairs_uri
     if launcher == "local":
-        return train(cfg, dataset_uri, parent_run_id, wait=wait)
+        return train(cfg, dataset_uri, parent_run_id, wait=wait, resume_step=resume_step)
     dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id).dataset_uri
+    if resume_step is not None:
+        rewind_run(cfg, dataset_uri, resume_step, wait=wait)
     return train_on_kubernetes(cfg, dataset_uri, parent_run_id, RunIdentity(run_uri_for(cfg, dataset_uri),
                                                                             kfp_run_id, kfp_task))
 
@@ -174,16 +181,20 @@ def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, m
             for path in evaluation.files:
                 mlflow.log_artifact(str(path), "eval")
         mlflow.set_tag("loomcfm.eval_uri", evaluation.output_uri)
+    tracking.describe_checkpoint(cfg, checkpoint_uri, f"{evaluation.metric} vs NFE of {checkpoint_uri}:\n\n"
+                                 f"{evaluation.table()}")
     print(evaluation.table())
     if label == EVALUATE_REFLOW and parent_run_id:  # the last stage of both pipelines
         record_summary(cfg, parent_run_id, evaluation.metric, base_rows(cfg, parent_run_id), evaluation.rows)
     return EvalResult(evaluation.metric, evaluation.output_uri, checkpoint_uri, evaluation.rows, evaluation.table())
 
 
-def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None) -> PairsResult:
-    """Generate reflow (noise seed, sample) pairs from a checkpoint with ``reflow.method``."""
+def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None,
+          output: str | None = None) -> PairsResult:
+    """Generate reflow (noise seed, sample) pairs from a checkpoint with ``reflow.method``, into ``output``
+    (default: the content-addressed URI under the storage root)."""
     with stage_run(cfg, "pairs", parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
-        uri, manifest = reflow.generate_pairs(cfg, checkpoint_uri)
+        uri, manifest = reflow.generate_pairs(cfg, checkpoint_uri, output=output)
         tracking.log_latent_space(manifest.get("latent_space"))
         count = manifest["splits"]["train"]["count"]
         mlflow.set_tag("loomcfm.pairs_uri", uri)
@@ -212,6 +223,26 @@ def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, metho
         save_grid(images, grid, nrow=nrows)
         store.put(grid, join(output, "grid.png"))
     return SampleResult(output, num_images, method, samples.nfe, join(output, "grid.png"))
+
+
+def ablation_arm(cfg: Config, arm: str, dataset_uri: str, parent_run_id: str | None = None) -> ArmResult:
+    """One arm of the coupling ablation (:mod:`loomcfm_core.ablation`): train the config with the arm's
+    coupling and evaluate it at ``eval.methods``, under a child run ``ablation_<arm>`` of the parent."""
+    arm_cfg = ablation.arm_config(cfg, arm)
+    with stage_run(arm_cfg, f"ablation_{arm}", parent_run_id, tags={tracking.STAGE_TAG: "ablation",
+                                                                   "loomcfm.ablation_arm": arm}) as run:
+        trained = train(arm_cfg, dataset_uri, run.info.run_id)
+        scored = evaluate(arm_cfg, trained.checkpoint_uri, dataset_uri, parent_run_id=run.info.run_id)
+        for row in scored.rows:
+            mlflow.log_metrics({f"{scored.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe})
+    return ArmResult(arm, scored.metric, trained.checkpoint_uri, scored.rows)
+
+
+def ablation_report(cfg: Config, parent_run_id: str, arms: list[ArmResult], workdir: Path) -> dict[str, Path]:
+    """The comparison of the arms (plot, Markdown and HTML table) into ``workdir`` and onto the parent run."""
+    files = ablation.record_comparison(cfg, parent_run_id, arms, workdir)
+    print(files["ablation.md"].read_text())
+    return files
 
 
 def start_pipeline_run(cfg: Config) -> str:

@@ -20,7 +20,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
-import mlflow.pytorch
 import requests
 import torch
 from mlflow.entities import LifecycleStage
@@ -32,6 +31,7 @@ from loomcfm_core.errors import TrackingError, TrackingUnavailable
 from loomcfm_core.models.autoencoder import LatentSpace
 from loomcfm_core.processes import stopped_by
 from loomcfm_core.run_status import FAILED, KILLED, alive, end_as, holder_tags, reap_dead_runs
+from loomcfm_core.serving import log_generator
 
 STAGE_TAG = "loomcfm.stage"
 KFP_RUN_TAG = "kfp.run_id"  # on a pipeline's parent run: the KFP run it belongs to
@@ -266,8 +266,9 @@ def register_model(cfg: Config, run_id: str, model: torch.nn.Module, alias: str,
 
     A checkpoint is registered once: its version is tagged with the checkpoint's URI and sha256, and a
     rerun of a finished training (same checkpoint, same bytes) gets that version back, with the alias
-    moved to it, instead of a new one. Pickle serialisation with explicit requirements: MLflow's default
-    ``pt2`` export needs an input example and takes seconds for what is a plain ``state_dict`` round trip.
+    moved to it, instead of a new one. The model is the pyfunc generator of :mod:`loomcfm_core.serving`
+    (images out, not the bare velocity network); evaluation writes its FD-vs-NFE table into the version's
+    description (:func:`describe_checkpoint`).
     """
     name = f"loomcfm-{cfg.name}"
     uri = tracking_uri(cfg)
@@ -280,11 +281,21 @@ def register_model(cfg: Config, run_id: str, model: torch.nn.Module, alias: str,
         log.info("%s is registered already as %s version %s", checkpoint_uri, name, version)
     else:
         with mlflow.start_run(run_id=run_id, nested=True):
-            info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", registered_model_name=name,
-                                            serialization_format="pickle",
-                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "loomcfm"])
+            info = log_generator(cfg, model.cpu().eval(), name)
         version = str(info.registered_model_version)
         client.set_model_version_tag(name, version, CHECKPOINT_TAG, checkpoint_uri)
         client.set_model_version_tag(name, version, CHECKPOINT_SHA_TAG, checkpoint_sha256)
     client.set_registered_model_alias(name, alias, version)
     return version
+
+
+def describe_checkpoint(cfg: Config, checkpoint_uri: str, text: str) -> list[str]:
+    """Make ``text`` (an evaluation's table) the description of every registered version of this checkpoint;
+    returns those versions (none when the checkpoint was never registered, e.g. evaluated before training ended)."""
+    name = f"loomcfm-{cfg.name}"
+    client = MlflowClient(tracking_uri(cfg))
+    versions = [str(v.version) for v in client.search_model_versions(f"name = '{name}'")
+                if v.tags.get(CHECKPOINT_TAG) == checkpoint_uri]
+    for version in versions:
+        client.update_model_version(name, version, description=text)
+    return versions

@@ -44,7 +44,8 @@ SHM_SIZE = "2Gi"
 GPU_TOLERATIONS = [GPU_TOLERATION]
 DISPLAY = {"prepare": "validate config", "cache": "cache dataset", "train": "train (LOOM)",
            "evaluate": "evaluate", "pairs": "reflow pairs", "reflow": "train (reflow)",
-           "evaluate_reflow": "evaluate (reflow)"}
+           "evaluate_reflow": "evaluate (reflow)", "ablation_plan": "plan ablation arms",
+           "ablation_arm": "train + evaluate (one coupling)", "ablation_report": "compare couplings"}
 
 
 # What each pipeline parameter means: the descriptions the KFP UI shows (the compiler reads them from the

@@ -12,11 +12,16 @@ from kfp import compiler
 from loomcfm_core.config import config_text, load_config_text
 from loomcfm_core.errors import UsageError
 from loomcfm_core.kfp_env import RUN_ID_ENV
+from pipelines import ablation_pipeline as ablation
 from pipelines.loomcfm_pipeline import loomcfm_pipeline
 from pipelines.reflow_pipeline import reflow_pipeline
 
 COMPILED = Path(__file__).resolve().parent / "compiled"
-PIPELINES = {"full": (loomcfm_pipeline, "loomcfm_pipeline.yaml"), "reflow": (reflow_pipeline, "reflow_pipeline.yaml")}
+PIPELINES = {"full": (loomcfm_pipeline, "loomcfm_pipeline.yaml"), "reflow": (reflow_pipeline, "reflow_pipeline.yaml"),
+             "ablation": (ablation.ablation_pipeline, "ablation_pipeline.yaml")}
+# kfp.local on one machine: the ablation's arms one after another (five local Ray clusters at once would only
+# fight over its cores); the compiled package runs them in parallel.
+LOCAL = {"ablation": ablation.build(parallelism=1)}
 
 
 def compile_all(out_dir: Path = COMPILED) -> list[Path]:
@@ -35,7 +40,9 @@ def arguments(pipeline: str, config: str | None, overrides: list[str], checkpoin
         raise UsageError(f"--pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
     config_yaml = config_text(config)
     load_config_text(config_yaml, overrides)  # the validation the pipeline's prepare step repeats
-    args = {"config_yaml": config_yaml, "overrides": list(overrides), "launcher": launcher}
+    args = {"config_yaml": config_yaml, "overrides": list(overrides)}
+    if pipeline != "ablation":  # the ablation's arms train in their step
+        args["launcher"] = launcher
     if pipeline == "reflow":
         if not checkpoint:
             raise UsageError("the reflow pipeline needs --checkpoint URI (a trained model's checkpoint)")
@@ -56,7 +63,7 @@ def run_local(pipeline: str, args: dict, pipeline_root: str, caching: bool = Fal
     from kfp import local
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root, enable_caching=caching)
-    func, _ = PIPELINES[pipeline]
+    func = LOCAL.get(pipeline, PIPELINES[pipeline][0])
     previous = os.environ.get(RUN_ID_ENV)
     os.environ[RUN_ID_ENV] = f"local-{uuid.uuid4()}"
     before = set(Path(pipeline_root).glob("*/prepare/executor_output.json"))

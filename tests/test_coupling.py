@@ -276,6 +276,17 @@ def test_pairs_coupling_uses_the_dataset_noise():
         make_coupling("loom", 4, 1, (1, 2, 2), pair_seeds=seeds)
 
 
+def test_pairs_coupling_serves_stored_noise_as_given():
+    stored = torch.randn(4, 1, 2, 2)
+    x1 = torch.randn(2, 1, 2, 2)
+    out, st_ = make_coupling("pairs", 4, 1, (1, 2, 2), pair_noise=lambda index: stored[index]).couple(
+        x1, torch.tensor([3, 1]))
+    assert torch.equal(out, stored[[3, 1]]) and st_.swaps == 0
+    assert st_.cost_before == pytest.approx((x1 - stored[[3, 1]]).flatten(1).norm(dim=1).mean().item())
+    with pytest.raises(ValueError, match="coupling.kind=pairs"):
+        make_coupling("independent", 4, 1, (1, 2, 2), pair_noise=lambda index: stored[index])
+
+
 # ---- noise from seeds ------------------------------------------------------------------------------------
 
 def test_same_seed_same_noise_and_batch_independent():

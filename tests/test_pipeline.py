@@ -93,6 +93,9 @@ def test_mlflow_holds_parent_stages_metrics_pictures_and_models(pipeline):
               if r.data.tags["loomcfm.stage"].startswith("train")}
     assert client.get_model_version_by_alias("loomcfm-digits", "base").run_id == trains["loom"]
     assert client.get_model_version_by_alias("loomcfm-digits", "reflow").run_id == trains["pairs"]
+    for alias in ("base", "reflow"):  # the evaluation's FD-vs-NFE table is the registered version's description
+        description = client.get_model_version_by_alias("loomcfm-digits", alias).description
+        assert "| method | NFE | fd_digits | seconds |" in description and "| euler-8 | 8.0 |" in description
 
 
 def _fd_of(images, network, reference):

@@ -2,6 +2,7 @@
 
 import logging
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -42,7 +43,8 @@ def test_pairs_uri_is_content_addressed(tmp_path):
 
 def test_generated_pairs_are_the_models_samples_from_their_seeds(tmp_path, caplog):
     cfg = load_config("digits", [*SMALL, f"storage.root={tmp_path}/store", "reflow.num_pairs=20",
-                                 "reflow.method=euler-2", "sample.batch_size=8", "data.shard_size=16"])
+                                 "reflow.method=euler-2", "sample.batch_size=8", "data.shard_size=16",
+                                 "reflow.target_dtype=float32"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     for p in model.out.parameters():  # a network that does not output zeros everywhere
@@ -51,6 +53,7 @@ def test_generated_pairs_are_the_models_samples_from_their_seeds(tmp_path, caplo
     uri, manifest = generate_pairs(cfg, ckpt, device=torch.device("cpu"))
     assert uri == pairs_uri_for(cfg, ckpt)[0]
     assert manifest["kind"] == "pairs" and manifest["method"] == "euler-2"
+    assert manifest["target_dtype"] == "float32" and manifest["arrays"]["target"] == "float32"
     assert manifest["splits"]["train"]["count"] == 20 and len(manifest["splits"]["train"]["shards"]) == 2
     pairs = ShardedDataset(uri)
     seeds = sample_seeds(20, offset=PAIR_SEED_OFFSET)
@@ -73,3 +76,43 @@ def test_reflow_pairs_refuse_flips(tmp_path):
     uri, _ = generate_pairs(cfg, ckpt, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="holds reflow pairs, whose noise is fixed per target: set data.hflip=false"):
         ShardedDataset(uri, hflip=True)
+
+
+def _spread_model(cfg):
+    """A network whose one-step samples overshoot [-1, 1], so clamping and rounding both matter."""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    for p in model.out.parameters():
+        torch.nn.init.normal_(p, std=1.0)
+    return model
+
+
+def test_uint8_targets_are_the_clamped_rounded_samples_at_a_quarter_of_the_size(tmp_path):
+    overrides = [*SMALL, f"storage.root={tmp_path}/store", "reflow.num_pairs=12", "reflow.method=euler-1",
+                 "sample.batch_size=12"]
+    cfg = load_config("digits", overrides)
+    assert cfg.reflow.target_dtype == "uint8", "the default"
+    model = _spread_model(cfg)
+    ckpt = save_checkpoint({"ema": model.state_dict()}, f"{tmp_path}/store/runs/r", step=1, keep=1)
+    uri, manifest = generate_pairs(cfg, ckpt, device=torch.device("cpu"))
+    assert manifest["target_dtype"] == "uint8" and manifest["arrays"]["target"] == "uint8"
+    wide_uri, _ = generate_pairs(load_config("digits", [*overrides, "reflow.target_dtype=float32"]), ckpt,
+                                 device=torch.device("cpu"))
+    assert wide_uri != uri, "the target dtype is part of the pairs' identity"
+
+    pairs, wide = ShardedDataset(uri), ShardedDataset(wide_uri)
+    with h5py.File(pairs.paths[0], "r") as fh, h5py.File(wide.paths[0], "r") as wide_fh:
+        stored, raw = fh["target"], wide_fh["target"][:]
+        assert stored.dtype == np.uint8 and wide_fh["target"].dtype == np.float32
+        per_pair = stored.dtype.itemsize * int(np.prod(stored.shape[1:]))
+        assert per_pair == 64 and wide_fh["target"].dtype.itemsize * int(np.prod(stored.shape[1:])) == 4 * per_pair
+        levels = stored[:]
+    sample = generate(model, cfg.data.shape, "euler-1", pairs.pair_seeds, 12, "cpu").images
+    assert sample.min() < -1 and sample.max() > 1, "the test samples reach outside [-1, 1]"
+    expected = np.round((np.clip(sample.numpy(), -1, 1) + 1) * 127.5).astype(np.uint8)
+    np.testing.assert_array_equal(levels, expected)
+    served = torch.stack([pairs[i][0] for i in range(len(pairs))])
+    assert torch.equal(served, torch.from_numpy(expected).float() / 127.5 - 1)
+    truncated = np.floor((np.clip(raw, -1, 1) + 1) * 127.5)
+    assert (truncated != levels).any() and np.abs(truncated - levels).max() <= 1, \
+        "rounding, not the reference's truncation, differs by at most one level"

@@ -19,6 +19,7 @@ from loomcfm_core.config.env import expand_env
 from loomcfm_core.config.schema import Config
 from loomcfm_core.config.tree import deep_merge, read_yaml, schema_keys
 from loomcfm_core.errors import ConfigError, did_you_mean
+from loomcfm_core.reference.config import is_reference_config, translate
 
 PRESETS_PACKAGE = "loomcfm_core.presets"
 DEFAULT_PRESET = "digits"
@@ -27,6 +28,13 @@ DEFAULT_PRESET = "digits"
 def preset_names() -> list[str]:
     files = resources.files(PRESETS_PACKAGE).iterdir()
     return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    """:func:`~loomcfm_core.config.tree.read_yaml`, with a reference implementation config translated into
+    ours (:mod:`loomcfm_core.reference.config`, which logs the translation and the keys it could not map)."""
+    tree = read_yaml(text, origin)
+    return translate(tree, origin).tree if is_reference_config(tree) else tree
 
 
 def config_text(ref: str | None = None) -> str:
@@ -50,7 +58,7 @@ def _load_tree(ref: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         text = resources.files(PRESETS_PACKAGE).joinpath(f"{ref}.yaml").read_text()
     else:
         text = config_text(ref)  # a file, or the error that lists the presets
-    return _resolve_extends(read_yaml(text, ref), ref, seen + (ref,))
+    return _resolve_extends(_read_yaml(text, ref), ref, seen + (ref,))
 
 
 def _resolve_extends(tree: dict[str, Any], origin: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -140,5 +148,5 @@ def load_config_text(text: str, overrides: list[str] | None = None, origin: str 
     stripped = text.strip()
     if stripped in preset_names():
         return load_config(stripped, overrides)
-    tree = _resolve_extends(read_yaml(text, origin), origin)
+    tree = _resolve_extends(_read_yaml(text, origin), origin)
     return validate(apply_overrides(tree, overrides or []), origin)

@@ -16,6 +16,7 @@ from loomcfm_core.coupling import COSTS, KINDS
 from loomcfm_core.config.tree import Section as _Section
 from loomcfm_core.config.tree import flatten
 from loomcfm_core.coupling_solve import SOLVERS
+from loomcfm_core.data.pairs import TARGET_DTYPES
 from loomcfm_core.data.sources import check_source, source_forms
 from loomcfm_core.errors import did_you_mean
 from loomcfm_core.identity import SCHEDULE_KEYS
@@ -115,6 +116,16 @@ class CouplingConfig(_Section):
     solver: Literal[SOLVERS] = Field("lapjv", description="exact assignment solver")
     pipelined: bool = Field(True, description="solve the next batch's assignment on a host thread while this "
                             "batch trains (same result as without)")
+    converge_epochs: int = Field(0, ge=0, description="loom: passes of reassignment over the data with no "
+                                 "network before training (the paper's 'train after convergence'; the "
+                                 "reference's training.train_after)")
+
+    @model_validator(mode="after")
+    def _converge_needs_loom(self) -> CouplingConfig:
+        if self.converge_epochs and self.kind != "loom":
+            raise ValueError(f"coupling.converge_epochs={self.converge_epochs} needs coupling.kind=loom (the only "
+                             f"kind that keeps its reassignments), got {self.kind!r}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -191,6 +202,9 @@ class ReflowConfig(_Section):
     warmup_steps: int = Field(100, ge=0)
     epochs: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop reflow training after this many steps")
+    target_dtype: Literal[TARGET_DTYPES] = Field("uint8", description="how generated targets are stored: uint8 "
+                                                 "(clamped to [-1, 1], rounded, like cached images; the reference "
+                                                 "truncates) or float32 (as generated, 4x the size)")
 
 
 class StorageConfig(_Section):

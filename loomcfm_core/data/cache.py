@@ -3,7 +3,7 @@
 Layout under ``<storage.root>/datasets/<name>-<hash>/``::
 
     train/shard-00000.h5 ...   images uint8 [n,C,H,W] (one chunk per image), labels int64 [n]
-    val/shard-00000.h5 ...
+    val/shard-00000.h5 ...     (reflow pairs: train/ only, target [n,C,H,W] and seeds [n] or noise [n,C,H,W])
     manifest.json              written last: counts, shape, source, config hash, sha256 and size per shard
 
 The manifest is the commit marker: a dataset without one is incomplete and is rebuilt, and a dataset whose
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from loomcfm_core.checksums import sha256_file
 from loomcfm_core.config import Config, DataConfig
 from loomcfm_core.data.manifest import MANIFEST, read_manifest, verify_shards
-from loomcfm_core.data.sources import SPLITS, Source, open_source
+from loomcfm_core.data.sources import Source, open_source
 from loomcfm_core.errors import StorageError
 from loomcfm_core.storage import absolute, join, storage_for
 
@@ -182,10 +182,12 @@ def cache_dataset(cfg: Config) -> CachedDataset:
         log.info("dataset already cached at %s (%s): nothing to do", uri,
                  ", ".join(f"{s}={v['count']}" for s, v in existing["splits"].items()))
         return CachedDataset(uri, existing, created=False)
-    splits = {s: ({"images": images, "labels": labels} for images, labels in source.batches(s)) for s in SPLITS}
-    manifest = {"name": cfg.data.name, "source": source.description, "config_hash": key, "kind": "images",
-                "shape": list(source.shape), "arrays": {"images": "uint8", "labels": "int64"}}
+    splits = {s: source.arrays(s) for s in source.splits}
+    manifest = {"name": cfg.data.name, "source": source.description, "config_hash": key,
+                "kind": source.dataset_kind, "shape": list(source.shape), "arrays": dict(source.stored_arrays)}
+    if source.dataset_kind == "pairs":
+        manifest["target_dtype"] = source.stored_arrays["target"]
     manifest = write_dataset(uri, splits, cfg.data.shard_size, manifest,
-                             totals={s: source.count(s) for s in SPLITS})
+                             totals={s: source.count(s) for s in source.splits})
     log.info("cached %s at %s", source.description, uri)
     return CachedDataset(uri, manifest, created=True)

@@ -24,8 +24,9 @@ class ShardedDataset(Dataset):
     """Items are ``(image float32 [C,H,W] in [-1, 1], label, index)``; ``index`` is the LOOM data-point id.
 
     A reflow-pairs dataset (manifest ``kind: pairs``) serves its generated ``target`` instead of an image,
-    and exposes every item's noise seed as ``pair_seeds``. A latent cache (``kind: latents``) serves its
-    stored rows as float32 (:mod:`loomcfm_core.data.latents`).
+    and exposes every item's noise: as ``pair_seeds`` (our pairs, a seed per item) or through
+    :meth:`pair_noise` (pairs cached from the reference's layout, which store the noise arrays). A latent
+    cache (``kind: latents``) serves its stored rows as float32 (:mod:`loomcfm_core.data.latents`).
     """
 
     def __init__(self, uri: str, split: str = "train", hflip: bool = False,
@@ -45,8 +46,10 @@ class ShardedDataset(Dataset):
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.num_images = int(self.offsets[-1]) // (2 if self.stored_flips else 1)
         self.labels = self._read_all("labels")
-        self.pair_seeds = torch.from_numpy(self._read_all("seeds")) if self.is_pairs else None
-        self._images: dict[int, h5py.Dataset] = {}
+        self.stored_noise = self.is_pairs and "noise" in manifest.get("arrays", {})
+        seeded = self.is_pairs and not self.stored_noise
+        self.pair_seeds = torch.from_numpy(self._read_all("seeds")) if seeded else None
+        self._images: dict[tuple[int, str], h5py.Dataset] = {}
         self._pid = -1
 
     def _read_all(self, name: str) -> np.ndarray:
@@ -60,23 +63,37 @@ class ShardedDataset(Dataset):
     def __len__(self) -> int:
         return self.num_images * (2 if self.hflip else 1)
 
-    def _shard_images(self, shard: int) -> h5py.Dataset:
+    def _shard_array(self, shard: int, name: str) -> h5py.Dataset:
         # h5py handles must not cross a fork: DataLoader workers each open their own. Keeping the dataset
         # object (not the file) skips a name lookup per read, which costs more than the read itself.
         if self._pid != os.getpid():
             self._images, self._pid = {}, os.getpid()
-        if shard not in self._images:
-            self._images[shard] = h5py.File(self.paths[shard], "r")[self.array]
-        return self._images[shard]
+        if (shard, name) not in self._images:
+            self._images[shard, name] = h5py.File(self.paths[shard], "r")[name]
+        return self._images[shard, name]
+
+    def _locate(self, image_index: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self.offsets, image_index, side="right")) - 1
+        return shard, image_index - int(self.offsets[shard])
+
+    def pair_noise(self, index: torch.Tensor) -> torch.Tensor:
+        """The stored noise arrays of the given pairs (float32 [b, C, H, W], on the CPU)."""
+        if not self.stored_noise:
+            raise UsageError(f"{self.uri} stores no noise arrays (its pairs are seeded: use pair_seeds)")
+        rows = []
+        for i in index.tolist():
+            shard, row = self._locate(i)
+            rows.append(self._shard_array(shard, "noise")[row])
+        return torch.from_numpy(np.stack(rows))
 
     def read(self, index: int) -> tuple[np.ndarray, int]:
-        """The raw stored item (uint8 images, float32 pair targets, float16 latents) and its label, flipped
-        past N."""
+        """The raw stored item (uint8 images and pair targets, float32 pair targets, float16 latents) and its
+        label, flipped past N."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         flip, row = (0, index) if self.stored_flips else divmod(index, self.num_images)
-        shard = int(np.searchsorted(self.offsets, row, side="right")) - 1
-        item = self._shard_images(shard)[row - int(self.offsets[shard])]
+        shard, offset = self._locate(row)
+        item = self._shard_array(shard, self.array)[offset]
         return (item[..., ::-1] if flip else item), int(self.labels[row])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:

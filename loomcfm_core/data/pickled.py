@@ -64,7 +64,7 @@ class PickledBatchesSource(FolderSource):
 
     def _require(self, names: list[str]) -> list[Path]:
         paths = [self.root / name for name in names]
-        missing = [p.name for p in paths if not p.is_file()]
+        missing = [p.relative_to(self.root).as_posix() for p in paths if not p.is_file()]
         if missing:
             raise SourceError(f"{self.kind} source: {self.root} lacks {', '.join(missing)} ({self.expected})")
         return paths
@@ -85,16 +85,31 @@ class Cifar10Source(PickledBatchesSource):
 
 
 class ImageNetBatchesSource(PickledBatchesSource):
-    """Downsampled ImageNet (32x32 or 64x64): ``train_data_batch_1..10`` and ``val_data``, labels 1..1000."""
+    """Downsampled ImageNet (32x32 or 64x64): ``train_data_batch_1..10`` and ``val_data``, labels 1..1000.
+
+    Two layouts: all files in ``<dir>`` (as the release unpacks), or the reference implementation's
+    ``<dir>/train/train_data_batch_*`` and ``<dir>/val/val_data`` (its ``data_root``).
+    """
 
     kind = "imagenet32"
     label_offset = 1
-    expected = "expected train_data_batch_<i> files and val_data from the downsampled-ImageNet release"
+    expected = ("expected train_data_batch_<i> files and val_data from the downsampled-ImageNet release, in <dir> "
+                "or as <dir>/train/train_data_batch_<i> and <dir>/val/val_data")
+
+    def __init__(self, data: DataConfig, argument: str) -> None:
+        super().__init__(data, argument)
+        flat = any(self.root.glob("train_data_batch_*")) or (self.root / "val_data").exists()
+        split = (self.root / "train").is_dir() or (self.root / "val").is_dir()
+        if flat and split:
+            raise SourceError(f"{self.kind} source: {self.root} holds both layouts (batch files directly and "
+                              "train/ or val/ folders); keep one")
+        self.folders = {s: self.root / s if split else self.root for s in SPLITS}
 
     def files(self, split: str) -> list[Path]:
+        folder = self.folders[split]
         if split == "val":
-            return self._require(["val_data"])
-        found = sorted(self.root.glob("train_data_batch_*"), key=natural_key)
+            return self._require([folder.relative_to(self.root).joinpath("val_data").as_posix()])
+        found = sorted(folder.glob("train_data_batch_*"), key=natural_key)
         if not found:
-            raise SourceError(f"{self.kind} source: no train_data_batch_* files in {self.root} ({self.expected})")
+            raise SourceError(f"{self.kind} source: no train_data_batch_* files in {folder} ({self.expected})")
         return found

@@ -40,6 +40,9 @@ class Source:
 
     kind = ""
     form = "<dir>"  # what follows ``kind:`` in data.source
+    dataset_kind = "images"  # the manifest's ``kind`` of the cached dataset
+    splits = SPLITS
+    stored_arrays = {"images": "uint8", "labels": "int64"}  # what :meth:`arrays` yields, and their dtypes
 
     def __init__(self, data: DataConfig, argument: str) -> None:
         self.data = data
@@ -59,6 +62,11 @@ class Source:
 
     def batches(self, split: str) -> Iterator[Batch]:
         raise NotImplementedError
+
+    def arrays(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        """The named arrays the cache stores, batch by batch (images and labels, for an image source)."""
+        for images, labels in self.batches(split):
+            yield {"images": images, "labels": labels}
 
     def check(self, images: np.ndarray, origin: str) -> np.ndarray:
         if images.dtype != np.uint8:

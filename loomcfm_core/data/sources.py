@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from loomcfm_core.data.images import read_image
+from loomcfm_core.data.pairs import read_reference_pairs, reference_pair_files
 from loomcfm_core.data.pickled import Cifar10Source, ImageNetBatchesSource
 from loomcfm_core.data.source_base import BATCH, SPLITS, Batch, FolderSource, Source, natural_key
 from loomcfm_core.errors import SourceError
@@ -176,8 +177,40 @@ class HDF5Source(FolderSource):
             yield self.check(stacked, str(path)), np.array(labels, dtype=np.int64)
 
 
+class ReferencePairsSource(FolderSource):
+    """Reflow pairs in the reference implementation's layout (:mod:`loomcfm_core.data.pairs`): the folder
+    ``generate_pairs.py --output`` wrote, or the reflow ``data_root`` holding it as ``train/``. Cached as a
+    pairs dataset (train split only) whose noise is the stored arrays and whose targets are uint8 levels."""
+
+    kind = "pairs"
+    dataset_kind = "pairs"
+    splits = ("train",)
+    stored_arrays = {"target": "uint8", "noise": "float32"}
+
+    def __init__(self, data: DataConfig, argument: str) -> None:
+        super().__init__(data, argument)
+        self.files = reference_pair_files(self.root)
+        if not self.files:
+            raise SourceError(f"pairs source: no reference pair shards in {self.root} or {self.root / 'train'} "
+                              "(expected shard_0001.hdf5 ... with one group per pair holding 'source' and 'target')")
+
+    def all_files(self) -> list[Path]:
+        return list(self.files)
+
+    def count(self, split: str) -> int:
+        total = 0
+        for path in self.files:
+            with h5py.File(path, "r") as fh:
+                total += len(fh)
+        return total
+
+    def arrays(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        return read_reference_pairs(self.files, self.shape, BATCH)
+
+
 SOURCES: dict[str, type[Source]] = {
-    cls.kind: cls for cls in (DigitsSource, Cifar10Source, ImageNetBatchesSource, ImageFolderSource, HDF5Source)
+    cls.kind: cls for cls in (DigitsSource, Cifar10Source, ImageNetBatchesSource, ImageFolderSource, HDF5Source,
+                              ReferencePairsSource)
 }
 
 
@@ -200,4 +233,7 @@ def check_source(source: str) -> str:
 
 def open_source(data: DataConfig) -> Source:
     kind, _, argument = data.source.partition(":")
+    if kind == HDF5Source.kind and reference_pair_files(Path(argument).expanduser()):
+        log.info("%s holds reflow pairs in the reference's layout: reading it as pairs:%s", argument, argument)
+        kind = ReferencePairsSource.kind
     return SOURCES[kind](data, argument)

@@ -18,6 +18,7 @@ import mlflow
 
 from loomcfm_core import tracking
 from loomcfm_core.config import Config, load_config_text
+from loomcfm_core.checkpoint import rewind
 from loomcfm_core.errors import UsageError
 from loomcfm_core.lease import Lease
 from loomcfm_core.storage import absolute, join, storage_for
@@ -153,11 +154,29 @@ def _finished_at(run_uri: str, checkpoint_uri: str | None) -> bool:
     return read_summary(run_uri).checkpoint_uri == checkpoint_uri
 
 
-def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, wait: bool = False) -> TrainSummary:
+def rewind_run(cfg: Config, dataset_uri: str, step: int, wait: bool = False) -> list[str]:
+    """``--resume-step`` for a training that runs elsewhere (a RayJob): make step ``step``'s checkpoint the
+    run's latest (:func:`~loomcfm_core.checkpoint.rewind`) under the run folder's lease, taken and released
+    here before the RayJob exists. Its entrypoint then resumes from the latest, and so do KubeRay's retries of
+    it: a retry never sets aside what a failed attempt trained after ``step``, and a training that holds the
+    folder is never rewound under it (the lease refuses, or waits with ``wait``).
+
+    Returns:
+        Where the later checkpoints were moved.
+    """
+    run_uri = run_uri_for(cfg, dataset_uri)
+    with Lease(run_uri, cfg.train.lease_seconds, wait=wait):
+        return rewind(run_uri, step)
+
+
+def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, wait: bool = False,
+               resume_step: int | None = None) -> TrainSummary:
     """Train on Ray Train with ``ray.num_workers`` workers; reruns resume from the latest checkpoint.
 
     Args:
         wait: when another training holds the run folder, wait for it instead of failing.
+        resume_step: first make step ``resume_step``'s checkpoint the latest, setting later ones aside
+            (:func:`~loomcfm_core.checkpoint.rewind`; under the lease, before any worker starts).
 
     Returns:
         The summary rank 0 committed to the run's ``result.json``.
@@ -166,6 +185,8 @@ def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, 
     run_uri = run_uri_for(cfg, dataset_uri)
     last_step = check_inputs(cfg, dataset_uri)
     with Lease(run_uri, cfg.train.lease_seconds, wait=wait) as lease:
+        if resume_step is not None:
+            rewind(run_uri, resume_step)
         resume = plan_resume(cfg, dataset_uri, run_uri)
         if resume.step >= last_step and _finished_at(run_uri, resume.checkpoint_uri):
             log.info("%s finished at step %d already (%s): nothing to train", run_uri, resume.step,

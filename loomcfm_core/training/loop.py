@@ -21,6 +21,7 @@ from loomcfm_core.errors import TrainingError
 from loomcfm_core.identity import default_run_name
 from loomcfm_core.lease import check_held
 from loomcfm_core.storage import absolute, join
+from loomcfm_core.training.converge import converge, progress_run_id
 from loomcfm_core.training.distributed import barrier, gather_objects
 from loomcfm_core.training.pipelined import CouplingPlanner
 from loomcfm_core.training.preflight import apply_schedule, check_resume, total_steps
@@ -133,7 +134,8 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
         The summary (rank 0's view): the final checkpoint, every rank's table hash, the last logged metrics.
     """
     dataset = ShardedDataset(dataset_uri, "train", hflip=cfg.data.hflip, local_cache=cfg.data.local_cache)
-    state = build_state(cfg, len(dataset), device, rank, world_size, dataset.pair_seeds)
+    state = build_state(cfg, len(dataset), device, rank, world_size, dataset.pair_seeds,
+                        dataset.pair_noise if dataset.stored_noise else None)
     state.targets = training_targets(dataset, cfg.train.seed, rank)
     sampler = GlobalBatchSampler(dataset.num_images, cfg.train.batch_size, rank, world_size, cfg.train.seed,
                                  cfg.data.hflip)
@@ -149,6 +151,8 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
         log.info("rank %d resumed from %s (step %d)", rank, resume_uri, state.step)
     elif cfg.train.init_from:
         initialise_from(state, cfg.train.init_from)
+    if not resume_uri and cfg.coupling.converge_epochs:
+        run_id = run_id or progress_run_id(run_uri)
 
     # The loader gets its own generator: each new iterator draws a seed from it, and drawing from the global
     # one would shift the dropout stream after a resume.
@@ -163,11 +167,13 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
                               cfg.coupling.pipelined, device, state.targets)
     last_ckpt = resume_uri
     with tracker:
+        if cfg.coupling.converge_epochs and not resume_uri:
+            converge(state, dataset, sampler, run_uri, rank, tracker.run_id, lease_token)
         bar = tqdm(total=last_step, initial=state.step, disable=rank != 0, desc=f"train {cfg.name}",
                    unit="step", mininterval=2.0, dynamic_ncols=True)
         while state.step < last_step:
             epoch, skip = divmod(state.step, sampler.steps_per_epoch)
-            sampler.set_position(epoch, skip)
+            sampler.set_position(cfg.coupling.converge_epochs + epoch, skip)  # convergence used the first epochs
             for x1, index, assigned in planner.batches(loader, state.step):
                 metrics = train_step(state, x1.to(device, non_blocking=True), index, assigned)
                 tracker.step_done(metrics, len(x1) * world_size)

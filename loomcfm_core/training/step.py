@@ -10,7 +10,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from loomcfm_core.config import Config
-from loomcfm_core.coupling import Assigned, Coupling, diagonal_stats, make_coupling
+from loomcfm_core.coupling import Assigned, Coupling, NoiseReader, diagonal_stats, make_coupling
 from loomcfm_core.data.latents import Targets
 from loomcfm_core.flow import cfm_loss, sample_t
 from loomcfm_core.models.loading import build_model
@@ -54,12 +54,13 @@ class TrainState:
 
 
 def build_state(cfg: Config, num_points: int, device: torch.device, rank: int = 0, world_size: int = 1,
-                pair_seeds: torch.Tensor | None = None) -> TrainState:
+                pair_seeds: torch.Tensor | None = None, pair_noise: NoiseReader | None = None) -> TrainState:
     """A fresh state for one rank.
 
     Args:
         num_points: data points the coupling keeps seeds for (2N with flips).
         pair_seeds: the noise seed of every point of a reflow-pairs dataset (the ``pairs`` coupling).
+        pair_noise: reads the stored noise of reflow pairs by index, for pairs that store noise arrays.
     """
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout draws differ per rank, deterministically
     raw = build_model(cfg).to(device)
@@ -72,7 +73,8 @@ def build_state(cfg: Config, num_points: int, device: torch.device, rank: int = 
     shape = cfg.flow_shape
     coupling = make_coupling(cfg.coupling.kind, num_points, cfg.coupling.num_seeds, shape, cfg.coupling.cost,
                              seed=cfg.train.seed, rank=rank, world_size=world_size, pair_seeds=pair_seeds,
-                             max_problem=cfg.coupling.max_problem, solver=cfg.coupling.solver, device=device)
+                             max_problem=cfg.coupling.max_problem, solver=cfg.coupling.solver, device=device,
+                             pair_noise=pair_noise)
     t_generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + rank + 1)
     return TrainState(cfg, model, raw, EMA(raw, cfg.train.ema_decay), optimizer, scheduler, coupling,
                       t_generator, device)

@@ -103,6 +103,27 @@ def test_imagenet32_round_trip(tmp_path):
                        {"train": (train[0], train[1] - 1), "val": (val[0], val[1] - 1)})
 
 
+def test_imagenet32_reads_the_reference_train_val_layout(tmp_path):
+    """The reference's ``data_root``: ``train/train_data_batch_*`` and ``val/val_data`` (spec §4.1)."""
+    root = tmp_path / "imagenet32"
+    (root / "train").mkdir(parents=True)
+    (root / "val").mkdir()
+    train = (_images(5, 3, 32), RNG.integers(1, 1001, size=5))
+    val = (_images(3, 3, 32), RNG.integers(1, 1001, size=3))
+    for i, part in enumerate((slice(0, 3), slice(3, 5)), start=1):
+        _pickle(root / "train" / f"train_data_batch_{i}", train[0][part].reshape(-1, 3072), train[1][part], False)
+    _pickle(root / "val" / "val_data", val[0].reshape(-1, 3072), val[1], False)
+    _assert_round_trip(_cfg(tmp_path, f"imagenet32:{root}", resolution=32),
+                       {"train": (train[0], train[1] - 1), "val": (val[0], val[1] - 1)})
+    _pickle(root / "val_data", val[0].reshape(-1, 3072), val[1], False)
+    with pytest.raises(SourceError, match="holds both layouts"):
+        cache_dataset(_cfg(tmp_path, f"imagenet32:{root}", resolution=32))
+    (root / "val_data").unlink()
+    (root / "val" / "val_data").unlink()
+    with pytest.raises(SourceError, match=r"lacks val/val_data \(expected train_data_batch_<i> files"):
+        cache_dataset(_cfg(tmp_path, f"imagenet32:{root}", resolution=32))
+
+
 def test_hdf5_round_trip_both_layouts(tmp_path):
     root = tmp_path / "h5"
     (root / "train").mkdir(parents=True)

@@ -20,14 +20,16 @@ import pytest
 import torch
 
 from loomcfm_core import stages
-from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
+from loomcfm_core.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, write_state
 from loomcfm_core.config import load_config, load_config_text
 from loomcfm_core.data.cache import cache_dataset
-from loomcfm_core.errors import RayJobError
+from loomcfm_core.errors import CheckpointError, LeaseError, RayJobError
 from loomcfm_core.kube.client import connect
 from loomcfm_core.kube.launcher import run_rayjob
 from loomcfm_core.kube.rayjob import (CONFIG_ENV, RUN_KEY_LABEL, RunIdentity, build_rayjob, cluster_config,
                                       containers, load_template)
+from loomcfm_core.lease import LEASE_FILE, Lease
+from loomcfm_core.storage import join, storage_for
 from loomcfm_core.training.loop import run_uri_for
 from tests.k8s.apiserver import ApiError, ApiServer, admit
 from tests.k8s.kuberay_rules import validate_metadata, validate_rayjob
@@ -441,6 +443,42 @@ def test_launch_train_rejects_what_cannot_work(tmp_path):
         stages.launch_train(cfg, "s3://b/d", launcher="slurm")
     with pytest.raises(ValueError, match=r"kube.on_terminate"):
         load_config("digits", ["kube.on_terminate=keep"])
+
+
+def test_resume_step_rewinds_under_the_lease_before_the_rayjob_and_a_retry_resumes_from_the_latest(cluster,
+                                                                                                     s3_bucket):
+    """``loomcfm train --launcher rayjob --resume-step 2``: the launcher sets the later checkpoint aside under the
+    run's lease (released again) before it creates the RayJob, whose entrypoint has no ``--resume-step``; so
+    KubeRay's retry after a failed attempt resumes from what that attempt saved instead of rewinding again. A
+    missing step, or a folder another training holds, fails before any RayJob exists, with nothing moved."""
+    cfg = _cfg(f"storage.root=s3://{s3_bucket}/loomcfm", "kube.backoff_limit=1")
+    dataset_uri = f"s3://{s3_bucket}/loomcfm/datasets/digits-x"
+    run_uri = run_uri_for(cfg, dataset_uri)
+    for step in (2, 4):
+        write_state({"step": step}, f"{checkpoint_dir(run_uri)}/step-{step:08d}.pt")
+    with pytest.raises(CheckpointError, match=r"--resume-step 3: .* \(steps: 2, 4;"):
+        stages.launch_train(cfg, dataset_uri, launcher="rayjob", resume_step=3)
+    with Lease(run_uri, 60), pytest.raises(LeaseError):
+        stages.launch_train(cfg, dataset_uri, launcher="rayjob", resume_step=2)
+    assert [s for s, _ in list_checkpoints(run_uri)] == [2, 4] and not cluster.store.created.get("rayjobs")
+
+    seen = []
+
+    class Attempt(Scripted):
+        def start(self, command, env, emit):
+            lease_held = storage_for(run_uri).exists(join(run_uri, LEASE_FILE))
+            seen.append((command, [s for s, _ in list_checkpoints(run_uri)], lease_held))
+            if len(seen) == 1:  # the first attempt trains to step 3, then fails
+                write_state({"step": 3}, f"{checkpoint_dir(run_uri)}/step-00000003.pt")
+            super().start(command, env, emit)
+
+    cluster.plan.update({1: Attempt(exit_code=1), 2: Attempt(exit_code=1)})
+    with pytest.raises(RayJobError, match=r"after 2 of 2 attempt"):
+        stages.launch_train(cfg, dataset_uri, launcher="rayjob", resume_step=2)
+    assert [(checkpoints, held) for _, checkpoints, held in seen] == [([2], False), ([2, 3], False)]
+    assert all("loomcfm train" in command and "--resume-step" not in command for command, _, _ in seen)
+    assert storage_for(run_uri).exists(join(run_uri, "set-aside", "step-00000004.pt"))
+    assert cluster.store.created["rayjobs"] == 1
 
 
 # ---- SIGTERM and adoption, in real processes -----------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Tests of loomcfm_core.reference: the reference implementation's flags and configs."""
