@@ -17,6 +17,10 @@ from tests.kfp.driver import DriverError, get_string_value, parse_quantity, pod_
 
 PACKAGES = sorted(p.name for p in runner.COMPILED.glob("*.yaml"))
 GPU_STEPS = {"evaluate", "evaluate-2", "pairs", "train", "train-2"}
+# The STEP_RESOURCES kind of the tasks not named after one (pipelines/ablation_pipeline.py). The ablation's arm
+# runs inside a ParallelFor with constant resources (kfp.local cannot resolve a loop task's resource parameters).
+KINDS = {"ablation-plan": "prepare", "ablation-report": "prepare", "ablation-arm": "train"}
+CONSTANT_RESOURCES = {"ablation-arm"}
 # Inputs whose value is different in every run: KFP resolves these before computing the cache key
 # (backend/src/v2/driver/resolve.go resolveInputParameter; cacheutils/cache.go GenerateCacheKey).
 RUN_SPECIFIC = re.compile(r"\{\{\$\.pipeline_(job|task)_")
@@ -36,9 +40,32 @@ def root_values(spec: dict, **given) -> dict:
 
 
 def tasks(spec: dict):
-    for name, task in spec["root"]["dag"]["tasks"].items():
-        executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
-        yield name, task, executor
+    """Every container task, with the root parameter each parameter of its scope comes from: a ``ParallelFor``
+    body is a sub-DAG whose inputs are its loop task's (``pipelinechannel--s3_secret`` <- ``s3_secret``)."""
+    root = {name: name for name in spec["root"]["inputDefinitions"]["parameters"]}
+    yield from _walk(spec, spec["root"]["dag"]["tasks"], root)
+
+
+def _walk(spec: dict, dag_tasks: dict, root_of: dict):
+    for name, task in dag_tasks.items():
+        component = spec["components"][task["componentRef"]["name"]]
+        if "dag" in component:
+            inner = {key: root_of[source["componentInputParameter"]]
+                     for key, source in task["inputs"]["parameters"].items() if "componentInputParameter" in source}
+            # the loop item and upstream outputs come from no root parameter
+            inner.update({key: None for key in component["inputDefinitions"]["parameters"] if key not in inner})
+            yield from _walk(spec, component["dag"]["tasks"], inner)
+        else:
+            yield name, task, component["executorLabel"], root_of
+
+
+def in_scope(values: dict, root_of: dict) -> dict:
+    """A run's root values as the parameters of a task's scope (None for those no root parameter gives)."""
+    return {key: values.get(root) for key, root in root_of.items() if root is None or root in values}
+
+
+def step_kind(name: str) -> str:
+    return KINDS.get(name) or next(k for k in STEP_RESOURCES if name.startswith(k))
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -46,7 +73,7 @@ def test_resource_fields_reference_string_parameters(package):
     spec, _ = load(package)
     root = spec["root"]["inputDefinitions"]["parameters"]
     checked = 0
-    for name, task, executor in tasks(spec):
+    for name, task, executor, _ in tasks(spec):
         resources = spec["deploymentSpec"]["executors"][executor]["container"].get("resources", {})
         fields = {k: v for k, v in resources.items() if isinstance(v, str)}
         fields.update({f"accelerator.{k}": v for k, v in resources.get("accelerator", {}).items()})
@@ -62,7 +89,7 @@ def test_resource_fields_reference_string_parameters(package):
                 assert task["inputs"]["parameters"][f"pipelinechannel--{parameter}"] == \
                     {"componentInputParameter": parameter}
                 checked += 1
-    assert checked >= 4 * len(list(tasks(spec)))
+    assert checked >= 4 * len([t for t in tasks(spec) if t[0] not in CONSTANT_RESOURCES])
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -70,11 +97,10 @@ def test_resource_fields_reference_string_parameters(package):
 def test_driver_sets_requests_and_limits_on_every_step(package, gpus):
     spec, _ = load(package)
     values = root_values(spec, accelerator_limit=gpus, train_accelerator_limit=gpus)
-    for name, task, executor in tasks(spec):
+    for name, task, executor, root_of in tasks(spec):
         container = spec["deploymentSpec"]["executors"][executor]["container"]
-        pod = pod_resources(container.get("resources", {}), task_parameters(task, values))
-        kind = "prepare" if name == "prepare" else next(k for k in STEP_RESOURCES if name.startswith(k))
-        cpu, memory = STEP_RESOURCES[kind]
+        pod = pod_resources(container.get("resources", {}), task_parameters(task, in_scope(values, root_of)))
+        cpu, memory = STEP_RESOURCES[step_kind(name)]
         for bucket in ("limits", "requests"):
             assert pod[bucket]["cpu"] == parse_quantity(cpu), (package, name, pod)
             assert pod[bucket]["memory"] == parse_quantity(memory), (package, name, pod)
@@ -106,9 +132,9 @@ def test_platform_spec_names_secrets_config_map_toleration_and_node_selector(pac
     spec, executors = load(package)
     root = spec["root"]["inputDefinitions"]["parameters"]
     values = root_values(spec, node_selector={"cloud.google.com/gke-accelerator": "nvidia-l4"})
-    for name, task, executor in tasks(spec):
+    for name, task, executor, root_of in tasks(spec):
         config = executors[executor]
-        pod = pod_platform(config, values)
+        pod = pod_platform(config, in_scope(values, root_of))
         expected_env = {**{k: ("secretAsEnv", "loomcfm-s3", k) for k in S3_SECRET_KEYS},
                         **{k: ("secretAsEnv", "loomcfm-mlflow", k) for k in MLFLOW_SECRET_KEYS},
                         **{k: ("configMapAsEnv", "loomcfm-env", k) for k in ENV_CONFIG_KEYS},
@@ -116,7 +142,7 @@ def test_platform_spec_names_secrets_config_map_toleration_and_node_selector(pac
         assert pod["env"] == expected_env, (package, name)
         for source in config["secretAsEnv"] + config["configMapAsEnv"]:
             parameter = (source.get("secretNameParameter") or source["configMapNameParameter"])["componentInputParameter"]
-            assert root[parameter]["parameterType"] == "STRING", (package, name, parameter)
+            assert root[root_of[parameter]]["parameterType"] == "STRING", (package, name, parameter)
         if name in GPU_STEPS:
             assert pod["tolerations"] == GPU_TOLERATIONS and root["gpu_tolerations"]["parameterType"] == "LIST"
             assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
@@ -124,12 +150,12 @@ def test_platform_spec_names_secrets_config_map_toleration_and_node_selector(pac
         else:
             assert not pod["tolerations"] and not pod["nodeSelector"], (package, name)
         shm = [v for v in pod["emptyDir"] if v["mountPath"] == "/dev/shm"]
-        if name == "prepare":
+        if step_kind(name) == "prepare":
             assert not shm
         else:
             assert shm == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": SHM_SIZE, "volumeName": "dshm"}]
-            kind = next(k for k in STEP_RESOURCES if name.startswith(k))
-            assert parse_quantity(SHM_SIZE) < parse_quantity(STEP_RESOURCES[kind][1]), "shm counts against memory"
+            assert parse_quantity(SHM_SIZE) < parse_quantity(STEP_RESOURCES[step_kind(name)][1]), \
+                "shm counts against memory"
 
 
 def test_platform_emulation_rejects_wrong_parameter_kinds():
@@ -152,7 +178,7 @@ def test_display_names_and_descriptions(package):
     assert spec["pipelineInfo"]["description"]
     for name, parameter in spec["root"]["inputDefinitions"]["parameters"].items():
         assert parameter.get("description"), f"{package}: parameter {name} has no description"
-    shown = {name: task["taskInfo"]["name"] for name, task, _ in tasks(spec)}
+    shown = {name: task["taskInfo"]["name"] for name, task, _, _ in tasks(spec)}
     assert set(shown.values()) <= set(DISPLAY.values()) and len(set(shown.values())) == len(shown), shown
     assert shown["cache"] == "cache dataset"
     if package == "loomcfm_pipeline.yaml":
@@ -167,11 +193,11 @@ def test_deterministic_steps_are_cached_without_run_specific_inputs(package):
     must have none that changes per run, directly or through a producer's per-run output."""
     spec, _ = load(package)
     per_run_outputs = {("prepare", "parent_run_id")}
-    for name, task, _ in tasks(spec):
+    for name, task, _, _ in tasks(spec):
         cached = task.get("cachingOptions", {}).get("enableCache", False)
-        if name.startswith(("cache", "pairs", "evaluate")):
+        if name.startswith(("cache", "pairs", "evaluate", "ablation-plan")):
             assert cached, f"{package}: {name} is not cached"
-        if name.startswith(("prepare", "train")):
+        if name.startswith(("prepare", "train", "ablation-arm", "ablation-report")):
             assert not cached, f"{package}: {name} has side effects and must not be cached"
         if not cached:
             continue
