@@ -127,17 +127,17 @@ def local_runs(tmp_path_factory):
     os.chdir(root)
     handler, root_logger = _Messages(), logging.getLogger()
     level = root_logger.level
-    root_logger.addHandler(handler)
-    root_logger.setLevel(logging.INFO)  # kfp.local reports a cache hit with logging.info on the root logger
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):  # the full pipeline as `loomcfm pipeline run-local` runs it
             code = main(["pipeline", "run-local", "--cache", "--pipeline-root", str(root / "full"),
                          *[arg for item in sets for arg in ("--set", item)]])
         assert code == 0
-        first = len(handler.messages)
+        # after the CLI's logging.basicConfig(force=True), which replaces the root logger's handlers
+        root_logger.addHandler(handler)
+        root_logger.setLevel(logging.INFO)  # kfp.local reports a cache hit with logging.info on the root logger
         runner.run_local("full", runner.arguments("full", "digits", sets, None), str(root / "full"), caching=True)
-        second = handler.messages[first:]
+        second = handler.messages
         model = json.loads(_run_dirs(root, "full")[0].joinpath("train", "model").read_text())
         reflow_sets = [*sets, "reflow.num_pairs=128", "reflow.method=euler-2", "reflow.max_steps=10"]
         runner.run_local("reflow", runner.arguments("reflow", "digits", reflow_sets, model["uri"]),
