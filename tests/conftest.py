@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,9 +20,11 @@ import boto3
 import pytest
 import torch
 
+from loomcfm_core import stages
 from loomcfm_core.config import load_config
-from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.training.loop import fit
+
+pytest_plugins = ["tests.cost"]
 
 # A digits network small enough to train a few steps of on a CPU in a test, as ``--set`` overrides.
 SMALL = ["model.channels=32", "model.channel_mult=[1,2]", "model.attn_resolutions=[]", "train.max_steps=3",
@@ -46,11 +49,42 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
     raise RuntimeError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
 
 
+@pytest.fixture(scope="session")
+def digits_dataset(tmp_path_factory) -> Path:
+    """The digits dataset cached once per session by the cache stage, with what evaluation needs beside it
+    (the feature classifier, its reference statistics): about 20 s that every test needing them would
+    otherwise spend again. Tests get a copy of it in their own storage root (:func:`store`)."""
+    root = tmp_path_factory.mktemp("digits")
+    cfg = load_config("digits", [f"storage.root={root / 'store'}", f"tracking.local_dir={root / 'runs'}",
+                                 f"data.local_cache={root / 'node'}"])
+    return Path(stages.cache(cfg).dataset_uri)
+
+
 @pytest.fixture()
-def checkpoint(tmp_path) -> str:
-    """The last checkpoint of a 3-step digits training with the ``SMALL`` network."""
-    cfg = load_config("digits", [*SMALL, f"storage.root={tmp_path}/store"])
-    return fit(cfg, cache_dataset(cfg).uri, f"{tmp_path}/store/runs/s", torch.device("cpu")).checkpoint_uri
+def store(tmp_path, digits_dataset) -> Path:
+    """``tmp_path/store``: a storage root in which the digits dataset is cached already (a copy of the
+    session's, so a test may damage or extend it), for ``--set storage.root=...``."""
+    shutil.copytree(digits_dataset, tmp_path / "store" / "datasets" / digits_dataset.name)
+    return tmp_path / "store"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, digits_dataset) -> Path:
+    """The run folder of a 3-step digits training of the ``SMALL`` network (its checkpoint is
+    ``checkpoints/step-00000003.pt``), trained once per session; tests get a copy (:func:`checkpoint`)."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = load_config("digits", [*SMALL, f"storage.root={root / 'store'}", f"data.local_cache={root / 'node'}"])
+    fit(cfg, str(digits_dataset), str(root / "run"), torch.device("cpu"))
+    return root / "run"
+
+
+@pytest.fixture()
+def checkpoint(tmp_path, store, trained_run) -> str:
+    """The last checkpoint of a 3-step digits training with the ``SMALL`` network, in a run folder
+    ``store/runs/s`` of the test's own (evaluations write beside it), the dataset cached in ``store``."""
+    run = store / "runs" / "s"
+    shutil.copytree(trained_run, run)
+    return str(run / "checkpoints" / "step-00000003.pt")
 
 
 @pytest.fixture()

@@ -1,7 +1,9 @@
-"""Running ``loomcfm`` as a user types it: a subprocess with its own HOME, working folder and session."""
+"""Running ``loomcfm`` as a user types it: a subprocess with its own HOME, working folder and session, or
+in this process (:func:`call`) where a test is about what the command says, not about its process."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -76,6 +78,27 @@ def start(*args: str, cwd: Path, prefix: list[str] = (), **extra_env: str) -> Co
 def run(*args: str, cwd: Path, timeout: float = 600, prefix: list[str] = (), **extra_env: str) \
         -> subprocess.CompletedProcess:
     return start(*args, cwd=cwd, prefix=prefix, **extra_env).finish(timeout)
+
+
+def call(capfd, *args: str) -> subprocess.CompletedProcess:
+    """``loomcfm <args>`` in this process (``cli.main``): its exit code and what it wrote to stdout and stderr
+    (file descriptors, so a library's own writes count), without the seconds a new process spends importing
+    torch, MLflow and Ray. The command's logging setup and SIGTERM handler are this process's again after it.
+
+    The test's working folder and HOME are the command's (``conftest._isolated_home``)."""
+    from loomcfm_core.cli import main
+
+    root = logging.getLogger()
+    handlers, level, sigterm = root.handlers[:], root.level, signal.getsignal(signal.SIGTERM)
+    capfd.readouterr()
+    try:
+        code = main(list(args))
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        signal.signal(signal.SIGTERM, sigterm)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["loomcfm", *args], code, out, err)
 
 
 def on_small_disk(folder: Path, size: str) -> list[str]:

@@ -1,6 +1,10 @@
 """Bad input through the CLI as a user types it: every case ends with one ``loomcfm:`` line that names the
 setting, flag or file, no traceback, the exit code of its kind (2: config, 1: everything else), and nothing
-that looks complete left behind (no manifest, no checkpoint, no results)."""
+that looks complete left behind (no manifest, no checkpoint, no results).
+
+The cases run in this process (``cli.main``), which says the same as a ``loomcfm`` process would; the few
+marked ``process`` run as one, for what only a process shows: the console script's exit code and stderr as a
+user sees them, and a disk that is full in a mount namespace of the command's own."""
 
 from __future__ import annotations
 
@@ -14,26 +18,20 @@ from typing import Callable
 import h5py
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from loomcfm_core.checksums import sha256_file
-from loomcfm_core.config import load_config
-from loomcfm_core.data.cache import cache_dataset
-from loomcfm_core.training.loop import fit
-from tests.run_cli import TINY, error_line, on_small_disk, run, sets, store_sets
+from tests.run_cli import TINY, call, error_line, on_small_disk, run, sets, store_sets
+
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A cached digits dataset and a 3-step checkpoint of the TINY network, made once for every row."""
-    root = tmp_path_factory.mktemp("world")
-    cfg = load_config("digits", [*TINY, "train.max_steps=3", f"storage.root={root / 'store'}",
-                                 f"tracking.local_dir={root / 'runs'}", f"data.local_cache={root / 'node'}"])
-    dataset = cache_dataset(cfg).uri
-    checkpoint = fit(cfg, dataset, str(root / "store" / "runs" / "w"), torch.device("cpu")).checkpoint_uri
-    png = root / "picture.png"
+def world(tmp_path_factory, digits_dataset, trained_run):
+    """The session's cached digits dataset (read only: a row that damages it copies it first) and 3-step
+    checkpoint, and a picture that is not a checkpoint."""
+    png = tmp_path_factory.mktemp("world") / "picture.png"
     Image.new("RGB", (8, 8), (10, 200, 30)).save(png)
-    return {"root": root, "dataset": dataset, "checkpoint": checkpoint, "png": png}
+    return {"dataset": str(digits_dataset), "checkpoint": str(trained_run / "checkpoints" / "step-00000003.pt"),
+            "png": png}
 
 
 def _copy_dataset(world, tmp_path) -> Path:
@@ -69,6 +67,7 @@ class Row:
     absent: list[str] = field(default_factory=list)
     one_line: bool = True  # nothing at all on stderr before the error (it failed before any work)
     disk: str | None = None  # the size of a tmpfs the command finds mounted on <case>/store (a full disk)
+    process: bool = False  # run as a `loomcfm` process (always with a disk)
 
 
 def _train_on(damage: Callable[[Path], None]) -> Callable[[dict, Path], list[str]]:
@@ -118,7 +117,7 @@ ROWS = {
                            lambda w, t: r"sampling method 'foo-1': expected <solver>-<steps> with solver one of euler, "
                                         r"midpoint, rk4, dopri5", ["store"]),
     "evaluate missing --ckpt": Row(lambda w, t: ["evaluate", "--ckpt", str(t / "nope.pt"), *store_sets(t)], 1,
-                                   lambda w, t: rf"no checkpoint at {t}/nope\.pt$", ["store"]),
+                                   lambda w, t: rf"no checkpoint at {t}/nope\.pt$", ["store"], process=True),
     "sample --ckpt is a PNG": Row(lambda w, t: ["sample", "--ckpt", str(w["png"]), "--output", str(t / "out"),
                                                 "--num_images", "2", "--method", "euler-1"], 1,
                                   lambda w, t: rf"{w['png']} is not a checkpoint \(torch\.load: UnpicklingError", ["out"]),
@@ -146,7 +145,7 @@ ROWS = {
                                  2, lambda w, t: r"train\.lrr: unknown config key; did you mean train\.lr\?"),
     "misspelt preset": Row(lambda w, t: ["cache", "--config", "digts"], 2,
                            lambda w, t: r"config 'digts' is neither a preset .* nor a file; did you mean digits\?$",
-                           ["loomcfm-data"]),
+                           ["loomcfm-data"], process=True),
     "misspelt --allow-change": Row(lambda w, t: ["train", "--allow-change", "train.lrr"], 2,
                                    lambda w, t: r"train\.allow_changes: 'train\.lrr' is not a schedule key; did you mean "
                                                 r"train\.lr", ["loomcfm-data"]),
@@ -159,11 +158,15 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", list(ROWS))
-def test_bad_input_is_one_line_naming_it(name, world, tmp_path):
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.ray] if row.disk else [])
+                                  for name, row in ROWS.items()])
+def test_bad_input_is_one_line_naming_it(name, world, tmp_path, capfd):
     row = ROWS[name]
-    prefix = on_small_disk(tmp_path / "store", row.disk) if row.disk else []
-    proc = run(*row.args(world, tmp_path), cwd=tmp_path, timeout=300, prefix=prefix)
+    if row.process or row.disk:
+        prefix = on_small_disk(tmp_path / "store", row.disk) if row.disk else []
+        proc = run(*row.args(world, tmp_path), cwd=tmp_path, timeout=300, prefix=prefix)
+    else:
+        proc = call(capfd, *row.args(world, tmp_path))
     assert proc.returncode == row.code, proc.stderr[-4000:]
     line = error_line(proc)
     assert line.startswith("loomcfm: config error: " if row.code == 2 else "loomcfm: error: "), line
@@ -180,11 +183,11 @@ def test_bad_input_is_one_line_naming_it(name, world, tmp_path):
         assert proc.stderr.count("Started training worker group") == 1, "a full disk is not retried"
 
 
-def test_cache_repairs_a_damaged_dataset(world, tmp_path):
+def test_cache_repairs_a_damaged_dataset(world, tmp_path, capfd):
     copy = _copy_dataset(world, tmp_path)
     shard = copy / "train" / "shard-00000.h5"
     _modify_shard(shard)
-    proc = run("cache", *store_sets(tmp_path), cwd=tmp_path, timeout=900)  # trains the classifier: minutes under load
+    proc = call(capfd, "cache", *store_sets(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["dataset_uri"] == str(copy)
     assert f"{copy}: rebuilding it ({shard}: checksum mismatch" in proc.stderr
@@ -193,18 +196,18 @@ def test_cache_repairs_a_damaged_dataset(world, tmp_path):
     assert np.array_equal(h5py.File(shard)["images"][0], h5py.File(Path(world["dataset"]) / "train" / "shard-00000.h5")["images"][0])
 
 
-def test_rgb_images_are_converted_when_asked_and_the_conversion_is_logged(tmp_path):
+def test_rgb_images_are_converted_when_asked_and_the_conversion_is_logged(tmp_path, capfd):
     source = _imagefolder(tmp_path / "rgb", ["a", "b"], "RGB")
-    proc = run("cache", *sets(f"data.source=imagefolder:{source}", "data.name=rgb", "data.convert=true"),
-               *store_sets(tmp_path), cwd=tmp_path, timeout=300)
+    proc = call(capfd, "cache", *sets(f"data.source=imagefolder:{source}", "data.name=rgb", "data.convert=true"),
+                *store_sets(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"{source}/train: converted 6 RGB images to 1 channels (data.convert=true)" in proc.stderr
 
 
-def test_one_source_folder_is_one_dataset_however_it_is_written(tmp_path):
+def test_one_source_folder_is_one_dataset_however_it_is_written(tmp_path, capfd):
     _imagefolder(tmp_path / "faces", ["a", "b"], "L")
-    first = run("cache", *sets("data.source=imagefolder:faces", "data.name=f"), *store_sets(tmp_path), cwd=tmp_path)
-    second = run("cache", *sets(f"data.source=imagefolder:{tmp_path}/./faces/", "data.name=f"), *store_sets(tmp_path),
-                 cwd=tmp_path)
+    first = call(capfd, "cache", *sets("data.source=imagefolder:faces", "data.name=f"), *store_sets(tmp_path))
+    second = call(capfd, "cache", *sets(f"data.source=imagefolder:{tmp_path}/./faces/", "data.name=f"),
+                  *store_sets(tmp_path))
     a, b = (json.loads(p.stdout[p.stdout.index("{"):]) for p in (first, second))
     assert a["dataset_uri"] == b["dataset_uri"] and a["created"] and not b["created"]
