@@ -2,11 +2,11 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +14,12 @@ from mlflow.tracking import MlflowClient
 
 from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
 from loomcfm_core.config import load_config
+from loomcfm_core.lease import LEASE_FILE
+from loomcfm_core.processes import Holder
 from loomcfm_core.training.launch import check_local_resources, with_absolute_paths
-from loomcfm_core.training.loop import run_uri_for
+from loomcfm_core.training.loop import fit, run_uri_for
 from tests.models.autoencoders import latent_config
+from tests.run_cli import call, error_line, sets, start, wait_for
 from tests.training import TINY
 
 
@@ -35,6 +38,7 @@ def _finish(proc, timeout=600):
     return json.loads(out[out.rindex("\n{") + 1:])
 
 
+@pytest.mark.ray
 def test_two_ray_workers_keep_identical_tables_and_loss_falls(tmp_path):
     summary = _finish(_cli(tmp_path, "ray.num_workers=2", "train.max_steps=40", "train.lr=2e-3"))
     hashes = summary["table_hashes"]
@@ -54,39 +58,55 @@ def test_two_ray_workers_keep_identical_tables_and_loss_falls(tmp_path):
             "train/lr"} <= set(run.data.metrics)
 
 
-def interrupt(folder, *overrides, **popen) -> str:
-    """Start ``loomcfm train`` in ``folder``, SIGKILL it (the driver, its local Ray and the workers) once the
-    checkpoint of step 20 exists, and return the run's URI."""
-    interrupted = _cli(folder, *overrides, **popen)
-    runs = folder / "store" / "runs"
-    deadline = time.monotonic() + 300
-    while not list(runs.rglob("step-00000020.pt")):
-        assert interrupted.poll() is None, interrupted.stdout.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(interrupted.pid, signal.SIGKILL)
-    interrupted.wait()
-    return str(next(runs.iterdir()))
+@pytest.mark.ray
+def test_a_killed_training_is_taken_over_and_resumes_exactly(tmp_path, store, capfd):
+    """``kill -9`` of a local training (its driver, local Ray and worker) after a checkpoint. While it runs, a
+    second training of the folder is refused naming it; after the kill, the next one cleans up the Ray
+    processes the killed one left, takes the lease over, resumes from the latest checkpoint and ends with
+    exactly the weights and LOOM table of an uninterrupted run (trained here in-process on one thread, as the
+    Ray worker with its one CPU trains)."""
+    common = [*TINY, "train.max_steps=150", "train.checkpoint_every=10", "train.keep_checkpoints=2",
+              "train.run_name=shared", f"storage.root={store}", f"tracking.local_dir={tmp_path / 'runs'}",
+              f"data.local_cache={tmp_path / 'node'}"]
+    run_uri = store / "runs" / "shared"
+    first = start("train", *sets(*common), cwd=tmp_path)
+    wait_for(lambda: list_checkpoints(str(run_uri)), first, timeout=300, what="the first checkpoint")
+    assert json.loads((run_uri / LEASE_FILE).read_text())["holder"]["pid"] == first.pid
 
+    second = call(capfd, "train", *sets(*common))
+    assert second.returncode == 1 and f"is being trained by pid {first.pid} on " in error_line(second)
 
-def test_interrupted_run_resumes_exactly(tmp_path):
-    common = ("train.max_steps=60", "train.checkpoint_every=10", "train.keep_checkpoints=2")
-    straight = _cli(tmp_path / "a", *common)
-    reference = _finish(straight)
+    record = json.loads((tmp_path / "home" / ".cache" / "loomcfm" / "ray" / f"{first.pid}.json").read_text())
+    os.kill(first.pid, signal.SIGKILL)  # the driver: Ray stops its job's worker soon after, its agents never
+    first.proc.wait()
+    killed_at = list_checkpoints(str(run_uri))[-1][0]
+    time.sleep(2)
+    orphans = [Holder.from_dict(p) for p in record["processes"] if Holder.from_dict(p).alive()]
+    assert orphans, "kill -9 of the driver leaves Ray's agents running (what the next training cleans up)"
 
-    run_uri = interrupt(tmp_path / "b", *common)
-    steps = [s for s, _ in list_checkpoints(run_uri)]
-    assert 20 <= steps[-1] < 60, steps
-    assert not list(Path(run_uri).rglob("result.json"))
+    third = call(capfd, "train", *sets(*common))
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert f"took over the lease of pid {first.pid}" in third.stderr
+    assert re.search(rf"killed \d+ Ray processes left behind by pid {first.pid} on .* \(which is gone\)", third.stderr)
+    assert not [p for p in orphans if p.alive()], "the new training killed what the killed one left"
+    resumed_at = int(re.search(r"resumed from .*step-(\d+)\.pt", third.stderr).group(1))
+    assert resumed_at >= killed_at  # the killed driver's worker may write one more before it is fenced off
+    resumed = json.loads(third.stdout[third.stdout.index("{"):])
+    assert 10 <= resumed_at < 150 and resumed["step"] == 150 and not (run_uri / LEASE_FILE).exists()
+    assert [s for s, _ in list_checkpoints(str(run_uri))] == [140, 150], "only the last k checkpoints are kept"
 
-    resumed = _finish(_cli(tmp_path / "b", *common))
-    assert resumed["step"] == 60
-    a, b = load_checkpoint(reference["checkpoint_uri"]), load_checkpoint(resumed["checkpoint_uri"])
+    cfg = load_config("digits", [*common, f"storage.root={tmp_path / 'straight'}"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = fit(cfg, resumed["dataset_uri"], str(tmp_path / "straight" / "runs" / "s"), torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_checkpoint(straight.checkpoint_uri), load_checkpoint(resumed["checkpoint_uri"])
     assert torch.equal(a["coupling"]["table"], b["coupling"]["table"])
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=0, atol=1e-6)
         torch.testing.assert_close(b["ema"][key], a["ema"][key], rtol=0, atol=1e-6)
-    assert [s for s, _ in list_checkpoints(run_uri)] == [50, 60], "only the last k checkpoints are kept"
 
 
 def test_local_resources_are_checked_before_starting():
