@@ -23,6 +23,7 @@ import torch
 from loomcfm_core import stages
 from loomcfm_core.config import load_config
 from loomcfm_core.training.loop import fit
+from tests.run_cli import forget_ray_token
 
 pytest_plugins = ["tests.cost"]
 
@@ -151,15 +152,10 @@ def _no_local_ray_left():
     without a Ray it did not ask for."""
     yield
     if "ray" in sys.modules:
-        from ray._raylet import AuthenticationTokenLoader
-
         from loomcfm_core.training.local_ray import stop_local_ray
 
         stop_local_ray()
-        # Ray 2.60 gives a new local Ray a token in ~/.ray/auth_token and caches it in the process
-        # (ray/_private/authentication/authentication_token_setup.py); HOME is per test here, so the next
-        # ray.init must read (or write) the token of its own HOME, as its GCS does, not the cached one.
-        AuthenticationTokenLoader.instance().reset_cache()
+        forget_ray_token()
 
 
 @pytest.fixture(autouse=True)

@@ -3,13 +3,18 @@ in this process (:func:`call`) where a test is about what the command says, not 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from loomcfm_core.processes import start_time
 
@@ -80,25 +85,63 @@ def run(*args: str, cwd: Path, timeout: float = 600, prefix: list[str] = (), **e
     return start(*args, cwd=cwd, prefix=prefix, **extra_env).finish(timeout)
 
 
-def call(capfd, *args: str) -> subprocess.CompletedProcess:
-    """``loomcfm <args>`` in this process (``cli.main``): its exit code and what it wrote to stdout and stderr
-    (file descriptors, so a library's own writes count), without the seconds a new process spends importing
-    torch, MLflow and Ray. The command's logging setup and SIGTERM handler are this process's again after it.
-
-    The test's working folder and HOME are the command's (``conftest._isolated_home``)."""
+def call(*args: str) -> subprocess.CompletedProcess:
+    """``loomcfm <args>`` in this process (``cli.main``): its exit code and what it wrote to stdout and stderr,
+    without the seconds a new process spends importing torch, MLflow and Ray. What it writes is taken from the
+    file descriptors (a library's own writes, and a local Ray's, count), so it works in a fixture of any scope.
+    The command's logging setup and SIGTERM handler are this process's again after it; its working folder and
+    HOME are the test's (``conftest._isolated_home``) or the fixture's."""
     from loomcfm_core.cli import main
 
+    forget_ray_token()
     root = logging.getLogger()
     handlers, level, sigterm = root.handlers[:], root.level, signal.getsignal(signal.SIGTERM)
-    capfd.readouterr()
-    try:
-        code = main(list(args))
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        signal.signal(signal.SIGTERM, sigterm)
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(["loomcfm", *args], code, out, err)
+    streams = sys.stdout, sys.stderr
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        for stream in streams:
+            stream.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        # never closed: a library may keep a handler on them (Ray's loggers do), writing into the unlinked file
+        sys.stdout, sys.stderr = (io.TextIOWrapper(os.fdopen(os.dup(fd), "wb"), write_through=True) for fd in (1, 2))
+        try:
+            code = main(list(args))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdout, sys.stderr = streams
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            signal.signal(signal.SIGTERM, sigterm)
+        texts = []
+        for file in (out, err):
+            file.seek(0)
+            texts.append(file.read().decode(errors="replace"))
+    return subprocess.CompletedProcess(["loomcfm", *args], code, *texts)
+
+
+def forget_ray_token() -> None:
+    """Ray 2.60 gives a new local Ray a token in ``~/.ray/auth_token`` and caches it in the process
+    (``ray/_private/authentication/authentication_token_setup.py``); HOME is per test here, so the next
+    ``ray.init`` of this process must read (or write) the token of its own HOME, as its GCS does."""
+    if "ray" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextmanager
+def inside(folder: Path):
+    """Working folder and HOME (``folder/home``) of a command :func:`call` runs in a fixture wider than one
+    test, which ``conftest._isolated_home`` does not reach."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(folder / "home"))
+        patch.chdir(folder)
+        yield folder
 
 
 def on_small_disk(folder: Path, size: str) -> list[str]:

@@ -166,7 +166,7 @@ def test_bad_input_is_one_line_naming_it(name, world, tmp_path, capfd):
         prefix = on_small_disk(tmp_path / "store", row.disk) if row.disk else []
         proc = run(*row.args(world, tmp_path), cwd=tmp_path, timeout=300, prefix=prefix)
     else:
-        proc = call(capfd, *row.args(world, tmp_path))
+        proc = call(*row.args(world, tmp_path))
     assert proc.returncode == row.code, proc.stderr[-4000:]
     line = error_line(proc)
     assert line.startswith("loomcfm: config error: " if row.code == 2 else "loomcfm: error: "), line
@@ -187,7 +187,7 @@ def test_cache_repairs_a_damaged_dataset(world, tmp_path, capfd):
     copy = _copy_dataset(world, tmp_path)
     shard = copy / "train" / "shard-00000.h5"
     _modify_shard(shard)
-    proc = call(capfd, "cache", *store_sets(tmp_path))
+    proc = call("cache", *store_sets(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["dataset_uri"] == str(copy)
     assert f"{copy}: rebuilding it ({shard}: checksum mismatch" in proc.stderr
@@ -198,7 +198,7 @@ def test_cache_repairs_a_damaged_dataset(world, tmp_path, capfd):
 
 def test_rgb_images_are_converted_when_asked_and_the_conversion_is_logged(tmp_path, capfd):
     source = _imagefolder(tmp_path / "rgb", ["a", "b"], "RGB")
-    proc = call(capfd, "cache", *sets(f"data.source=imagefolder:{source}", "data.name=rgb", "data.convert=true"),
+    proc = call("cache", *sets(f"data.source=imagefolder:{source}", "data.name=rgb", "data.convert=true"),
                 *store_sets(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"{source}/train: converted 6 RGB images to 1 channels (data.convert=true)" in proc.stderr
@@ -206,8 +206,8 @@ def test_rgb_images_are_converted_when_asked_and_the_conversion_is_logged(tmp_pa
 
 def test_one_source_folder_is_one_dataset_however_it_is_written(tmp_path, capfd):
     _imagefolder(tmp_path / "faces", ["a", "b"], "L")
-    first = call(capfd, "cache", *sets("data.source=imagefolder:faces", "data.name=f"), *store_sets(tmp_path))
-    second = call(capfd, "cache", *sets(f"data.source=imagefolder:{tmp_path}/./faces/", "data.name=f"),
+    first = call("cache", *sets("data.source=imagefolder:faces", "data.name=f"), *store_sets(tmp_path))
+    second = call("cache", *sets(f"data.source=imagefolder:{tmp_path}/./faces/", "data.name=f"),
                   *store_sets(tmp_path))
     a, b = (json.loads(p.stdout[p.stdout.index("{"):]) for p in (first, second))
     assert a["dataset_uri"] == b["dataset_uri"] and a["created"] and not b["created"]

@@ -163,7 +163,7 @@ def test_two_trainings_of_one_s3_run_folder(tmp_path, s3_bucket, capfd):
     wait_for(lambda: _steps(run_uri), first, what="the first checkpoint")
     assert json.loads(storage_for(run_uri).read_text(join(run_uri, LEASE_FILE)))["holder"]["pid"] == first.pid
 
-    second = call(capfd, *_train("train.max_steps=100000"), *_dataset(root), *common)
+    second = call(*_train("train.max_steps=100000"), *_dataset(root), *common)
     assert second.returncode == 1
     assert f"{run_uri} is being trained by pid {first.pid} on " in error_line(second)
 

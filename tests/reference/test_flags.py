@@ -12,7 +12,7 @@ from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.errors import UsageError
 from loomcfm_core.reference.flags import flag_overrides
 from tests.conftest import SMALL
-from tests.run_cli import TINY, run, sets, store_sets
+from tests.run_cli import TINY, call, sets, store_sets
 
 
 def _config(argv):
@@ -59,16 +59,16 @@ def test_pairs_writes_num_images_pairs_where_asked(tmp_path, checkpoint, capsys)
         p.name.startswith("digits-pairs") for p in (tmp_path / "store" / "datasets").iterdir())
 
 
-def test_train_resume_step_resumes_from_that_checkpoint_not_the_latest(tmp_path):
+@pytest.mark.ray
+def test_train_resume_step_resumes_from_that_checkpoint_not_the_latest(tmp_path, store):
     common = [*sets(*TINY, "train.checkpoint_every=2", "train.keep_checkpoints=5"), *store_sets(tmp_path)]
-    first = run("train", "--run-name", "r", *common, *sets("train.max_steps=4"), cwd=tmp_path)
+    first = call("train", "--run-name", "r", *common, *sets("train.max_steps=4"))
     assert first.returncode == 0, first.stderr[-4000:]
     run_uri = json.loads(first.stdout[first.stdout.index("{"):])["run_uri"]
     assert run_uri.endswith("/runs/r") and [s for s, _ in list_checkpoints(run_uri)] == [2, 4]
     later = load_checkpoint(f"{run_uri}/checkpoints/step-00000004.pt")
 
-    again = run("train", "--run-name", "r", "--resume-step", "2", "--wandb", *common, *sets("train.max_steps=3"),
-                cwd=tmp_path)
+    again = call("train", "--run-name", "r", "--resume-step", "2", "--wandb", *common, *sets("train.max_steps=3"))
     assert again.returncode == 0, again.stderr[-4000:]
     assert f"resumed from {run_uri}/checkpoints/step-00000002.pt (step 2)" in again.stderr
     assert "--wandb: tracking is MLflow" in again.stderr
@@ -78,5 +78,5 @@ def test_train_resume_step_resumes_from_that_checkpoint_not_the_latest(tmp_path)
     aside = load_checkpoint(f"{run_uri}/set-aside/step-00000004.pt")
     assert aside["step"] == 4 and all(torch.equal(aside["ema"][k], v) for k, v in later["ema"].items())
 
-    missing = run("train", "--run-name", "r", "--resume-step", "7", *common, cwd=tmp_path)
+    missing = call("train", "--run-name", "r", "--resume-step", "7", *common)
     assert missing.returncode == 1 and "--resume-step 7:" in missing.stderr and "(steps: 2, 3;" in missing.stderr

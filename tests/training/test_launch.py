@@ -73,7 +73,7 @@ def test_a_killed_training_is_taken_over_and_resumes_exactly(tmp_path, store, ca
     wait_for(lambda: list_checkpoints(str(run_uri)), first, timeout=300, what="the first checkpoint")
     assert json.loads((run_uri / LEASE_FILE).read_text())["holder"]["pid"] == first.pid
 
-    second = call(capfd, "train", *sets(*common))
+    second = call("train", *sets(*common))
     assert second.returncode == 1 and f"is being trained by pid {first.pid} on " in error_line(second)
 
     record = json.loads((tmp_path / "home" / ".cache" / "loomcfm" / "ray" / f"{first.pid}.json").read_text())
@@ -84,7 +84,7 @@ def test_a_killed_training_is_taken_over_and_resumes_exactly(tmp_path, store, ca
     orphans = [Holder.from_dict(p) for p in record["processes"] if Holder.from_dict(p).alive()]
     assert orphans, "kill -9 of the driver leaves Ray's agents running (what the next training cleans up)"
 
-    third = call(capfd, "train", *sets(*common))
+    third = call("train", *sets(*common))
     assert third.returncode == 0, third.stderr[-4000:]
     assert f"took over the lease of pid {first.pid}" in third.stderr
     assert re.search(rf"killed \d+ Ray processes left behind by pid {first.pid} on .* \(which is gone\)", third.stderr)

@@ -6,23 +6,28 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
-from tests.run_cli import TINY, error_line, run, sets, store_sets
+from tests.run_cli import TINY, call, error_line, inside, sets, store_sets
+
+pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, digits_dataset):
     """A 10-step training under the default run name, then the same command with ``train.max_steps=20`` and
     other free keys (logging, checkpoints, loader workers)."""
     root = tmp_path_factory.mktemp("resume")
-    first = run("train", *sets(*TINY, "train.max_steps=10", "train.checkpoint_every=5"), *store_sets(root), cwd=root)
-    assert first.returncode == 0, first.stderr[-4000:]
-    longer = run("train", *sets(*TINY, "train.max_steps=20", "train.checkpoint_every=4", "train.log_every=2",
-                                "data.num_workers=1"), *store_sets(root), cwd=root)
+    shutil.copytree(digits_dataset, root / "store" / "datasets" / digits_dataset.name)
+    with inside(root):
+        first = call("train", *sets(*TINY, "train.max_steps=10", "train.checkpoint_every=5"), *store_sets(root))
+        assert first.returncode == 0, first.stderr[-4000:]
+        longer = call("train", *sets(*TINY, "train.max_steps=20", "train.checkpoint_every=4", "train.log_every=2",
+                                     "data.num_workers=1"), *store_sets(root))
     assert longer.returncode == 0, longer.stderr[-4000:]
     return root, _result(first), _result(longer), longer.stderr
 
@@ -48,8 +53,8 @@ def test_train_longer_resumes_the_same_run_from_its_last_step(trained):
 def test_a_changed_identity_is_refused_listing_the_keys(trained):
     root, first, _, _ = trained
     name = first["run_uri"].rsplit("/", 1)[-1]
-    proc = run("train", *sets(*TINY, "train.max_steps=30", f"train.run_name={name}", "model.dropout=0.2",
-                              "coupling.kind=independent"), *store_sets(root), cwd=root)
+    proc = call("train", *sets(*TINY, "train.max_steps=30", f"train.run_name={name}", "model.dropout=0.2",
+                              "coupling.kind=independent"), *store_sets(root))
     assert proc.returncode == 1
     line = error_line(proc)
     assert re.search(rf"{first['run_uri']}/checkpoints/step-00000020\.pt: this run was trained with other "
@@ -62,7 +67,7 @@ def test_a_rerun_of_a_finished_training_registers_no_new_version(trained):
     root, first, longer, _ = trained
     client = _mlflow(root)
     before = client.search_model_versions("name = 'loomcfm-digits'")
-    again = run("train", *sets(*TINY, "train.max_steps=20"), *store_sets(root), cwd=root)
+    again = call("train", *sets(*TINY, "train.max_steps=20"), *store_sets(root))
     assert again.returncode == 0, again.stderr[-4000:]
     result = _result(again)
     assert result["model_version"] == longer["model_version"] and result["checkpoint_uri"] == longer["checkpoint_uri"]
@@ -77,12 +82,12 @@ def test_a_schedule_change_is_applied_and_recorded_only_when_allowed(trained):
     name = first["run_uri"].rsplit("/", 1)[-1]
     args = ["train", *sets(*TINY, "train.max_steps=25", f"train.run_name={name}", "train.lr=5e-4",
                            "train.warmup_steps=10"), *store_sets(root)]
-    refused = run(*args, cwd=root)
+    refused = call(*args)
     assert refused.returncode == 2
     assert re.search(r"train: train\.lr \(0\.001 -> 0\.0005\), train\.warmup_steps \(5 -> 10\) differ from the run's "
                      r"latest checkpoint .*step-00000020\.pt \(checkpoint -> now\); to change the schedule on resume, "
                      r"allow it: --allow-change train\.lr --allow-change train\.warmup_steps", error_line(refused))
-    allowed = run(*args, "--allow-change", "train.lr", "--allow-change", "train.warmup_steps", cwd=root)
+    allowed = call(*args, "--allow-change", "train.lr", "--allow-change", "train.warmup_steps")
     assert allowed.returncode == 0, allowed.stderr[-4000:]
     ckpt = load_checkpoint(_result(allowed)["checkpoint_uri"])
     assert ckpt["step"] == 25
