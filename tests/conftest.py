@@ -51,14 +51,20 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
 
 
 @pytest.fixture(scope="session")
-def digits_dataset(tmp_path_factory) -> Path:
+def digits_cache(tmp_path_factory):
     """The digits dataset cached once per session by the cache stage, with what evaluation needs beside it
     (the feature classifier, its reference statistics): about 20 s that every test needing them would
     otherwise spend again. Tests get a copy of it in their own storage root (:func:`store`)."""
     root = tmp_path_factory.mktemp("digits")
     cfg = load_config("digits", [f"storage.root={root / 'store'}", f"tracking.local_dir={root / 'runs'}",
                                  f"data.local_cache={root / 'node'}"])
-    return Path(stages.cache(cfg).dataset_uri)
+    return stages.cache(cfg)
+
+
+@pytest.fixture(scope="session")
+def digits_dataset(digits_cache) -> Path:
+    """The folder of :func:`digits_cache`'s dataset (read only: copy it to change it)."""
+    return Path(digits_cache.dataset_uri)
 
 
 @pytest.fixture()

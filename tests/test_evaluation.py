@@ -11,17 +11,17 @@ from PIL import Image
 
 from loomcfm_core.evaluation import MethodResult, draw_fd_vs_nfe
 from tests.conftest import SMALL
-from tests.run_cli import run, sets
+from tests.run_cli import call, sets
 
 
 def test_two_evaluations_of_one_checkpoint_keep_their_own_results(tmp_path, checkpoint):
     common = sets(*SMALL, f"storage.root={tmp_path}/store", f"tracking.local_dir={tmp_path}/runs",
                   "eval.num_samples=64", "eval.batch_size=64")
-    first = run("evaluate", "--ckpt", checkpoint, "--methods", "euler-1", *common, cwd=tmp_path)
+    first = call("evaluate", "--ckpt", checkpoint, "--methods", "euler-1", *common)
     assert first.returncode == 0, first.stderr[-4000:]
     first_uri = json.loads(first.stdout[first.stdout.index("{"):])["eval_uri"]
     before = {p.name: p.read_bytes() for p in Path(first_uri).iterdir()}
-    second = run("evaluate", "--ckpt", checkpoint, "--methods", "euler-2", "midpoint-1", *common, cwd=tmp_path)
+    second = call("evaluate", "--ckpt", checkpoint, "--methods", "euler-2", "midpoint-1", *common)
     assert second.returncode == 0, second.stderr[-4000:]
     second_uri = json.loads(second.stdout[second.stdout.index("{"):])["eval_uri"]
 

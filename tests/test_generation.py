@@ -11,7 +11,6 @@ from loomcfm_core.config import load_config
 from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.evaluation import evaluate
-from loomcfm_core.feature_store import train_dataset_classifier
 from loomcfm_core.generation import worker_ranges
 from loomcfm_core.models.loading import build_model
 from loomcfm_core.reflow import generate_pairs
@@ -37,14 +36,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_two_ray_workers_equal_one_worker(tmp_path, one_thread):
+@pytest.mark.ray
+def test_two_ray_workers_equal_one_worker(tmp_path, store, one_thread):
     common = [*SMALL, "reflow.num_pairs=20", "reflow.method=euler-2",
               "sample.batch_size=6", "data.shard_size=8", "eval.num_samples=30", "eval.batch_size=8",
               "eval.methods=[euler-1,midpoint-1]", "ray.cpus_per_worker=1"]
-    one = load_config("digits", [*common, f"storage.root={tmp_path}/store"])
+    one = load_config("digits", [*common, f"storage.root={store}"])
     two = load_config("digits", [*common, f"storage.root={tmp_path}/two", "ray.num_workers=2"])
-    dataset_uri = cache_dataset(one).uri
-    train_dataset_classifier(dataset_uri, one.data.local_cache, seed=0)
+    dataset_uri = cache_dataset(one).uri  # the session's, with its classifier
     torch.manual_seed(0)
     model = build_model(one).eval()
     for p in model.out.parameters():  # a network that does not output zeros everywhere

@@ -14,6 +14,8 @@ from loomcfm_core.data.cache import read_manifest
 from tests.models.autoencoders import tiny_latent_yaml
 from tests.test_pipeline import pipeline_runs, run_pipeline
 
+pytestmark = pytest.mark.ray
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent")

@@ -1,5 +1,7 @@
 """Fréchet distance, the Inception feature path with a test-made weights file, and the digits classifier."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,9 +9,8 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 
 from loomcfm_core.checksums import sha256_file
 from loomcfm_core.config import load_config
-from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.errors import MetricsError
-from loomcfm_core.feature_store import load_classifier, train_dataset_classifier
+from loomcfm_core.feature_store import load_classifier
 from loomcfm_core.metrics import (ClassifierFeatures, FeatureStats, InceptionFeatures, dataset_images,
                                   feature_network, feature_network_kind, frechet_distance, reference_stats)
 from loomcfm_core.storage import storage_for
@@ -34,7 +35,9 @@ def test_frechet_distance_matches_pytorch_fid(dim):
 def test_stats_round_trip():
     stats = FeatureStats.of(np.random.default_rng(0).normal(size=(50, 4)))
     back = FeatureStats.from_bytes(stats.to_bytes())
-    np.testing.assert_array_equal(back.sigma, stats.sigma) and back.count == 50
+    np.testing.assert_array_equal(back.mu, stats.mu)
+    np.testing.assert_array_equal(back.sigma, stats.sigma)
+    assert back.count == stats.count == 50
 
 
 def test_inception_features_load_resize_and_batch(tmp_path, random_inception):
@@ -57,11 +60,12 @@ def test_not_inception_weights(tmp_path):
         feature_network(inception_cfg(tmp_path, bogus, f"eval.inception_sha256={sha256_file(bogus)}"), "unused")
 
 
-def test_fd_digits_separates_real_from_noise(tmp_path):
-    cfg = load_config("digits", [f"storage.root={tmp_path}/store"])
-    uri = cache_dataset(cfg).uri
-    accuracy = train_dataset_classifier(uri, cfg.data.local_cache)
-    assert accuracy > 0.9
+def test_fd_digits_separates_real_from_noise(tmp_path, digits_cache, store):
+    """On the session's cache, whose stage trained the classifier (``train_dataset_classifier``) and stored
+    the train split's statistics beside the dataset."""
+    assert digits_cache.classifier_val_accuracy > 0.9
+    cfg = load_config("digits", [f"storage.root={store}"])
+    uri = str(store / "datasets" / Path(digits_cache.dataset_uri).name)
     network = feature_network(cfg, uri)
     assert isinstance(network, ClassifierFeatures) and network.metric == "fd_digits"
     train_stats = reference_stats(cfg, uri, network)

@@ -1,8 +1,7 @@
 """`loomcfm run` end to end on a small digits budget: every stage, and what MLflow holds afterwards."""
 
 import json
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -14,17 +13,19 @@ from PIL import Image
 from loomcfm_core.config import load_config
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.metrics import FeatureStats, dataset_images, feature_network, frechet_distance, reference_stats
+from tests.run_cli import call, inside, sets
+
+pytestmark = pytest.mark.ray
 
 SMALL = ["train.max_steps=150", "reflow.max_steps=60", "reflow.num_pairs=512", "eval.num_samples=400",
          "eval.methods=[euler-1,euler-4,euler-8]", "ray.cpus_per_worker=1", "train.checkpoint_every=100"]
 
 
 def run_pipeline(root, *args) -> str:
-    """``loomcfm run *args`` as a subprocess in ``root``, its store and MLflow under it; returns its output."""
-    args = [sys.executable, "-m", "loomcfm_core.cli", "run", *args]
-    for item in (f"storage.root={root}/store", f"tracking.local_dir={root}/runs"):
-        args += ["--set", item]
-    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=900)
+    """``loomcfm run *args`` in ``root`` (this process, ``tests.run_cli.call``), its store and MLflow under it;
+    returns its output."""
+    with inside(root):
+        proc = call("run", *args, *sets(f"storage.root={root}/store", f"tracking.local_dir={root}/runs"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
 
@@ -36,9 +37,10 @@ def pipeline_runs(root, experiment="loomcfm-digits"):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(tmp_path_factory, digits_dataset):
     root = tmp_path_factory.mktemp("pipeline")
-    return root, run_pipeline(root, *[a for item in SMALL for a in ("--set", item)])
+    shutil.copytree(digits_dataset, root / "store" / "datasets" / digits_dataset.name)  # its cache: found
+    return root, run_pipeline(root, *sets(*SMALL))
 
 
 def test_run_prints_the_summary_and_the_mlflow_command(pipeline):

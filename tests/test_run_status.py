@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from loomcfm_core import stages
 from loomcfm_core.config import load_config
 from tests.conftest import SMALL
-from tests.run_cli import error_line, run, sets, start, wait_for
+from tests.run_cli import call, error_line, sets, start, wait_for
 
 
 @pytest.fixture()
@@ -65,7 +65,7 @@ def test_a_stage_killed_outright_is_marked_failed_by_the_next(tmp_path, checkpoi
     holder = json.loads(dead.data.tags["loomcfm.holder"])
     assert holder["pid"] == proc.pid
 
-    again = run("cache", *sets(*overrides), cwd=tmp_path)
+    again = call("cache", *sets(*overrides))
     assert again.returncode == 0, again.stderr[-3000:]
     dead = client.get_run(dead.info.run_id)
     assert dead.info.status == "FAILED"
@@ -76,8 +76,8 @@ def test_a_stage_killed_outright_is_marked_failed_by_the_next(tmp_path, checkpoi
 
 def test_a_failed_stage_fails_its_parent(tmp_path, setup):
     cfg, overrides, _, parent, client = setup
-    proc = run("evaluate", "--ckpt", str(tmp_path / "store" / "runs" / "s" / "checkpoints" / "step-00000003.pt"),
-               "--dataset", str(tmp_path / "nowhere"), "--parent-run-id", parent, *sets(*overrides), cwd=tmp_path)
+    proc = call("evaluate", "--ckpt", str(tmp_path / "store" / "runs" / "s" / "checkpoints" / "step-00000003.pt"),
+                "--dataset", str(tmp_path / "nowhere"), "--parent-run-id", parent, *sets(*overrides))
     assert proc.returncode == 1 and "nowhere/classifier.pt not found" in error_line(proc)
     (failed,) = _stage_runs(client, cfg, "evaluate")
     assert failed.info.status == "FAILED" and client.get_run(parent).info.status == "FAILED"

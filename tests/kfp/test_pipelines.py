@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,8 @@ pytestmark = pytest.mark.timeout(2700)
 # find their finished training in the same run folder and log into that training's MLflow run (a child of
 # the first parent) instead of starting another.
 RERUN_CHILDREN = []
-TINY = ["train.max_steps=30", "reflow.max_steps=20", "reflow.num_pairs=256", "eval.num_samples=300",
-        "eval.methods=[euler-1,euler-4]", "ray.cpus_per_worker=1", "model.attn_resolutions=[]"]
+TINY = ["train.max_steps=6", "reflow.max_steps=4", "reflow.num_pairs=128", "eval.num_samples=64",
+        "eval.methods=[euler-1,euler-4]", "ray.cpus_per_worker=1", "model.channels=32", "model.attn_resolutions=[]"]
 
 
 def _without_comments(text: str) -> list[str]:
@@ -92,6 +93,7 @@ def test_the_train_component_turns_its_parameters_into_kube_settings():
         load_config_text("digits", as_overrides(ray_workers=0))
 
 
+@pytest.mark.kfp_local
 def test_bad_overrides_fail_before_anything_runs(tmp_path, capfd):
     with pytest.raises(ConfigError, match=r"train\.lrr: unknown config key"):
         runner.arguments("full", "digits", ["train.lrr=1"], None)
@@ -118,10 +120,12 @@ class _Messages(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def local_runs(tmp_path_factory):
+def local_runs(tmp_path_factory, digits_dataset):
     """The full pipeline twice with caching (the second run may reuse steps of the first), then the reflow
-    pipeline from its checkpoint with overrides, on kfp.local; kfp.local's own log lines are kept."""
+    pipeline from its checkpoint with overrides, on kfp.local; kfp.local's own log lines are kept. The digits
+    dataset is cached in the store already: the cache steps run, and find it."""
     root = tmp_path_factory.mktemp("kfp")
+    shutil.copytree(digits_dataset, root / "store" / "datasets" / digits_dataset.name)
     sets = [*TINY, f"storage.root={root}/store", f"tracking.local_dir={root}/runs"]
     cwd = os.getcwd()
     os.chdir(root)
@@ -139,7 +143,7 @@ def local_runs(tmp_path_factory):
         runner.run_local("full", runner.arguments("full", "digits", sets, None), str(root / "full"), caching=True)
         second = handler.messages
         model = json.loads(_run_dirs(root, "full")[0].joinpath("train", "model").read_text())
-        reflow_sets = [*sets, "reflow.num_pairs=128", "reflow.method=euler-2", "reflow.max_steps=10"]
+        reflow_sets = [*sets, "reflow.num_pairs=160", "reflow.method=euler-2", "reflow.max_steps=3"]
         runner.run_local("reflow", runner.arguments("reflow", "digits", reflow_sets, model["uri"]),
                          str(root / "reflow"))
     finally:
@@ -159,11 +163,13 @@ def _outputs(root, pipeline, step):
     return json.loads((_run_dirs(root, pipeline)[0] / step / "executor_output.json").read_text())
 
 
+@pytest.mark.ray
+@pytest.mark.kfp_local
 def test_full_pipeline_steps_and_lineage(local_runs):
     root, model, _, _ = local_runs
     steps = {p.name for p in _run_dirs(root, "full")[0].iterdir()}
     assert steps == {"prepare", "cache", "train", "evaluate", "pairs", "train-2", "evaluate-2"}
-    assert model["uri"].endswith("step-00000030.pt") and Path(model["uri"]).is_file()
+    assert model["uri"].endswith("step-00000006.pt") and Path(model["uri"]).is_file()
     dataset = json.loads((_run_dirs(root, "full")[0] / "cache" / "dataset").read_text())
     assert (Path(dataset["uri"]) / "manifest.json").is_file() and dataset["num_train"] == 1500
     metrics = _outputs(root, "full", "evaluate")["artifacts"]["metrics"]["artifacts"][0]["metadata"]
@@ -172,6 +178,8 @@ def test_full_pipeline_steps_and_lineage(local_runs):
     assert "| euler-4 | 4.0 |" in report
 
 
+@pytest.mark.ray
+@pytest.mark.kfp_local
 def test_a_second_run_reuses_the_deterministic_steps(local_runs):
     """Same config, caching on: kfp.local finds cache, evaluate and pairs under the keys of the first run and
     skips them (sdk/local/orchestrator/task_executor.py logs the hit); prepare and training run again."""
@@ -185,6 +193,8 @@ def test_a_second_run_reuses_the_deterministic_steps(local_runs):
         json.loads((first / "train" / "model").read_text())["uri"]
 
 
+@pytest.mark.ray
+@pytest.mark.kfp_local
 def test_mlflow_runs_of_the_pipelines(local_runs):
     root, _, _, printed = local_runs
     client = MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
@@ -208,14 +218,17 @@ def test_mlflow_runs_of_the_pipelines(local_runs):
                                                           reflow_only.info.run_id), "no base model in that pipeline"
 
 
+@pytest.mark.ray
+@pytest.mark.kfp_local
 def test_reflow_pipeline_applied_its_overrides(local_runs):
     root, model, _, _ = local_runs
     pairs = json.loads((_run_dirs(root, "reflow")[0] / "pairs" / "dataset").read_text())
-    assert pairs["num_pairs"] == 128 and pairs["method"] == "euler-2"
+    assert pairs["num_pairs"] == 160 and pairs["method"] == "euler-2"
     trained = json.loads((_run_dirs(root, "reflow")[0] / "train" / "model").read_text())
-    assert trained["uri"].endswith("step-00000010.pt") and trained["alias"] == "reflow"
+    assert trained["uri"].endswith("step-00000003.pt") and trained["alias"] == "reflow"
 
 
+@pytest.mark.kfp_local
 def test_prepare_in_a_kfp_pod_refuses_pod_local_storage_and_tracking(tmp_path, monkeypatch, capfd):
     """A step of a real KFP run has KFP_POD_NAME (set by the driver); with the digits defaults every later
     step would lose the dataset and the MLflow runs, so prepare fails first, naming both keys."""
