@@ -553,6 +553,7 @@ def test_sigterm_with_leave_keeps_the_rayjob_and_the_retried_step_adopts_it(clus
 
 # ---- a retry that resumes a real training --------------------------------------------------------------------
 
+@pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_a_killed_attempt_is_retried_and_resumes_to_the_uninterrupted_result(tmp_path, s3_bucket, monkeypatch, caplog):
     """The simulator runs each attempt's entrypoint (`loomcfm train` on digits, s3:// storage on moto) and kills

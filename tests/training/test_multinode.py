@@ -201,6 +201,7 @@ def _summary(proc, timeout):
     pytest.fail(f"no result printed:\n{out[-6000:]}")
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_a_killed_worker_node_rejoins_and_training_ends_as_uninterrupted(cluster, bridge_s3, tmp_path):
     s3, bucket = bridge_s3
