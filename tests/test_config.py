@@ -151,13 +151,6 @@ def test_cli_reads_config_text_from_the_environment(monkeypatch, capsys):
     assert "$LOOMCFM_CONFIG_YAML" in capsys.readouterr().err
 
 
-def test_no_usage_statistics_leave_the_machine():
-    import loomcfm_core  # noqa: F401 - importing the package is what sets the defaults
-
-    assert os.environ["RAY_USAGE_STATS_ENABLED"] == "0" and os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
-    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_HUB_DISABLE_TELEMETRY"] == "1"
-
-
 def test_latent_preset_shape_comes_from_the_autoencoder():
     cfg = load_config("ffhq256_latent")
     assert cfg.data.source.startswith("imagefolder:") and cfg.data.shape == (3, 256, 256)

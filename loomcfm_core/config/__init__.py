@@ -11,9 +11,10 @@ from loomcfm_core.config.loading import (
     suggest_key,
     validate,
 )
-from loomcfm_core.config.schema import Config, DataConfig, ModelConfig
+from loomcfm_core.config.schema import Config, DataConfig, EvalConfig, ModelConfig, RayConfig, TrackingConfig
 from loomcfm_core.config.tree import flatten
 from loomcfm_core.errors import ConfigError
 
-__all__ = ["DEFAULT_PRESET", "Config", "ConfigError", "DataConfig", "ModelConfig", "apply_overrides", "config_text",
-           "flatten", "load_config", "load_config_text", "preset_names", "suggest_key", "validate"]
+__all__ = ["DEFAULT_PRESET", "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "RayConfig",
+           "TrackingConfig", "apply_overrides", "config_text", "flatten", "load_config", "load_config_text",
+           "preset_names", "suggest_key", "validate"]

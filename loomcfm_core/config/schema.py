@@ -1,7 +1,10 @@
-"""The config tree: its sections, their fields, ranges and allowed values, and the checks across fields.
+"""The config tree: its sections, their fields, ranges and allowed values, the checks across fields, and one
+property for each question the rest of the code asks of a whole config (:attr:`Config.is_reflow`, ...).
 
-Allowed values come from the modules that implement them (coupling kinds, solvers, source kinds, URI
-forms, schedule keys); the schema only checks against them.
+Allowed values are defined once, in leaf modules that import nothing of the config: the fixed sets in
+:mod:`loomcfm_core.choices`, the URI forms in :mod:`loomcfm_core.storage`, the schedule keys in
+:mod:`loomcfm_core.identity`; the ``kube`` section is :mod:`loomcfm_core.kube.settings`. The schema only
+checks against them.
 """
 
 from __future__ import annotations
@@ -11,18 +14,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, Field, field_validator, model_serializer, model_validator
 
-# The allowed values are defined by the modules that implement them; the config only checks against them.
-from loomcfm_core.coupling import COSTS, KINDS
+from loomcfm_core.choices import (ASSIGNMENT_SOLVERS, AUTOENCODERS, COSTS, COUPLINGS, FEATURE_NETWORKS, TARGET_DTYPES,
+                                  check_method, check_source, source_forms)
 from loomcfm_core.config.tree import Section as _Section
 from loomcfm_core.config.tree import flatten
-from loomcfm_core.coupling_solve import SOLVERS
-from loomcfm_core.data.pairs import TARGET_DTYPES
-from loomcfm_core.data.sources import check_source, source_forms
 from loomcfm_core.errors import did_you_mean
 from loomcfm_core.identity import SCHEDULE_KEYS
 from loomcfm_core.kube.settings import KubeConfig
-from loomcfm_core.models.autoencoder import KINDS as AUTOENCODER_KINDS
-from loomcfm_core.sampling import check_method
 from loomcfm_core.storage import check_uri
 
 # Locations: any storage URI, or only a node-local folder (checked by :func:`loomcfm_core.storage.check_uri`).
@@ -57,7 +55,7 @@ class DataConfig(_Section):
 class AutoencoderConfig(_Section):
     """The pretrained autoencoder whose latent space the flow is trained in (``models/autoencoder.py``)."""
 
-    kind: Literal[AUTOENCODER_KINDS] = Field(description="kl: a KL (Gaussian posterior) autoencoder; vq: a "
+    kind: Literal[AUTOENCODERS] = Field(description="kl: a KL (Gaussian posterior) autoencoder; vq: a "
                                              "vector-quantised one")
     weights: Uri = Field(description="path/URI: a diffusers folder (config.json + diffusion_pytorch_model."
                          "safetensors), a latent-diffusion / Stable Diffusion single file, or a reference "
@@ -108,12 +106,12 @@ class ModelConfig(_Section):
 
 
 class CouplingConfig(_Section):
-    kind: Literal[KINDS] = "loom"
+    kind: Literal[COUPLINGS] = "loom"
     num_seeds: int = Field(4, ge=1, description="K: noise seeds owned by every data point")
     cost: Literal[COSTS] = "l2"
     max_problem: int = Field(1024, ge=1, description="most items in one assignment problem: a larger global "
                              "batch is solved per rank, a smaller one together with the next batches that fit")
-    solver: Literal[SOLVERS] = Field("lapjv", description="exact assignment solver")
+    solver: Literal[ASSIGNMENT_SOLVERS] = Field("lapjv", description="exact assignment solver")
     pipelined: bool = Field(True, description="solve the next batch's assignment on a host thread while this "
                             "batch trains (same result as without)")
     converge_epochs: int = Field(0, ge=0, description="loom: passes of reassignment over the data with no "
@@ -171,7 +169,7 @@ class TrainConfig(_Section):
         return value
 
 
-# A sampling method string, ``<solver>-<steps>`` with a solver :mod:`loomcfm_core.sampling` implements.
+# A sampling method string, ``<solver>-<steps>`` (:func:`loomcfm_core.choices.parse_method`).
 Method = Annotated[str, AfterValidator(check_method)]
 
 
@@ -186,7 +184,7 @@ class EvalConfig(_Section):
     methods: list[Method] = Field(["euler-1", "euler-2", "euler-4", "euler-8", "dopri5-1"], min_length=1)
     num_samples: int = Field(2000, ge=2)
     batch_size: int = Field(500, ge=1)
-    feature_network: Literal["auto", "inception", "classifier"] = Field(
+    feature_network: Literal[FEATURE_NETWORKS] = Field(
         "auto", description="auto: the stored classifier for builtin:digits (fd_<name>), Inception (FID) otherwise")
     inception_weights: Uri | None = Field(None, description="path/URI of the TF-Inception 2015-12-05 weights "
                                           "(torch-fidelity format)")
@@ -248,6 +246,42 @@ class Config(_Section):
             return self.data.shape
         side = self.data.resolution // autoencoder.downsample
         return (autoencoder.latent_channels, side, side)
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether the flow lives in an autoencoder's latent space (``model.autoencoder``)."""
+        return self.model.autoencoder is not None
+
+    @property
+    def is_reflow(self) -> bool:
+        """Whether this trains on reflow pairs (``coupling.kind: pairs``): its model registers as ``reflow``."""
+        return self.coupling.kind == "pairs"
+
+    @property
+    def experiment(self) -> str:
+        """The MLflow experiment of this config's runs: ``tracking.experiment``, else one per config name
+        (``loomcfm-<name>``), so runs of one config compare side by side and different configs do not mix."""
+        return self.tracking.experiment or f"loomcfm-{self.name}"
+
+    @property
+    def registered_model(self) -> str:
+        """The name its trained models register under (``loomcfm-<name>``; aliases ``base`` and ``reflow``)."""
+        return f"loomcfm-{self.name}"
+
+    @property
+    def feature_network(self) -> str:
+        """The network evaluation scores with (``eval.feature_network`` with ``auto`` decided): the classifier
+        stored with the built-in digits (no Inception weights at hand, and 8x8 digits are far from what
+        Inception saw), Inception otherwise."""
+        if self.eval.feature_network == "auto":
+            return "classifier" if self.data.source == "builtin:digits" else "inception"
+        return self.eval.feature_network
+
+    @property
+    def pair_target_dtype(self) -> str:
+        """How reflow pair targets are stored: ``reflow.target_dtype`` for pixels; a latent model's targets are
+        latents, not pixels, and stay float32."""
+        return "float32" if self.is_latent else self.reflow.target_dtype
 
     @model_validator(mode="after")
     def _model_fits_data(self) -> Config:

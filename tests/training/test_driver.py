@@ -14,9 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
 from loomcfm_core.config import load_config
-from loomcfm_core.training.launch import check_local_resources, with_absolute_paths
-from loomcfm_core.training.loop import run_uri_for
-from tests.models.autoencoders import latent_config
 from tests.training import TINY
 
 
@@ -87,25 +84,3 @@ def test_interrupted_run_resumes_exactly(tmp_path):
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=0, atol=1e-6)
         torch.testing.assert_close(b["ema"][key], a["ema"][key], rtol=0, atol=1e-6)
     assert [s for s, _ in list_checkpoints(run_uri)] == [50, 60], "only the last k checkpoints are kept"
-
-
-def test_local_resources_are_checked_before_starting():
-    with pytest.raises(ValueError, match=r"ray.num_workers=2 x ray.cpus_per_worker=2.0 needs 4 CPUs"):
-        check_local_resources(load_config("digits", ["ray.num_workers=2"]), {"CPU": 2.0})
-    with pytest.raises(ValueError, match="GPUs"):
-        check_local_resources(load_config("digits", ["ray.use_gpu=true"]), {"CPU": 2.0})
-    check_local_resources(load_config("digits"), {"CPU": 2.0})
-
-
-def test_worker_configs_name_the_autoencoder_by_absolute_path(tmp_path, monkeypatch):
-    """Generation workers (Ray tasks, other working directories) decode with the autoencoder, so its paths
-    travel absolute; the run keeps the name of the config as given (``stages`` reads results back by it):
-    ``identity.URI_KEYS`` names a run by the absolute form of these paths."""
-    monkeypatch.chdir(tmp_path)
-    cfg = latent_config(tmp_path, "weights/kl.safetensors", "model.autoencoder.config=weights/config.json")
-    out = with_absolute_paths(cfg)
-    assert out.model.autoencoder.weights == str(tmp_path / "weights" / "kl.safetensors")
-    assert out.model.autoencoder.config == str(tmp_path / "weights" / "config.json")
-    assert cfg.model.autoencoder.weights == "weights/kl.safetensors", "the caller's config is not changed"
-    assert with_absolute_paths(load_config("digits")).model.autoencoder is None
-    assert run_uri_for(cfg, "d") == run_uri_for(out, "d"), "the run's name compares the paths absolute"
