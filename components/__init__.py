@@ -12,5 +12,5 @@ from components.pairs import pairs
 from components.prepare import prepare
 from components.train import train
 
-__all__ = ["ablation_arm", "ablation_plan", "ablation_report", "cache", "evaluate", "evaluate_reflow", "pairs", "prepare",
-           "train"]
+__all__ = ["ablation_arm", "ablation_plan", "ablation_report", "cache", "evaluate", "evaluate_reflow", "pairs",
+           "prepare", "train"]

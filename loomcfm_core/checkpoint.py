@@ -54,9 +54,9 @@ def save_checkpoint(state: dict, run_uri: str, step: int, keep: int) -> str:
 
 def rewind(run_uri: str, step: int) -> list[str]:
     """Make step ``step``'s checkpoint the run's latest (``-1``: keep the latest), so that the next training
-    resumes from it; later checkpoints are set aside (:func:`~loomcfm_core.layout.set_aside_uri`) rather than deleted, and their
-    new URIs returned. Without this, a run continued from an earlier step would later resume from the
-    abandoned, higher-numbered files."""
+    resumes from it; later checkpoints are set aside (:func:`~loomcfm_core.layout.set_aside_uri`) rather than
+    deleted, and their new URIs returned. Without this, a run continued from an earlier step would later resume
+    from the abandoned, higher-numbered files."""
     found = list_checkpoints(run_uri)
     if step == -1:
         return []

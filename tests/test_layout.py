@@ -23,9 +23,9 @@ def test_no_other_module_builds_a_storage_location():
         for node in ast.walk(ast.parse(path.read_text())):
             texts = []
             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "join":
-                texts = [a.value.strip("/") for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                texts = [a.value.strip("/") for a in node.args if isinstance(getattr(a, "value", None), str)]
                 texts = [text for text in texts if text in FOLDERS]
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and not any(c.isspace() for c in node.value):
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.split() == [node.value]:
                 texts = [node.value] if any(f"/{folder}/" in node.value or node.value.startswith(f"{folder}/")
                                             for folder in FOLDERS) or "step-" in node.value else []
             found += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {text!r}" for text in texts]

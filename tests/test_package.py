@@ -144,7 +144,7 @@ def test_import_graph_has_no_cycle():
     graph = import_graph()
     # the graph sees real edges, function-level ones included
     assert {"loomcfm_core.training.driver", "loomcfm_core.results"} <= graph["loomcfm_core.stages"]
-    assert "loomcfm_core.choices" in graph["loomcfm_core.config.schema"]
+    assert "loomcfm_core.choices" in graph["loomcfm_core.config.sections"]
     assert "loomcfm_core.config" not in graph["loomcfm_core.data.sources"], "annotations only (TYPE_CHECKING)"
     assert "loomcfm_core.evaluation" not in graph["loomcfm_core.reflow"]
     assert "loomcfm_core.reflow" not in graph["loomcfm_core.evaluation.scoring"]

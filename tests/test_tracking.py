@@ -129,7 +129,8 @@ def test_child_runs_name_their_parent_in_process_and_across_processes(server_cfg
         tags = client.get_run(run_id).data.tags
         assert tags["mlflow.parentRunId"] == parent_id
         assert tags[STAGE_TAG] == stage
-    children = client.search_runs([experiment_id(server_cfg.tracking, server_cfg.experiment)], f"tags.mlflow.parentRunId = '{parent_id}'")
+    children = client.search_runs([experiment_id(server_cfg.tracking, server_cfg.experiment)],
+                                  f"tags.mlflow.parentRunId = '{parent_id}'")
     assert {r.info.run_id for r in children} == {in_process_id, other_process_id}
 
 
@@ -145,7 +146,7 @@ def test_a_worker_leaving_its_drivers_run_does_not_end_it(server_cfg, mlflow_ser
     """Ray stops a worker with SIGTERM (``SystemExit`` in Python) after its driver ended the run KILLED; the
     worker leaving (``attach``) must not make it FAILED, nor a worker that finishes make it FINISHED."""
     client = MlflowClient(mlflow_server.url)
-    run_id = client.create_run(experiment_id(server_cfg.tracking, server_cfg.experiment)).info.run_id  # held by the driver
+    run_id = client.create_run(experiment_id(server_cfg.tracking, server_cfg.experiment)).info.run_id  # the driver's
     with start_run(server_cfg.tracking, server_cfg.experiment, "train", run_id=run_id, attach=True):
         mlflow.log_metric("loss", 1.0)
     assert client.get_run(run_id).info.status == "RUNNING", "the driver ends it, not a worker"

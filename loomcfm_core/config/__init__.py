@@ -1,5 +1,6 @@
-"""The one configuration tree every front door (CLI, KFP component, k8s Job) validates: ``schema`` (the
-sections and their checks) and ``loading`` (presets, files, ``extends:``, ``--set`` overrides)."""
+"""The one configuration tree every front door (CLI, KFP component, k8s Job) validates: ``sections`` (their
+fields and checks), ``schema`` (the tree, its checks across sections and the questions asked of it) and
+``loading`` (presets, files, ``extends:``, ``--set`` overrides)."""
 
 from loomcfm_core.config.loading import (
     DEFAULT_PRESET,
@@ -11,7 +12,8 @@ from loomcfm_core.config.loading import (
     suggest_key,
     validate,
 )
-from loomcfm_core.config.schema import Config, DataConfig, EvalConfig, ModelConfig, RayConfig, TrackingConfig
+from loomcfm_core.config.schema import Config
+from loomcfm_core.config.sections import DataConfig, EvalConfig, ModelConfig, RayConfig, TrackingConfig
 from loomcfm_core.config.tree import flatten
 from loomcfm_core.errors import ConfigError
 

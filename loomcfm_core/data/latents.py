@@ -2,12 +2,13 @@
 from it.
 
 Layout: the sharded HDF5 of :mod:`loomcfm_core.data.cache` under ``<storage.root>/datasets/<name>-latents-
-<hash>/`` (:func:`loomcfm_core.layout.latents_uri`), train split only (what training reads). A KL autoencoder's rows are ``posterior float16 [n, 2, C,
-h, w]`` (the posterior's mean and standard deviation); a VQ autoencoder's are ``latents float16 [n, C, h, w]``,
-the quantised latents (codebook rows: what its decoder reads). With ``data.hflip`` the flip happens in pixel
-space before encoding (encoding does not commute with flipping), so row ``i + N`` is the encoding of image
-``i`` mirrored and the cache holds 2N points. The manifest carries the images' URI and the
-:class:`~loomcfm_core.models.autoencoder.LatentSpace`: the autoencoder's identity and the scale.
+<hash>/`` (:func:`loomcfm_core.layout.latents_uri`), train split only (what training reads). A KL autoencoder's
+rows are ``posterior float16 [n, 2, C, h, w]`` (the posterior's mean and standard deviation); a VQ
+autoencoder's are ``latents float16 [n, C, h, w]``, the quantised latents (codebook rows: what its decoder
+reads). With ``data.hflip`` the flip happens in pixel space before encoding (encoding does not commute with
+flipping), so row ``i + N`` is the encoding of image ``i`` mirrored and the cache holds 2N points. The manifest
+carries the images' URI and the :class:`~loomcfm_core.models.autoencoder.LatentSpace`: the autoencoder's
+identity and the scale.
 
 The scale (the flow sees ``z / scale``) is fixed once, here: ``model.autoencoder.scale`` when set, else the
 weights' own (a reference checkpoint's ``ae.scale``), else the reference implementation's rule — the

@@ -1,8 +1,8 @@
 """The dataset formats users bring, each streaming ``(images uint8 [b,C,H,W], labels int64 [b])``.
 
 A source is named by a string ``kind:argument`` (``data.source``, whose forms are
-:data:`loomcfm_core.choices.SOURCE_FORMS`: :data:`SOURCES` has the reader of each). Every reader checks what it reads and
-raises :class:`SourceError` naming the file and what was expected, so a bad input fails with one clear
+:data:`loomcfm_core.choices.SOURCE_FORMS`: :data:`SOURCES` has the reader of each). Every reader checks what it
+reads and raises :class:`SourceError` naming the file and what was expected, so a bad input fails with one clear
 message instead of a shape error deep inside training.
 """
 

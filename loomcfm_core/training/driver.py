@@ -108,8 +108,8 @@ def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, 
             _record_start(cfg, resume)
             connect(cfg.ray)
             trainer = LoomcfmTrainer.of(cfg.ray, run.rsplit("/", 1)[-1], _ray_worker, {
-                "config_yaml": cfg.to_yaml(), "dataset_uri": dataset_uri, "run_uri": run, "parent_run_id": parent_run_id,
-                "mlflow_run_id": mlflow_run.info.run_id, "lease_token": lease.token})
+                "config_yaml": cfg.to_yaml(), "dataset_uri": dataset_uri, "run_uri": run,
+                "parent_run_id": parent_run_id, "mlflow_run_id": mlflow_run.info.run_id, "lease_token": lease.token})
             try:
                 with kept_signal_handlers():  # fit replaces both (LoomcfmTrainer._register_sigint_handler)
                     trainer.fit()

@@ -205,9 +205,8 @@ def test_mlflow_runs_of_the_pipelines(local_runs):
     assert table.startswith("| method | NFE base | fd_digits base | NFE reflow | fd_digits reflow |")
     assert f"\n{table}\n" in printed, "run-local ends with the table `loomcfm run` prints"
     reflow_only = next(p for p in parents if len(by_parent[p.info.run_id]) == 4)
-    assert "| euler-4 | - | - |" in read_summary_table(load_config_text("digits", [f"tracking.local_dir={root / 'runs'}"]
-                                                                         ).tracking, reflow_only.info.run_id), \
-        "no base model in that pipeline"
+    settings = load_config_text("digits", [f"tracking.local_dir={root / 'runs'}"]).tracking
+    assert "| euler-4 | - | - |" in read_summary_table(settings, reflow_only.info.run_id), "no base model there"
 
 
 def test_reflow_pipeline_applied_its_overrides(local_runs):

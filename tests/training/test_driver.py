@@ -8,12 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
-from loomcfm_core.config import load_config
 from tests.training import TINY
 
 
