@@ -35,7 +35,6 @@ def point_to(artifact, uri: str, **metadata) -> None:
 def report_evaluation(metrics, markdown, evaluation: EvalResult) -> None:
     """An evaluation (from ``stages.evaluate``) as an ``Output[Metrics]`` (distance and NFE per method) and its
     table as an ``Output[Markdown]`` for the KFP UI."""
-    for row in evaluation.rows:
-        log_numbers(metrics, {f"{evaluation.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe})
+    log_numbers(metrics, evaluation.metrics())
     Path(markdown.path).write_text(f"**{evaluation.metric}** vs NFE of `{evaluation.checkpoint_uri}`\n\n"
                                    f"{evaluation.table}\n\ngrids and plot: `{evaluation.eval_uri}`\n")

@@ -47,6 +47,11 @@ class EvalResult:
     rows: list[MethodResult]
     table: str
 
+    def metrics(self) -> dict[str, float]:
+        """``<metric>/<method>`` (the distance) and ``nfe/<method>`` of every row: how a run records it."""
+        return {f"{kind}/{row.method}": value for row in self.rows
+                for kind, value in ((self.metric, row.distance), ("nfe", row.nfe))}
+
 
 @dataclass
 class PairsResult:

@@ -27,10 +27,8 @@ from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.data.latents import cache_latents, image_dataset_of
 from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import UsageError
-from loomcfm_core.evaluation.feature_weights import classifier_uri, train_dataset_classifier
-from loomcfm_core.evaluation.metrics import reference_stats
-from loomcfm_core.evaluation.samples import feature_network
 from loomcfm_core.evaluation.scoring import evaluate as score_checkpoint
+from loomcfm_core.evaluation.scoring import prepare_reference
 from loomcfm_core.evaluation.summary import base_rows, record_summary, summary_table
 from loomcfm_core.kube.client import connect
 from loomcfm_core.kube.launcher import run_rayjob
@@ -65,12 +63,7 @@ def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
         splits = cached.manifest["splits"]
         result = CacheResult(cached.uri, cached.created, splits["train"]["count"],
                              splits.get("val", {}).get("count", 0))
-        if cfg.feature_network == "classifier":
-            if not storage_for(cached.uri).exists(classifier_uri(cached.uri)):
-                result.classifier_val_accuracy = train_dataset_classifier(cached.uri, cfg.data.local_cache,
-                                                                          cfg.train.seed)
-            reference_stats(cached.uri, feature_network(cfg, cached.uri), cfg.data.local_cache)
-        # Inception statistics of a large train split are left to the first evaluation, which has a GPU.
+        result.classifier_val_accuracy = prepare_reference(cfg, cached.uri)
         if cfg.is_latent:
             latents = cache_latents(cfg, cached)
             result.dataset_uri, result.images_uri = latents.uri, cached.uri
@@ -203,18 +196,17 @@ def _evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None, methods
     dataset_uri = dataset_uri or image_dataset_uri(cfg, parent_run_id)
     with stage_run(cfg, run_name, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
-            evaluation = score_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
-            tracking.log_latent_space(evaluation.latent_space)
-            for row in evaluation.rows:
-                mlflow.log_metrics({f"{evaluation.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe,
-                                    f"seconds/{row.method}": row.seconds})
-            for path in evaluation.files:
+            scored = score_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
+            result = EvalResult(scored.metric, scored.output_uri, checkpoint_uri, scored.rows, scored.table())
+            tracking.log_latent_space(scored.latent_space)
+            mlflow.log_metrics({**result.metrics(), **{f"seconds/{row.method}": row.seconds for row in result.rows}})
+            for path in scored.files:
                 mlflow.log_artifact(str(path), "eval")
-        mlflow.set_tag("loomcfm.eval_uri", evaluation.output_uri)
+        mlflow.set_tag("loomcfm.eval_uri", result.eval_uri)
     serving.describe_checkpoint(cfg.tracking, cfg.registered_model, checkpoint_uri,
-                                f"{evaluation.metric} vs NFE of {checkpoint_uri}:\n\n{evaluation.table()}")
-    print(evaluation.table())
-    return EvalResult(evaluation.metric, evaluation.output_uri, checkpoint_uri, evaluation.rows, evaluation.table())
+                                f"{result.metric} vs NFE of {checkpoint_uri}:\n\n{result.table}")
+    print(result.table)
+    return result
 
 
 def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None,
@@ -261,8 +253,7 @@ def ablation_arm(cfg: Config, arm: str, dataset_uri: str, parent_run_id: str | N
                                                                    "loomcfm.ablation_arm": arm}) as run:
         trained = train(arm_cfg, dataset_uri, run.info.run_id)
         scored = evaluate(arm_cfg, trained.checkpoint_uri, dataset_uri, parent_run_id=run.info.run_id)
-        for row in scored.rows:
-            mlflow.log_metrics({f"{scored.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe})
+        mlflow.log_metrics(scored.metrics())
     return ArmResult(arm, scored.metric, trained.checkpoint_uri, scored.rows)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from loomcfm_core.config import Config
 from loomcfm_core.data.latents import image_dataset_of
+from loomcfm_core.evaluation.feature_weights import classifier_uri, train_dataset_classifier
 from loomcfm_core.evaluation.metrics import FeatureStats, frechet_distance, reference_stats
 from loomcfm_core.evaluation.plot import plot_fd_vs_nfe
 from loomcfm_core.evaluation.samples import HEAD, feature_network, sample_methods
@@ -39,6 +40,25 @@ class Evaluation:
         lines = [f"| method | NFE | {self.metric} | seconds |", "|---|---|---|---|"]
         lines += [f"| {r.method} | {r.nfe:.1f} | {r.distance:.3f} | {r.seconds:.1f} |" for r in self.rows]
         return "\n".join(lines)
+
+
+def prepare_reference(cfg: Config, images_uri: str) -> float | None:
+    """What evaluating against a newly cached image dataset needs beside it, made at cache time: for the
+    digits classifier (``Config.feature_network``), the classifier, trained on the train split unless stored
+    already, and the train split's reference statistics. Inception's statistics of a large train split are
+    left to the first evaluation, which has a GPU.
+
+    Returns:
+        The classifier's accuracy on the val split when it was trained now (a poor classifier makes a poor
+        metric), else None.
+    """
+    if cfg.feature_network != "classifier":
+        return None
+    accuracy = None
+    if not storage_for(images_uri).exists(classifier_uri(images_uri)):
+        accuracy = train_dataset_classifier(images_uri, cfg.data.local_cache, cfg.train.seed)
+    reference_stats(images_uri, feature_network(cfg, images_uri), cfg.data.local_cache)
+    return accuracy
 
 
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str, workdir: Path, methods: list[str] | None = None,
