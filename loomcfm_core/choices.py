@@ -1,5 +1,5 @@
-"""Every config setting that takes one of a fixed set of values, defined once: the modules that implement
-them dispatch on these names, and the config schema checks against them.
+"""Every setting that takes one of a fixed set of values, defined once: the modules that implement them
+dispatch on these names, and the config schema (or the command line) checks against them.
 
 A leaf: it imports nothing of the package but its errors, so the schema reads the allowed values without
 depending on the modules that implement them (which take the config in turn): the config stays at the
@@ -20,6 +20,9 @@ ASSIGNMENT_SOLVERS = ("lapjv", "scipy")  # coupling.solver (loomcfm_core.couplin
 TARGET_DTYPES = ("uint8", "float32")  # reflow.target_dtype (loomcfm_core.data.pairs)
 AUTOENCODERS = ("kl", "vq")  # model.autoencoder.kind (loomcfm_core.models.autoencoder)
 FEATURE_NETWORKS = ("auto", "inception", "classifier")  # eval.feature_network (loomcfm_core.evaluation.metrics)
+# Where a training runs (``--launcher``, the KFP train step's ``launcher``; loomcfm_core.stages.train): its driver
+# in this process, or a KubeRay RayJob's head (loomcfm_core.kube.launcher).
+LAUNCHERS = ("local", "rayjob")
 
 # Sampling methods ``<solver>-<steps>`` (sample.method, eval.methods, reflow.method; loomcfm_core.sampling).
 SAMPLING_SOLVERS = ("euler", "midpoint", "rk4", "dopri5")

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from importlib import metadata
 
 from loomcfm_core import stages
-from loomcfm_core.choices import parse_method
+from loomcfm_core.choices import LAUNCHERS, parse_method
 from loomcfm_core.config import Config, load_config, load_config_text, preset_names
 from loomcfm_core.errors import ConfigError, LoomcfmError, UriError, UsageError
 from loomcfm_core.evaluation.feature_weights import fetch_inception_weights
@@ -79,7 +79,7 @@ def build_parser(plugins: Iterable[metadata.EntryPoint] | None = None) -> argpar
     train.add_argument("--allow-change", dest="allow_changes", action="append", default=[], metavar="KEY",
                        help="a schedule key (train.lr, train.warmup_steps, ...) that may differ from the run's "
                        "checkpoint on resume; the new value is applied and recorded (repeatable)")
-    train.add_argument("--launcher", choices=stages.LAUNCHERS, default="local",
+    train.add_argument("--launcher", choices=LAUNCHERS, default="local",
                        help="local: Ray on this machine; rayjob: a KubeRay RayJob on the cluster of your kubeconfig, "
                        "shaped by the kube.* settings")
     add_train_flags(train)

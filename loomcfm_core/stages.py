@@ -21,7 +21,7 @@ import torch
 from loomcfm_core import ablation, kfp_env, reflow, serving, tracking
 from loomcfm_core.ablation import ArmResult
 from loomcfm_core.checkpoint import checkpoint_sha256
-from loomcfm_core.choices import check_method
+from loomcfm_core.choices import LAUNCHERS, check_method
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.data.latents import cache_latents, image_dataset_of
@@ -41,7 +41,6 @@ from loomcfm_core.storage import is_remote, join, storage_for
 from loomcfm_core.training.driver import rewind_run, run_on_ray
 from loomcfm_core.training.result import TrainResult, read_result, write_registration
 
-LAUNCHERS = ("local", "rayjob")  # where a training runs: its driver in this process, or a RayJob's head
 log = logging.getLogger(__name__)
 
 

@@ -11,10 +11,10 @@ import argparse
 from pathlib import Path
 
 from loomcfm_core.ablation import read_comparison
+from loomcfm_core.choices import LAUNCHERS
 from loomcfm_core.cli import check_locations
 from loomcfm_core.config import load_config_text
 from loomcfm_core.evaluation.summary import read_summary_table
-from loomcfm_core.stages import LAUNCHERS
 from loomcfm_core.tracking import tracking_uri, ui_command
 
 LOCATIONS = {"checkpoint": ("--checkpoint", False), "pipeline_root": ("--pipeline-root", True)}
