@@ -2,7 +2,7 @@
 dispatch on these names, and the config schema (or the command line) checks against them.
 
 A leaf: it imports nothing of the package but its errors, so the schema reads the allowed values without
-depending on the modules that implement them (which take the config in turn): the config stays at the
+depending on the modules that implement them (which take the config in turn): the config stays near the
 bottom of the import graph, and importing it loads no torch.
 """
 
