@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 from loomcfm_core.choices import ASSIGNMENT_SOLVERS
-from loomcfm_core.coupling_solve import assign, cost_matrix, cycle_labels, keep_improving_cycles, pair_costs, solve, to_host
+from loomcfm_core.coupling_solve import (assign, cost_matrix, cycle_labels, keep_improving_cycles, pair_costs, solve,
+                                         to_host)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 200])

@@ -140,8 +140,9 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1)
     init_from: Uri | None = Field(None, description="checkpoint URI whose EMA weights initialise the model")
     run_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="folder under "
-                                 "<storage.root>/runs/; default: <name>-<hash of the identity keys and the dataset> (identity.py). "
-                                 "A rerun with the same name resumes from its latest checkpoint")
+                                 "<storage.root>/runs/; default: <name>-<hash of the identity keys and the dataset> "
+                                 "(layout.py, identity.py). A rerun with the same name resumes from its latest "
+                                 "checkpoint")
     allow_changes: list[str] = Field([], description="schedule keys (train.lr, train.warmup_steps, ...) that "
                                      "may differ from the checkpoint's on resume; the new values are applied "
                                      "and recorded on the MLflow run")
