@@ -13,12 +13,12 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
-
-from tenacity import (RetryCallState, RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set,
-                      wait_exponential)
+from typing import TYPE_CHECKING, Any, Callable
 
 from loomcfm_core.errors import RayJobError
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 TRANSIENT = (429, 500, 502, 503, 504)
@@ -121,16 +121,19 @@ class Patience:
 
     def __init__(self, budget_s: float = 300.0, stop: threading.Event | None = None, base_s: float = 1.0,
                  cap_s: float = 30.0):
-        self.budget_s = budget_s
+        self.budget_s, self.base_s, self.cap_s = budget_s, base_s, cap_s
         self.stop = stop or threading.Event()
-        self._backoff = wait_exponential(multiplier=base_s, max=cap_s)
-
-    def _wait(self, state: RetryCallState) -> float:
-        return _retry_after(state.outcome.exception()) or self._backoff(state)
 
     def call(self, what: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
         from kubernetes.client.exceptions import ApiException
+        from tenacity import (RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set,
+                              wait_exponential)
         from urllib3.exceptions import HTTPError as Urllib3Error
+
+        backoff = wait_exponential(multiplier=self.base_s, max=self.cap_s)
+
+        def wait(state: RetryCallState) -> float:
+            return _retry_after(state.outcome.exception()) or backoff(state)
 
         def retried(exc: BaseException) -> bool:
             return isinstance(exc, (ApiException, Urllib3Error, OSError)) and transient(exc)
@@ -139,7 +142,7 @@ class Patience:
             log.warning("cannot %s (%s); trying again in %.1f s", what, describe(state.outcome.exception()),
                         state.next_action.sleep)
 
-        attempts = Retrying(retry=retry_if_exception(retried), wait=self._wait, sleep=self.stop.wait,
+        attempts = Retrying(retry=retry_if_exception(retried), wait=wait, sleep=self.stop.wait,
                             stop=stop_after_delay(self.budget_s) | stop_when_event_set(self.stop),
                             before_sleep=waiting)
         try:
