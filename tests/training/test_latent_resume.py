@@ -6,7 +6,7 @@ import torch
 
 from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
 from tests.models.autoencoders import tiny_latent_yaml
-from tests.training.test_launch import _cli, _finish, interrupt
+from tests.training.test_driver import _cli, _finish, interrupt
 
 
 def test_interrupted_latent_run_resumes_exactly(tmp_path):
