@@ -147,7 +147,7 @@ def sampling_section(device: torch.device, weights: str | None) -> None:
         torch.cuda.synchronize(device)
         print(f"| {method} | {batch} | {nfe} | {batch / (time.perf_counter() - start):.0f} |")
     print("\n## Inception features\n")
-    from loomcfm_core.metrics import InceptionFeatures
+    from loomcfm_core.evaluation.metrics import InceptionFeatures
 
     if not weights:
         import torch_fidelity.feature_extractor_inceptionv3 as fe

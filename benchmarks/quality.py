@@ -25,7 +25,8 @@ from loomcfm_core import stages
 from loomcfm_core.ablation import ARMS, LABELS, arm_config
 from loomcfm_core.config import load_config
 from loomcfm_core.coupling import noise_from_seeds
-from loomcfm_core.evaluation import evaluate, plot_fd_vs_nfe
+from loomcfm_core.evaluation.plot import plot_fd_vs_nfe
+from loomcfm_core.evaluation.scoring import evaluate
 from loomcfm_core.models.loading import load_model
 from loomcfm_core.sampling import path_curvature, sample_seeds
 from loomcfm_core.training.loop import fit
@@ -46,12 +47,12 @@ def main() -> None:
         for kind in ARMS:
             cfg = arm_config(base, kind)
             start = time.perf_counter()
-            summary = fit(cfg, dataset_uri, f"{tmp}/store/runs/quality-{kind}", torch.device("cpu"))
+            trained = fit(cfg, dataset_uri, f"{tmp}/store/runs/quality-{kind}", torch.device("cpu"))
             minutes[kind] = (time.perf_counter() - start) / 60
             workdir = Path(tmp) / f"eval-{kind}"
             workdir.mkdir()
-            results[kind] = evaluate(cfg, summary.checkpoint_uri, dataset_uri, workdir, args.methods).rows
-            model = load_model(cfg, summary.checkpoint_uri, torch.device("cpu"))
+            results[kind] = evaluate(cfg, trained.checkpoint_uri, dataset_uri, workdir, args.methods).rows
+            model = load_model(cfg, trained.checkpoint_uri, torch.device("cpu"))
             shape = cfg.data.shape
             curvature[kind] = path_curvature(model, noise_from_seeds(sample_seeds(500), shape))
         plot = plot_fd_vs_nfe(results, "fd_digits", Path(args.plot))

@@ -13,6 +13,9 @@ from loomcfm_core import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def ablation_plan(config_yaml: str, overrides: list, dataset_uri: str) -> List[str]:
     """One JSON spec per arm (the config, the arm and the dataset): the ``ParallelFor`` items."""
+    from loomcfm_core.offline import stay_offline
+
+    stay_offline()
     from loomcfm_core import ablation
     from loomcfm_core.config import load_config_text
 
@@ -22,6 +25,9 @@ def ablation_plan(config_yaml: str, overrides: list, dataset_uri: str) -> List[s
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def ablation_arm(spec: str) -> str:
     """Trains and evaluates the spec's config with its arm's coupling; returns the arm's result as JSON."""
+    from loomcfm_core.offline import stay_offline
+
+    stay_offline()
     from loomcfm_core import stages
     from loomcfm_core.ablation import ArmSpec
     from loomcfm_core.config import load_config_text
@@ -37,6 +43,9 @@ def ablation_report(config_yaml: str, overrides: list, arms: list, report: Outpu
                     page: Output[HTML]) -> str:
     """Distance vs NFE per coupling: the table for the KFP UI (Markdown, and HTML with the plot) and the same
     files on the parent MLflow run; returns the Markdown table."""
+    from loomcfm_core.offline import stay_offline
+
+    stay_offline()
     import shutil
     import tempfile
     from pathlib import Path

@@ -10,6 +10,9 @@ from loomcfm_core import IMAGE
 def cache(config_yaml: str, overrides: list, metrics: Output[Metrics], dataset: Output[Dataset]) -> str:
     """Returns the dataset URI; ``dataset`` points at it for lineage. Its inputs are the config alone, so a
     rerun of the pipeline with the same config reuses this step (KFP caching)."""
+    from loomcfm_core.offline import stay_offline
+
+    stay_offline()
     from dataclasses import asdict
 
     from loomcfm_core import stages

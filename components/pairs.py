@@ -11,6 +11,9 @@ def pairs(config_yaml: str, overrides: list, checkpoint_uri: str, metrics: Outpu
           dataset: Output[Dataset]) -> str:
     """Returns the pairs dataset URI; ``dataset`` points at it for lineage. Pairs of one checkpoint and
     config are always the same, so KFP may reuse this step."""
+    from loomcfm_core.offline import stay_offline
+
+    stay_offline()
     from loomcfm_core import stages
     from loomcfm_core.config import load_config_text
     from loomcfm_core.kfp_env import pipeline_parent

@@ -12,6 +12,9 @@ def prepare(config_yaml: str, overrides: list) -> NamedTuple("Prepared", config_
     """Resolved config YAML (what every later step trains and evaluates with) and the parent run id, which
     the later steps find by this pipeline run's id rather than take as an input (it would defeat caching).
     In a KFP pod a config that keeps data or runs on the pod's disk fails here, naming the keys."""
+    from loomcfm_core.offline import stay_offline
+
+    stay_offline()
     from collections import namedtuple
 
     from loomcfm_core import stages

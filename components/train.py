@@ -21,6 +21,9 @@ def train(config_yaml: str, overrides: list, dataset_uri: str, metrics: Output[M
     ``kfp_run_id`` and ``kfp_task`` (the run's and this task's placeholders) name the RayJob, so a retry of
     this step adopts it instead of starting another. Defaults are literals: KFP runs this function's source
     alone, without this module's names."""
+    from loomcfm_core.offline import stay_offline
+
+    stay_offline()
     from collections import namedtuple
 
     from loomcfm_core import stages
@@ -33,8 +36,8 @@ def train(config_yaml: str, overrides: list, dataset_uri: str, metrics: Output[M
                         ray_workers=ray_workers, gpus_per_worker=gpus_per_worker, worker_cpu=worker_cpu,
                         worker_memory=worker_memory, gpu_node_selector=gpu_node_selector)
     cfg = load_config_text(config_yaml, [*overrides, *kube])
-    out = stages.launch_train(cfg, dataset_uri, pipeline_parent(cfg), launcher, pairs_uri, init_from, kfp_run_id,
-                              kfp_task)
+    out = stages.train(cfg, dataset_uri, pipeline_parent(cfg), launcher=launcher, pairs_uri=pairs_uri,
+                       init_from=init_from, kfp_run_id=kfp_run_id, kfp_task=kfp_task)
     log_numbers(metrics, {**out.metrics, "step": out.step})
     point_to(model, out.checkpoint_uri, run_uri=out.run_uri, mlflow_run_id=out.mlflow_run_id,
              registered_version=out.model_version, alias=out.model_alias)

@@ -19,9 +19,11 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core import tracking
-from loomcfm_core.config import Config
+from loomcfm_core.config import Config, TrackingConfig
 from loomcfm_core.errors import UsageError
-from loomcfm_core.evaluation import MethodResult, plot_fd_vs_nfe
+from loomcfm_core.evaluation.plot import plot_fd_vs_nfe
+from loomcfm_core.evaluation.summary import curve_metrics
+from loomcfm_core.results import MethodResult
 
 ARMS = ("independent", "minibatch_ot", "fixed", "loom", "loom_converge")
 LABELS = {"loom_converge": "loom + convergence"}
@@ -39,7 +41,7 @@ def arm_config(cfg: Config, arm: str) -> Config:
                             converge_epochs=converge if arm == "loom_converge" else 0)
     tree["name"] = f"{cfg.name}-{arm}"
     tree["train"]["run_name"] = None
-    tree["tracking"]["experiment"] = tracking.experiment_name(cfg)
+    tree["tracking"]["experiment"] = cfg.experiment
     return Config.model_validate(tree)
 
 
@@ -106,9 +108,11 @@ def html_report(table: str, plot: Path) -> str:
             f"</table><p><img alt='distance vs NFE' src='data:image/png;base64,{image}'/></p></body></html>")
 
 
-def record_comparison(cfg: Config, parent_run_id: str, arms: list[ArmResult], workdir: Path) -> dict[str, Path]:
-    """Draw and write the comparison into ``workdir`` and log it to the parent run: the files, and
-    ``<arm>/<metric>/<method>`` metrics; returns the files by name."""
+def record_comparison(settings: TrackingConfig, parent_run_id: str, arms: list[ArmResult],
+                      workdir: Path) -> dict[str, Path]:
+    """Draw and write the comparison into ``workdir`` and log it to the parent run in the store of
+    ``settings`` (the ``tracking`` section): the files, and ``<arm>/<metric>/<method>`` metrics; returns the
+    files by name."""
     arms = sorted(arms, key=lambda a: ARMS.index(a.arm))
     if len({a.metric for a in arms}) != 1:
         raise UsageError(f"ablation arms were scored with different metrics: {sorted({a.metric for a in arms})}")
@@ -118,19 +122,14 @@ def record_comparison(cfg: Config, parent_run_id: str, arms: list[ArmResult], wo
     plot_fd_vs_nfe({LABELS.get(a.arm, a.arm): a.rows for a in arms}, metric, files["ablation.png"])
     files["ablation.md"].write_text(f"**{metric} vs NFE per coupling**\n\n{table}\n")
     files["ablation.html"].write_text(html_report(table, files["ablation.png"]))
-    client = MlflowClient(tracking.tracking_uri(cfg))
-    for arm in arms:
-        for row in arm.rows:
-            client.log_metric(parent_run_id, f"{arm.arm}/{metric}/{row.method}", row.distance)
-            client.log_metric(parent_run_id, f"{arm.arm}/nfe/{row.method}", row.nfe)
+    client = MlflowClient(tracking.tracking_uri(settings))
+    for key, value in curve_metrics(metric, {arm.arm: arm.rows for arm in arms}).items():
+        client.log_metric(parent_run_id, key, value)
     for path in files.values():
         client.log_artifact(parent_run_id, str(path), "ablation")
     return files
 
 
-def read_comparison(cfg: Config, parent_run_id: str) -> str:
+def read_comparison(settings: TrackingConfig, parent_run_id: str) -> str:
     """The comparison table an ablation recorded on its parent run (for ``loomcfm pipeline run-local``)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-    return mlflow.artifacts.load_text(f"runs:/{parent_run_id}/ablation/{FILES[0]}").rstrip("\n")
+    return tracking.load_text(settings, parent_run_id, f"ablation/{FILES[0]}").rstrip("\n")

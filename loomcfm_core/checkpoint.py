@@ -1,4 +1,4 @@
-"""Training checkpoints in storage: ``<run_uri>/checkpoints/step-00001000.pt``.
+"""Training checkpoints in storage, where :mod:`loomcfm_core.layout` puts them (``<run>/checkpoints/step-N.pt``).
 
 A checkpoint holds everything needed to continue exactly where training stopped — model, EMA, optimizer,
 scheduler, the coupling (LOOM's seed table), the step and every rank's RNG states — so a restarted job
@@ -9,7 +9,6 @@ assignments survive. Uploads are atomic, so whatever ``step-*.pt`` is listed is 
 from __future__ import annotations
 
 import pickle
-import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,24 +19,16 @@ import torch
 
 from loomcfm_core.checksums import sha256_file
 from loomcfm_core.errors import CheckpointError
-from loomcfm_core.storage import join, storage_for
+from loomcfm_core.layout import checkpoint_dir, checkpoint_step, checkpoint_uri, set_aside_uri
+from loomcfm_core.storage import storage_for
 
 FORMAT = "loomcfm-ckpt-v1"
-_NAME = re.compile(r"step-(\d+)\.pt$")
-
-
-def checkpoint_dir(run_uri: str) -> str:
-    return join(run_uri, "checkpoints")
 
 
 def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
     """``(step, uri)`` of the run's complete checkpoints, oldest first."""
-    found = []
-    for uri in storage_for(run_uri).list(checkpoint_dir(run_uri)):
-        match = _NAME.search(uri)
-        if match:
-            found.append((int(match.group(1)), uri))
-    return sorted(found)
+    found = [(checkpoint_step(uri), uri) for uri in storage_for(run_uri).list(checkpoint_dir(run_uri))]
+    return sorted((step, uri) for step, uri in found if step is not None)
 
 
 def latest_checkpoint(run_uri: str) -> str | None:
@@ -55,20 +46,17 @@ def write_state(state: dict, uri: str) -> str:
 
 def save_checkpoint(state: dict, run_uri: str, step: int, keep: int) -> str:
     """Upload ``state`` as the step's checkpoint, then delete all but the newest ``keep``."""
-    uri = write_state(state, join(checkpoint_dir(run_uri), f"step-{step:08d}.pt"))
+    uri = write_state(state, checkpoint_uri(run_uri, step))
     for _, old in list_checkpoints(run_uri)[:-keep]:
         storage_for(old).delete(old)
     return uri
 
 
-SET_ASIDE = "set-aside"
-
-
 def rewind(run_uri: str, step: int) -> list[str]:
     """Make step ``step``'s checkpoint the run's latest (``-1``: keep the latest), so that the next training
-    resumes from it; later checkpoints are moved to ``<run_uri>/set-aside/`` rather than deleted, and their
-    new URIs returned. Without this, a run continued from an earlier step would later resume from the
-    abandoned, higher-numbered files."""
+    resumes from it; later checkpoints are set aside (:func:`~loomcfm_core.layout.set_aside_uri`) rather than
+    deleted, and their new URIs returned. Without this, a run continued from an earlier step would later resume
+    from the abandoned, higher-numbered files."""
     found = list_checkpoints(run_uri)
     if step == -1:
         return []
@@ -80,7 +68,7 @@ def rewind(run_uri: str, step: int) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="loomcfm-ckpt-") as tmp:
         for later, uri in found:
             if later > step:
-                store, target = storage_for(uri), join(run_uri, SET_ASIDE, uri.rsplit("/", 1)[-1])
+                store, target = storage_for(uri), set_aside_uri(run_uri, uri)
                 store.put(store.get(uri, Path(tmp) / "checkpoint.pt"), target)
                 store.delete(uri)
                 moved.append(target)

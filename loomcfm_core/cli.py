@@ -1,4 +1,10 @@
-"""``loomcfm``: the command-line front door to the pipeline stages."""
+"""``loomcfm``: the command-line front door to the pipeline stages.
+
+Other packages add subcommands through the entry point group ``loomcfm.commands`` (the ``pipeline`` commands
+come from ``pipelines/cli.py`` this way, so the library never imports its front doors): each entry point is a
+``register(commands, common)`` that adds its parser to ``commands`` (with ``common``, the ``--config`` and
+``--set`` options, as a parent where it takes a config) and sets its ``handler(args) -> exit code``.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +16,27 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
+from collections.abc import Iterable
+from importlib import metadata
 
 from loomcfm_core import stages
-from loomcfm_core.ablation import read_comparison
+from loomcfm_core.choices import LAUNCHERS, parse_method
 from loomcfm_core.config import Config, load_config, load_config_text, preset_names
 from loomcfm_core.errors import ConfigError, LoomcfmError, UriError, UsageError
-from loomcfm_core.feature_store import fetch_inception_weights
+from loomcfm_core.evaluation.feature_weights import fetch_inception_weights
 from loomcfm_core.kube.rayjob import CONFIG_ENV
-from loomcfm_core.pipeline_summary import read_summary_table
+from loomcfm_core.offline import stay_offline
 from loomcfm_core.processes import stop_on_signal, stopped_by
 from loomcfm_core.reference.flags import add_pairs_flags, add_train_flags, flag_notes, flag_overrides, positive
-from loomcfm_core.sampling import parse_method
 from loomcfm_core.storage import check_uri
-from loomcfm_core.tracking import tracking_uri
+from loomcfm_core.tracking import tracking_uri, ui_command
+
+COMMANDS_GROUP = "loomcfm.commands"  # entry points that add subcommands
+
+
+def command_plugins() -> list[metadata.EntryPoint]:
+    """The installed entry points of :data:`COMMANDS_GROUP` (the ``pipeline`` commands, among them)."""
+    return sorted(metadata.entry_points(group=COMMANDS_GROUP), key=lambda entry: entry.name)
 
 
 def _config_options() -> argparse.ArgumentParser:
@@ -42,7 +55,9 @@ def resolve_config(ref: str | None, overrides: list[str]) -> Config:
     return load_config(ref, overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: Iterable[metadata.EntryPoint] | None = None) -> argparse.ArgumentParser:
+    """The ``loomcfm`` parser: the stage commands, and those the ``plugins`` add (default: the installed
+    :func:`command_plugins`)."""
     common = _config_options()
     parser = argparse.ArgumentParser(prog="loomcfm", description="LOOM-CFM flow matching pipeline")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow-change", dest="allow_changes", action="append", default=[], metavar="KEY",
                        help="a schedule key (train.lr, train.warmup_steps, ...) that may differ from the run's "
                        "checkpoint on resume; the new value is applied and recorded (repeatable)")
-    train.add_argument("--launcher", choices=stages.LAUNCHERS, default="local",
+    train.add_argument("--launcher", choices=LAUNCHERS, default="local",
                        help="local: Ray on this machine; rayjob: a KubeRay RayJob on the cluster of your kubeconfig, "
                        "shaped by the kube.* settings")
     add_train_flags(train)
@@ -92,45 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("run", parents=[common], help="the whole pipeline: cache, train, evaluate, pairs, "
                         "reflow train, evaluate")
 
-    pipeline = commands.add_parser("pipeline", help="Kubeflow Pipelines: compile, run locally, submit")
-    pipeline_commands = pipeline.add_subparsers(dest="pipeline_command", required=True)
-    pipeline_commands.add_parser("compile", help="write pipelines/compiled/*.yaml (the files to upload in the KFP UI)")
-    run_opts = argparse.ArgumentParser(add_help=False, parents=[common])
-    run_opts.add_argument("--pipeline", choices=["full", "reflow", "ablation"], default="full")
-    run_opts.add_argument("--checkpoint", default=None, metavar="URI", help="the reflow pipeline's starting checkpoint")
-    run_opts.add_argument("--launcher", choices=stages.LAUNCHERS, default="local",
-                          help="train in the step (local Ray) or as a KubeRay RayJob")
-    local = pipeline_commands.add_parser("run-local", parents=[run_opts], help="run with kfp.local (no cluster)")
-    local.add_argument("--pipeline-root", default="kfp-local", help="where kfp.local keeps step outputs (a local "
-                       "folder)")
-    local.add_argument("--cache", action="store_true", help="reuse steps whose inputs match an earlier run under "
-                       "the same --pipeline-root (as KFP caching does on a cluster)")
-    submit = pipeline_commands.add_parser("submit", parents=[run_opts], help="upload the pipeline as a version "
-                                          "(<package version>-g<git commit>) and run it on a KFP endpoint; "
-                                          "--config defaults to the cluster preset")
-    submit.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://localhost:8080")
-    submit.add_argument("--experiment", default=None, help="KFP experiment name (default: the pipeline's name)")
-    submit.add_argument("--schedule", default=None, metavar="CRON", help="a recurring run instead: six fields, "
-                        "seconds first, e.g. '0 0 2 * * *' (02:00 daily), or @daily / @every 6h")
-    submit.add_argument("--service-account", default=None, help="Kubernetes service account of the run's pods "
-                        "(default: the KFP server's)")
-
     weights = commands.add_parser("weights", help="feature-network weights for FID")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
     fetch = weights_commands.add_parser("fetch", help="download the TF-Inception weights once into storage "
                                         "(needs internet access; never used by tests or the embedded run)")
     fetch.add_argument("--to", required=True, metavar="URI", help="where to put them (path or s3://...)")
+    for plugin in command_plugins() if plugins is None else plugins:
+        plugin.load()(commands, common)
     return parser
 
 
 # Arguments that name a location, and whether it must be local: checked before any work, naming the flag.
 LOCATION_ARGS = {"ckpt": ("--ckpt", False), "dataset": ("--dataset", False), "output": ("--output", False),
-                 "checkpoint": ("--checkpoint", False), "to": ("--to", False), "pipeline_root": ("--pipeline-root", True)}
+                 "to": ("--to", False)}
 
 
-def check_locations(args: argparse.Namespace) -> None:
-    """Every location argument is a URI storage takes (:func:`loomcfm_core.storage.check_uri`)."""
-    for dest, (flag, local) in LOCATION_ARGS.items():
+def check_locations(args: argparse.Namespace, locations: dict[str, tuple[str, bool]] | None = None) -> None:
+    """Every location argument is a URI storage takes (:func:`loomcfm_core.storage.check_uri`).
+
+    Args:
+        locations: ``{dest: (flag, local only)}``; default: :data:`LOCATION_ARGS` (a plugin names its own).
+    """
+    for dest, (flag, local) in (LOCATION_ARGS if locations is None else locations).items():
         value = getattr(args, dest, None)
         if value is not None:
             try:
@@ -140,20 +138,20 @@ def check_locations(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "handler", None):  # a plugin's command
+        return args.handler(args)
     check_locations(args)
     if getattr(args, "allow_changes", None):
         args.overrides.append(f"train.allow_changes={json.dumps(args.allow_changes)}")
     if args.command == "config" and args.config_command == "presets":
         print("\n".join(preset_names()))
         return 0
-    if args.command == "pipeline":
-        return run_pipeline_command(args)
     if args.command == "weights":
         digest = fetch_inception_weights(args.to)
         print(f"{args.to}\nsha256 {digest}\nset eval.inception_weights={args.to} (the .sha256 beside it is checked)")
         return 0
     cfg = resolve_config(args.config, args.overrides + flag_overrides(args))
-    for note in flag_notes(args, tracking_uri(cfg)):
+    for note in flag_notes(args, tracking_uri(cfg.tracking)):
         print(note, file=sys.stderr)
     if args.command == "config":
         print(cfg.to_yaml(), end="")
@@ -161,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "cache":
         result = stages.cache(cfg, args.parent_run_id)
     elif args.command == "train":
-        result = stages.launch_train(cfg, args.dataset, args.parent_run_id, launcher=args.launcher, wait=args.wait,
-                                     resume_step=args.resume_step)
+        result = stages.train(cfg, args.dataset, args.parent_run_id, launcher=args.launcher, wait=args.wait,
+                              resume_step=args.resume_step)
     elif args.command == "evaluate":
         result = stages.evaluate(cfg, args.ckpt, args.dataset, args.methods, args.parent_run_id)
     elif args.command == "pairs":
@@ -174,40 +172,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = stages.run(cfg)
         print(f"\n{result.summary}\n\nBrowse the runs (parent run {result.parent_run_id}):\n"
-              f"  {mlflow_ui_command(result.tracking_uri)}")
+              f"  {ui_command(result.tracking_uri)}")
         return 0
     print(json.dumps(dataclasses.asdict(result), indent=2))
     return 0
-
-
-def run_pipeline_command(args: argparse.Namespace) -> int:
-    from pipelines import runner  # KFP's compiler is only needed here
-
-    if args.pipeline_command == "compile":
-        for path in runner.compile_all():
-            print(path)
-        return 0
-    local = args.pipeline_command == "run-local"
-    config = args.config or (None if local else "cluster")
-    pipeline_args = runner.arguments(args.pipeline, config, args.overrides, args.checkpoint, args.launcher)
-    if local:
-        parent_run_id = runner.run_local(args.pipeline, pipeline_args, str(Path(args.pipeline_root).resolve()),
-                                         args.cache)
-        cfg = load_config_text(pipeline_args["config_yaml"], args.overrides)
-        read_table = read_comparison if args.pipeline == "ablation" else read_summary_table
-        print(f"\n{read_table(cfg, parent_run_id)}\n\npipeline {args.pipeline} finished; step outputs under "
-              f"{args.pipeline_root}/\nBrowse the runs (parent run {parent_run_id}):\n"
-              f"  {mlflow_ui_command(tracking_uri(cfg))}")
-    else:
-        print(runner.submit(args.host, args.pipeline, pipeline_args, args.experiment, args.schedule,
-                            args.service_account))
-    return 0
-
-
-def mlflow_ui_command(uri: str) -> str:
-    if uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {uri}"
-    return f"open {uri}"
 
 
 def _stop_local_ray() -> None:
@@ -219,6 +187,7 @@ def _stop_local_ray() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stay_offline()  # this process and every one it starts (a local Ray, kfp.local's steps)
     args = build_parser().parse_args(argv)
     # force: importing mlflow.pytorch already configured the root logger at ERROR, which hid every message
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from loomcfm_core.choices import SEED_COUPLINGS
 from loomcfm_core.coupling_solve import assign, pair_costs
 from loomcfm_core.errors import CheckpointError, TrainingError, UsageError
 from loomcfm_core.noise import noise_from_seeds, random_seeds
@@ -46,9 +47,6 @@ from loomcfm_core.noise import noise_from_seeds, random_seeds
 Gather = Callable[[torch.Tensor], torch.Tensor]  # all ranks' tensors concatenated in rank order
 Broadcast = Callable[[torch.Tensor], torch.Tensor]  # rank 0's tensor, on every rank
 NoiseReader = Callable[[torch.Tensor], torch.Tensor]  # dataset indices -> their stored noise (CPU)
-SEED_KINDS = ("independent", "minibatch_ot", "fixed", "loom")  # the kinds SeedCoupling implements
-KINDS = (*SEED_KINDS, "pairs")  # coupling.kind
-COSTS = ("l2", "sqeuclidean")  # coupling.cost: the distance, or its square
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:
@@ -125,15 +123,15 @@ class SeedCoupling(Coupling):
 
     Args:
         max_problem: the most items one assignment problem may have (``None``: the global batch, always).
-        solver: ``coupling_solve.SOLVERS``.
+        solver: ``choices.ASSIGNMENT_SOLVERS``.
         device: where noise and cost matrices are computed (default: the data's device).
     """
 
     def __init__(self, kind: str, num_points: int, num_seeds: int, shape: tuple[int, ...], cost: str = "l2",
                  seed: int = 0, rank: int = 0, world_size: int = 1, max_problem: int | None = None,
                  solver: str = "lapjv", device: torch.device | str | None = None) -> None:
-        if kind not in SEED_KINDS:
-            raise UsageError(f"SeedCoupling kind must be one of {', '.join(SEED_KINDS)}, got {kind!r}")
+        if kind not in SEED_COUPLINGS:
+            raise UsageError(f"SeedCoupling kind must be one of {', '.join(SEED_COUPLINGS)}, got {kind!r}")
         self.kind, self.shape, self.cost = kind, tuple(shape), cost
         self.rank, self.world_size = rank, world_size
         self.max_problem, self.solver = max_problem, solver

@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from loomcfm_core.choices import ASSIGNMENT_SOLVERS
 from loomcfm_core.errors import UsageError
-
-SOLVERS = ("lapjv", "scipy")  # coupling.solver
 
 
 def cost_matrix(x1: torch.Tensor, x0: torch.Tensor, cost: str = "l2") -> torch.Tensor:
@@ -47,7 +46,7 @@ def solve(costs: np.ndarray, solver: str = "lapjv") -> np.ndarray:
         return lapjv.lapjv(np.ascontiguousarray(costs, dtype=np.float64), force_doubles=True)[0].astype(np.int64)
     if solver == "scipy":
         return linear_sum_assignment(costs)[1].astype(np.int64)
-    raise UsageError(f"coupling.solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    raise UsageError(f"coupling.solver must be one of {', '.join(ASSIGNMENT_SOLVERS)}, got {solver!r}")
 
 
 def cycle_labels(perm: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
 """What makes a training run the run it is: every config key in one of four classes, in one table.
 
 - ``identity``: what defines the model and the order the data is visited in (the network, the coupling, the
-  batch size and world size, the seed, flips, the objective, the starting weights). These name the default
-  run folder, and resuming a checkpoint with another value is refused, listing the keys.
+  batch size and world size, the seed, flips, the objective, the starting weights). Their digest names the
+  default run folder (:func:`loomcfm_core.layout.default_run_name`), and resuming a checkpoint with another
+  value is refused, listing the keys.
 - ``dataset``: the keys that decide which cached dataset is trained on. They are identity too, but through
   the dataset URI the cache derives from them (so ``./x`` and ``/abs/x`` are one source), not by value.
 - ``schedule``: the optimisation schedule (LR, warm-up, Adam's betas, weight decay, clipping, EMA decay).
@@ -20,12 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loomcfm_core.storage import absolute
-
-if TYPE_CHECKING:  # the config validates train.allow_changes against SCHEDULE_KEYS: annotations only here
-    from loomcfm_core.config import Config
 
 IDENTITY, DATASET, SCHEDULE, FREE = "identity", "dataset", "schedule", "free"
 
@@ -68,11 +66,11 @@ def identity_values(flat: dict[str, Any]) -> dict[str, Any]:
     return {key: _canonical(key, value) for key, value in flat.items() if key_class(key) == IDENTITY}
 
 
-def default_run_name(cfg: Config, dataset_uri: str) -> str:
-    """``<name>-<hash>`` of the identity keys and the dataset URI: the folder a rerun finds again, whatever
-    the free keys say (``train.max_steps``, ``train.log_every``, ``data.num_workers`` ...)."""
-    text = json.dumps({"identity": identity_values(cfg.flat()), "dataset": dataset_uri}, sort_keys=True)
-    return f"{cfg.name}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+def identity_digest(flat: dict[str, Any], dataset_uri: str) -> str:
+    """A short hash of a flattened config's identity keys and the dataset URI: the same for a rerun of the same
+    training, whatever the free keys say (``train.max_steps``, ``train.log_every``, ``data.num_workers`` ...)."""
+    text = json.dumps({"identity": identity_values(flat), "dataset": dataset_uri}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, tuple[Any, Any]]]:

@@ -60,4 +60,4 @@ def pipeline_parent(cfg: Config) -> str | None:
     """The MLflow parent run of this step's pipeline run (opened by its ``prepare`` step), or None when the
     step does not run in a pipeline."""
     run_id = kfp_run_id()
-    return find_pipeline_run(cfg, run_id) if run_id else None
+    return find_pipeline_run(cfg.tracking, cfg.experiment, run_id) if run_id else None

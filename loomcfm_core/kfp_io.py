@@ -32,7 +32,9 @@ def point_to(artifact, uri: str, **metadata) -> None:
     Path(artifact.path).write_text(json.dumps({"uri": uri, **metadata}, indent=2))
 
 
-def report_table(markdown, evaluation: EvalResult) -> None:
-    """The evaluation table (from ``stages.evaluate``) as an ``Output[Markdown]`` for the KFP UI."""
+def report_evaluation(metrics, markdown, evaluation: EvalResult) -> None:
+    """An evaluation (from ``stages.evaluate``) as an ``Output[Metrics]`` (distance and NFE per method) and its
+    table as an ``Output[Markdown]`` for the KFP UI."""
+    log_numbers(metrics, evaluation.metrics())
     Path(markdown.path).write_text(f"**{evaluation.metric}** vs NFE of `{evaluation.checkpoint_uri}`\n\n"
                                    f"{evaluation.table}\n\ngrids and plot: `{evaluation.eval_uri}`\n")

@@ -1,8 +1,8 @@
 """Which process holds something, and whether it still lives: the one answer the run folder's lease, the
 MLflow runs of stages and the local Ray a CLI started all rely on.
 
-A process is identified by host, pid and start time: a pid alone is reused by the kernel, and a record
-naming a dead process must never make us act on an unrelated one that got its number.
+A process is identified by host, pid and start time (psutil reads them from the kernel): a pid alone is
+reused, and a record naming a dead process must never make us act on an unrelated one that got its number.
 """
 
 from __future__ import annotations
@@ -10,23 +10,37 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
+
+import psutil
 
 
 def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), None when no
-    such process runs (none, or a zombie: dead, waiting for a parent to reap it — an init that does not reap
-    keeps killed orphans as zombies); an empty string where ``/proc`` is not available."""
+    """The process's start time as text (what a record compares): seconds from boot to its start, which no
+    clock adjustment changes (``create_time`` is boot time plus that, and the boot time follows the clock),
+    None when no such process runs (none, or a zombie: dead, waiting for a parent to reap it — an init that
+    does not reap keeps killed orphans as zombies); an empty string when the system does not say."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        return f"{process.create_time() - psutil.boot_time():.2f}"
+    except psutil.NoSuchProcess:
         return None
-    except OSError:
+    except psutil.Error:
         return ""
-    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may contain spaces
-    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...); [] when it is gone."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,19 @@ def gone(holder: Holder, heartbeat: float, ttl: float) -> bool:
     is older than ``ttl``."""
     alive = holder.alive()
     return not alive if alive is not None else expired(heartbeat, ttl)
+
+
+@contextmanager
+def kept_signal_handlers() -> Iterator[None]:
+    """Put this process's SIGINT and SIGTERM handlers back after the body, for a library call that installs its
+    own (``ray.init``'s ``sys.exit(15)``, Ray Train's ``fit``). Only the main thread has handlers."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
 
 _stopped_by: list[str] = []

@@ -1,18 +1,24 @@
 """What each pipeline stage returns: typed results the CLI prints and the KFP components report from.
 
-Every result is a plain dataclass, so ``dataclasses.asdict`` turns it into the JSON the CLI prints.
+Every result is a plain dataclass, so ``dataclasses.asdict`` turns it into the JSON the CLI prints. The train
+stage's :class:`TrainResult` is what a training run commits to storage (:mod:`loomcfm_core.training.result`).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
-from loomcfm_core.evaluation import MethodResult
-from loomcfm_core.storage import join, storage_for
-from loomcfm_core.training.summary import TrainSummary, read_summary
+from loomcfm_core.training.result import TrainResult
 
-REGISTRATION_FILE = "registered-model.json"
+
+@dataclass
+class MethodResult:
+    """One sampling method's row of an evaluation: its NFE, the distance to the data, the seconds it took."""
+
+    method: str
+    nfe: float
+    distance: float
+    seconds: float
 
 
 @dataclass
@@ -32,26 +38,6 @@ class CacheResult:
 
 
 @dataclass
-class TrainResult(TrainSummary):
-    """A finished run's summary plus the model version it registered under ``model_alias``."""
-
-    model_version: str
-    model_alias: str
-
-    def commit_registration(self) -> None:
-        """Record the registration beside ``result.json``, for a launcher in another process (the pipeline
-        step that waits for a RayJob) to read back with :meth:`read`."""
-        record = {"model_version": self.model_version, "model_alias": self.model_alias}
-        storage_for(self.run_uri).write_text(join(self.run_uri, REGISTRATION_FILE), json.dumps(record, indent=2))
-
-    @classmethod
-    def read(cls, run_uri: str) -> TrainResult:
-        """The result a train stage in another process committed: its run's summary and registration."""
-        record = json.loads(storage_for(run_uri).read_text(join(run_uri, REGISTRATION_FILE)))
-        return cls(**vars(read_summary(run_uri)), **record)
-
-
-@dataclass
 class EvalResult:
     """Distance (``metric``: ``fid`` or ``fd_<dataset>``) and NFE per method; grids and plot under ``eval_uri``."""
 
@@ -60,6 +46,11 @@ class EvalResult:
     checkpoint_uri: str
     rows: list[MethodResult]
     table: str
+
+    def metrics(self) -> dict[str, float]:
+        """``<metric>/<method>`` (the distance) and ``nfe/<method>`` of every row: how a run records it."""
+        return {f"{kind}/{row.method}": value for row in self.rows
+                for kind, value in ((self.metric, row.distance), ("nfe", row.nfe))}
 
 
 @dataclass

@@ -8,7 +8,6 @@ so it is counted on the network calls, never inferred from the method name.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -16,27 +15,11 @@ from torch import nn
 from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
-from loomcfm_core.coupling import noise_from_seeds
-from loomcfm_core.errors import UsageError
+from loomcfm_core.choices import parse_method
+from loomcfm_core.noise import noise_from_seeds
 
-SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 ADAPTIVE_TOLERANCE = 1e-5
 GRID_CELL = 64  # the smallest side, in pixels, an image of a grid is shown at
-_METHOD = re.compile(rf"^({'|'.join(SOLVERS)})-([1-9][0-9]*)$")
-
-
-def parse_method(method: str) -> tuple[str, int]:
-    match = _METHOD.match(method)
-    if not match:
-        raise UsageError(f"sampling method {method!r}: expected <solver>-<steps> with solver one of "
-                         f"{', '.join(SOLVERS)}, e.g. euler-4 or dopri5-1")
-    return match.group(1), int(match.group(2))
-
-
-def check_method(method: str) -> str:
-    """``method`` when :func:`parse_method` takes it (what the config checks method strings with)."""
-    parse_method(method)
-    return method
 
 
 class CountingField(nn.Module):

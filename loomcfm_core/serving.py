@@ -1,5 +1,6 @@
 """The registered model: an ``mlflow.pyfunc`` generator, so images come out of the registry without our
-code's entry points or an ODE solver of the caller's own.
+code's entry points or an ODE solver of the caller's own; registered once per checkpoint as
+``loomcfm-<name>`` (``Config.registered_model``), its versions described by their evaluations.
 
 ``predict`` takes a table with either ``num_images`` (one row: that many images from the same noise seeds
 ``loomcfm sample`` uses) or ``seed`` (one row per image, explicit noise seeds), and the param ``method``
@@ -10,6 +11,7 @@ rebuilds exactly the trained network.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -19,14 +21,19 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-from loomcfm_core.config import Config, load_config_text
+from loomcfm_core.config import Config, TrackingConfig, load_config_text
 from loomcfm_core.errors import UsageError
 from loomcfm_core.models.loading import build_model, default_device
-from loomcfm_core.sampling import check_method, generate, sample_seeds, to_uint8
+from loomcfm_core.choices import check_method
+from loomcfm_core.sampling import generate, sample_seeds, to_uint8
+from loomcfm_core.tracking import tracking_uri
 
 EXAMPLE_IMAGES = 2
+CHECKPOINT_TAG, CHECKPOINT_SHA_TAG = "loomcfm.checkpoint_uri", "loomcfm.checkpoint_sha256"
+log = logging.getLogger(__name__)
 
 
 def sample_seed_offset(cfg: Config) -> int:
@@ -82,3 +89,48 @@ def log_generator(cfg: Config, model: torch.nn.Module, registered_model_name: st
             name="model", python_model=Generator(), artifacts={"weights": str(weights), "config": str(config)},
             signature=signature(cfg), input_example=example, registered_model_name=registered_model_name,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "loomcfm", "pandas"])
+
+
+def register_model(cfg: Config, run_id: str, model: torch.nn.Module, alias: str, checkpoint_uri: str,
+                   checkpoint_sha256: str) -> str:
+    """Register the generator of a checkpoint's model as ``Config.registered_model`` with ``alias``; returns
+    the version.
+
+    A checkpoint is registered once: its version is tagged with the checkpoint's URI and sha256, and a
+    rerun of a finished training (same checkpoint, same bytes) gets that version back, with the alias
+    moved to it, instead of a new one. Evaluation writes its FD-vs-NFE table into the version's description
+    (:func:`describe_checkpoint`).
+    """
+    name = cfg.registered_model
+    uri = tracking_uri(cfg.tracking)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    found = client.search_model_versions(f"name = '{name}' and tags.`{CHECKPOINT_SHA_TAG}` = '{checkpoint_sha256}'")
+    same = [v for v in found if v.tags.get(CHECKPOINT_TAG) == checkpoint_uri]
+    if same:
+        version = str(min(int(v.version) for v in same))
+        log.info("%s is registered already as %s version %s", checkpoint_uri, name, version)
+    else:
+        with mlflow.start_run(run_id=run_id, nested=True):
+            info = log_generator(cfg, model.cpu().eval(), name)
+        version = str(info.registered_model_version)
+        client.set_model_version_tag(name, version, CHECKPOINT_TAG, checkpoint_uri)
+        client.set_model_version_tag(name, version, CHECKPOINT_SHA_TAG, checkpoint_sha256)
+    client.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def describe_checkpoint(settings: TrackingConfig, name: str, checkpoint_uri: str, text: str) -> list[str]:
+    """Make ``text`` (an evaluation's table) the description of every version of the registered model ``name``
+    made from this checkpoint; returns those versions (none when the checkpoint was never registered, e.g.
+    evaluated before training ended).
+
+    Args:
+        settings: the ``tracking`` section (the store the registry is in).
+    """
+    client = MlflowClient(tracking_uri(settings))
+    versions = [str(v.version) for v in client.search_model_versions(f"name = '{name}'")
+                if v.tags.get(CHECKPOINT_TAG) == checkpoint_uri]
+    for version in versions:
+        client.update_model_version(name, version, description=text)
+    return versions

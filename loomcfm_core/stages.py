@@ -2,11 +2,14 @@
 
 The CLI, the KFP components and the Kubernetes Jobs all call these, so a stage behaves the same whichever
 front door started it. Each stage records itself as an MLflow run — a child of ``parent_run_id`` when a
-pipeline runs it — with the config, its metrics and its pictures.
+pipeline runs it — with the config, its metrics and its pictures. What a stage needs from another is an
+explicit call here (the cache a training without a dataset asks for, the summary the reflow evaluation
+writes), never a side effect further down.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,37 +18,37 @@ from pathlib import Path
 import mlflow
 import torch
 
-from loomcfm_core import ablation, kfp_env, reflow, tracking
+from loomcfm_core import ablation, kfp_env, reflow, serving, tracking
 from loomcfm_core.ablation import ArmResult
 from loomcfm_core.checkpoint import checkpoint_sha256
+from loomcfm_core.choices import LAUNCHERS, check_method
 from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.data.latents import cache_latents, image_dataset_of
 from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import UsageError
-from loomcfm_core.evaluation import evaluate as evaluate_checkpoint
-from loomcfm_core.feature_store import classifier_uri, train_dataset_classifier
+from loomcfm_core.evaluation.scoring import evaluate as score_checkpoint
+from loomcfm_core.evaluation.scoring import prepare_reference
+from loomcfm_core.evaluation.summary import base_rows, record_summary, summary_table
 from loomcfm_core.kube.client import connect
 from loomcfm_core.kube.launcher import run_rayjob
 from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, load_template
-from loomcfm_core.metrics import feature_network, feature_network_kind, reference_stats
+from loomcfm_core.layout import run_uri
 from loomcfm_core.models.loading import check_buildable, default_device, fitting_weights, load_flow, load_model
-from loomcfm_core.pipeline_summary import base_rows, record_summary, summary_table
-from loomcfm_core.results import CacheResult, EvalResult, PairsResult, RunResult, SampleResult, TrainResult
-from loomcfm_core.sampling import check_method, generate, sample_seeds, save_grid
+from loomcfm_core.results import CacheResult, EvalResult, MethodResult, PairsResult, RunResult, SampleResult
+from loomcfm_core.sampling import generate, sample_seeds, save_grid
 from loomcfm_core.storage import is_remote, join, storage_for
-from loomcfm_core.training.launch import rewind_run, run_on_ray
-from loomcfm_core.training.loop import run_uri_for
+from loomcfm_core.training.driver import rewind_run, run_on_ray
+from loomcfm_core.training.result import TrainResult, read_result, write_registration
 
-LAUNCHERS = ("local", "rayjob")
-EVALUATE_REFLOW = "evaluate_reflow"  # the label of the reflow model's evaluation, the last stage of a pipeline
+log = logging.getLogger(__name__)
 
 
 @contextmanager
 def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None,
               tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
     """The stage's MLflow run, with the config recorded on it."""
-    with tracking.start_run(cfg, stage, parent_run_id=parent_run_id, tags=tags) as run:
+    with tracking.start_run(cfg.tracking, cfg.experiment, stage, parent_run_id=parent_run_id, tags=tags) as run:
         tracking.log_config(cfg)
         yield run
 
@@ -59,13 +62,8 @@ def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
         splits = cached.manifest["splits"]
         result = CacheResult(cached.uri, cached.created, splits["train"]["count"],
                              splits.get("val", {}).get("count", 0))
-        if feature_network_kind(cfg) == "classifier":
-            if not storage_for(cached.uri).exists(classifier_uri(cached.uri)):
-                result.classifier_val_accuracy = train_dataset_classifier(cached.uri, cfg.data.local_cache,
-                                                                          cfg.train.seed)
-            reference_stats(cfg, cached.uri, feature_network(cfg, cached.uri))
-        # Inception statistics of a large train split are left to the first evaluation, which has a GPU.
-        if cfg.model.autoencoder is not None:
+        result.classifier_val_accuracy = prepare_reference(cfg, cached.uri)
+        if cfg.is_latent:
             latents = cache_latents(cfg, cached)
             result.dataset_uri, result.images_uri = latents.uri, cached.uri
             result.created = cached.created or latents.created
@@ -78,51 +76,44 @@ def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
     return result
 
 
+def dataset_to_train_on(cfg: Config, parent_run_id: str | None = None) -> str:
+    """The dataset a training reads when it is given none: ``data.uri``, else this config's cache, which the
+    cache stage builds now if it is not there (a no-op when it is)."""
+    if cfg.data.uri:
+        return cfg.data.uri
+    log.info("no dataset given and no data.uri: caching %s first (the cache stage)", cfg.data.source)
+    return cache(cfg, parent_run_id).dataset_uri
+
+
 def image_dataset_uri(cfg: Config, parent_run_id: str | None = None) -> str:
-    """The cached image dataset of a config: ``data.uri``'s images (its own, or those a latent cache was
-    encoded from) unless it holds reflow pairs, else the cache stage's."""
+    """The cached image dataset an evaluation compares with: ``data.uri``'s images (its own, or those a latent
+    cache was encoded from) unless it holds reflow pairs, else this config's cache (built now if missing)."""
     if cfg.data.uri:
         manifest = read_manifest(cfg.data.uri)
         if manifest is not None and manifest.get("kind", "images") != "pairs":
             return image_dataset_of(cfg.data.uri)
+    log.info("no image dataset given: caching %s first (the cache stage) to compare with", cfg.data.source)
     return image_dataset_of(cache(cfg, parent_run_id).dataset_uri)
 
 
-def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None,
-          wait: bool = False, resume_step: int | None = None) -> TrainResult:
-    """Train on Ray Train (resuming a rerun) and register the EMA model under the alias ``base`` or ``reflow``
-    (MLflow reserves ``latest``). The run's ``result.json`` (written by training) gets the registration
-    beside it, so a launcher in another process reads the same result back.
+def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None, *, launcher: str = "local",
+          pairs_uri: str = "", init_from: str = "", kfp_run_id: str = "", kfp_task: str = "", wait: bool = False,
+          resume_step: int | None = None) -> TrainResult:
+    """Train (resuming a rerun) and register the EMA model under the alias ``base``, or ``reflow`` given
+    ``pairs_uri``: the reflow training of the pairs ``init_from`` generated (MLflow reserves ``latest``).
 
     Args:
-        wait: when another training holds the run folder's lease, wait for it instead of failing.
-        resume_step: resume from this step's checkpoint, setting later ones aside (-1: the latest; the
-            reference's ``--resume-step``).
-    """
-    check_buildable(cfg)  # before a dataset is cached for a network that cannot exist
-    dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id).dataset_uri
-    summary = run_on_ray(cfg, dataset_uri, parent_run_id, wait=wait, resume_step=resume_step)
-    model = load_model(cfg, summary.checkpoint_uri, torch.device("cpu"))
-    alias = "reflow" if cfg.coupling.kind == "pairs" else "base"
-    version = tracking.register_model(cfg, summary.mlflow_run_id, model, alias, summary.checkpoint_uri,
-                                      checkpoint_sha256(summary.checkpoint_uri))
-    result = TrainResult(**vars(summary), model_version=version, model_alias=alias)
-    result.commit_registration()
-    return result
-
-
-def launch_train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None,
-                 launcher: str = "local", pairs_uri: str = "", init_from: str = "", kfp_run_id: str = "",
-                 kfp_task: str = "", wait: bool = False, resume_step: int | None = None) -> TrainResult:
-    """The train (or, given ``pairs_uri``, reflow-train) stage, in-process on Ray or as a KubeRay RayJob
-    shaped and run by the config's ``kube`` section.
-
-    This is what the KFP train component and ``loomcfm train`` call: the launcher is a parameter, not
-    another pipeline. ``kfp_run_id`` and ``kfp_task`` name a pipeline step's RayJob (a retried step finds
-    it again); without them the run folder does. ``wait``: a local training waits for another one holding
-    the run folder's lease instead of failing (a RayJob's entrypoint always waits: its retry follows a failed
-    attempt whose lease has to expire first). ``resume_step``: resume from that step's checkpoint, setting
-    later ones aside (the reference's ``--resume-step``); for a RayJob this happens here, before it starts.
+        dataset_uri: what to train on; default: :func:`dataset_to_train_on`.
+        launcher: ``local``: the driver is this process, on Ray here (:func:`~loomcfm_core.training.driver.
+            run_on_ray`); ``rayjob``: a KubeRay RayJob shaped by the ``kube`` section, whose head runs
+            ``loomcfm train`` (:func:`train_on_kubernetes`). The KFP train component and ``loomcfm train``
+            both call this: the launcher is a parameter, not another pipeline.
+        kfp_run_id, kfp_task: name a pipeline step's RayJob (a retried step finds it again); without them the
+            run folder does.
+        wait: a local training waits for another one holding the run folder's lease instead of failing (a
+            RayJob's entrypoint always waits: its retry follows a failed attempt whose lease has to expire).
+        resume_step: resume from that step's checkpoint, setting later ones aside (the reference's
+            ``--resume-step``); for a RayJob this happens here, before it starts.
     """
     if launcher not in LAUNCHERS:
         raise UsageError(f"launcher must be one of {', '.join(map(repr, LAUNCHERS))}, got {launcher!r}")
@@ -133,13 +124,20 @@ def launch_train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str
         raise UsageError("reflow training from pairs_uri needs init_from (the checkpoint that generated them)")
     if pairs_uri:
         cfg, dataset_uri = reflow.reflow_config(cfg, pairs_uri, init_from), pairs_uri
-    if launcher == "local":
-        return train(cfg, dataset_uri, parent_run_id, wait=wait, resume_step=resume_step)
-    dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id).dataset_uri
-    if resume_step is not None:
-        rewind_run(cfg, dataset_uri, resume_step, wait=wait)
-    return train_on_kubernetes(cfg, dataset_uri, parent_run_id, RunIdentity(run_uri_for(cfg, dataset_uri),
-                                                                            kfp_run_id, kfp_task))
+    check_buildable(cfg)  # before a dataset is cached for a network that cannot exist
+    dataset_uri = dataset_uri or dataset_to_train_on(cfg, parent_run_id)
+    if launcher == "rayjob":
+        if resume_step is not None:
+            rewind_run(cfg, dataset_uri, resume_step, wait=wait)
+        identity = RunIdentity(run_uri(cfg, dataset_uri), kfp_run_id, kfp_task)
+        return train_on_kubernetes(cfg, dataset_uri, parent_run_id, identity)
+    result = run_on_ray(cfg, dataset_uri, parent_run_id, wait=wait, resume_step=resume_step)
+    result.model_alias = "reflow" if cfg.is_reflow else "base"
+    model = load_model(cfg, result.checkpoint_uri, torch.device("cpu"))
+    result.model_version = serving.register_model(cfg, result.mlflow_run_id, model, result.model_alias,
+                                                  result.checkpoint_uri, checkpoint_sha256(result.checkpoint_uri))
+    write_registration(result)  # beside result.json: a launcher in another process reads both
+    return result
 
 
 def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None = None,
@@ -153,40 +151,61 @@ def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None
         identity: what names the RayJob; default: the run folder.
         api: a :class:`loomcfm_core.kube.client.KubeApi`; default: this pod's or the kubeconfig's cluster.
     """
-    run_uri = run_uri_for(cfg, dataset_uri)
+    run = run_uri(cfg, dataset_uri)
     args = ["--dataset", dataset_uri] + (["--parent-run-id", parent_run_id] if parent_run_id else [])
-    body = build_rayjob(load_template(), cfg, identity or RunIdentity(run_uri), args,
-                        stage="reflow" if cfg.coupling.kind == "pairs" else "train")
+    body = build_rayjob(load_template(), cfg, identity or RunIdentity(run), args,
+                        stage="reflow" if cfg.is_reflow else "train")
     run_rayjob(api or connect(cfg.kube.namespace), body, cfg.kube)
-    return TrainResult.read(run_uri)
+    return read_result(run, registered=True)
 
 
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, methods: list[str] | None = None,
-             parent_run_id: str | None = None, label: str = "evaluate") -> EvalResult:
+             parent_run_id: str | None = None) -> EvalResult:
     """Distance to the data (FID, or fd_<dataset>) and NFE for each sampling method, with grids and a plot.
 
     Every method is checked and the checkpoint is loaded before anything else (no dataset is cached for a
     checkpoint that does not fit, no method samples before a later one is found misspelt).
     """
+    return _evaluate(cfg, checkpoint_uri, dataset_uri, methods, parent_run_id, "evaluate")
+
+
+def evaluate_reflow(cfg: Config, checkpoint_uri: str, parent_run_id: str, dataset_uri: str | None = None,
+                    methods: list[str] | None = None, base: list[MethodResult] | None = None) -> EvalResult:
+    """The last stage of both pipelines: evaluate the reflowed model like :func:`evaluate` (as the run
+    ``evaluate_reflow``), then record the pipeline's summary, base vs reflow, on the parent run
+    (:mod:`loomcfm_core.evaluation.summary`).
+
+    Args:
+        parent_run_id: the pipeline's parent MLflow run, which the summary goes to.
+        base: the base model's rows when this process has them (``loomcfm run``); default: those of the base
+            evaluation among the parent's children (a KFP step; none in the reflow pipeline).
+    """
+    if not parent_run_id:
+        raise UsageError("evaluate_reflow records the pipeline's summary on its parent MLflow run, and has none")
+    result = _evaluate(cfg, checkpoint_uri, dataset_uri, methods, parent_run_id, "evaluate_reflow")
+    base = base if base is not None else base_rows(cfg.tracking, cfg.experiment, parent_run_id)
+    record_summary(cfg.tracking, parent_run_id, result.metric, base, result.rows)
+    return result
+
+
+def _evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None, methods: list[str] | None,
+              parent_run_id: str | None, run_name: str) -> EvalResult:
     methods = [check_method(method) for method in (methods or cfg.eval.methods)]
     fitting_weights(cfg, checkpoint_uri)
     dataset_uri = dataset_uri or image_dataset_uri(cfg, parent_run_id)
-    with stage_run(cfg, label, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
+    with stage_run(cfg, run_name, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
-            evaluation = evaluate_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
-            tracking.log_latent_space(evaluation.latent_space)
-            for row in evaluation.rows:
-                mlflow.log_metrics({f"{evaluation.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe,
-                                    f"seconds/{row.method}": row.seconds})
-            for path in evaluation.files:
+            scored = score_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
+            result = EvalResult(scored.metric, scored.output_uri, checkpoint_uri, scored.rows, scored.table())
+            tracking.log_latent_space(scored.latent_space)
+            mlflow.log_metrics({**result.metrics(), **{f"seconds/{row.method}": row.seconds for row in result.rows}})
+            for path in scored.files:
                 mlflow.log_artifact(str(path), "eval")
-        mlflow.set_tag("loomcfm.eval_uri", evaluation.output_uri)
-    tracking.describe_checkpoint(cfg, checkpoint_uri, f"{evaluation.metric} vs NFE of {checkpoint_uri}:\n\n"
-                                 f"{evaluation.table()}")
-    print(evaluation.table())
-    if label == EVALUATE_REFLOW and parent_run_id:  # the last stage of both pipelines
-        record_summary(cfg, parent_run_id, evaluation.metric, base_rows(cfg, parent_run_id), evaluation.rows)
-    return EvalResult(evaluation.metric, evaluation.output_uri, checkpoint_uri, evaluation.rows, evaluation.table())
+        mlflow.set_tag("loomcfm.eval_uri", result.eval_uri)
+    serving.describe_checkpoint(cfg.tracking, cfg.registered_model, checkpoint_uri,
+                                f"{result.metric} vs NFE of {checkpoint_uri}:\n\n{result.table}")
+    print(result.table)
+    return result
 
 
 def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None,
@@ -210,8 +229,8 @@ def sample(cfg: Config, checkpoint_uri: str, output: str, num_images: int, metho
 
     device = default_device()
     flow = load_flow(cfg, checkpoint_uri, device)
-    samples = generate(flow.model, cfg.flow_shape, method, sample_seeds(num_images, offset=cfg.train.seed << 32),
-                       batch_size, device)
+    seeds = sample_seeds(num_images, offset=serving.sample_seed_offset(cfg))
+    samples = generate(flow.model, cfg.flow_shape, method, seeds, batch_size, device)
     images = flow.images(samples.images, device)
     store = storage_for(output)
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,14 +252,13 @@ def ablation_arm(cfg: Config, arm: str, dataset_uri: str, parent_run_id: str | N
                                                                    "loomcfm.ablation_arm": arm}) as run:
         trained = train(arm_cfg, dataset_uri, run.info.run_id)
         scored = evaluate(arm_cfg, trained.checkpoint_uri, dataset_uri, parent_run_id=run.info.run_id)
-        for row in scored.rows:
-            mlflow.log_metrics({f"{scored.metric}/{row.method}": row.distance, f"nfe/{row.method}": row.nfe})
+        mlflow.log_metrics(scored.metrics())
     return ArmResult(arm, scored.metric, trained.checkpoint_uri, scored.rows)
 
 
 def ablation_report(cfg: Config, parent_run_id: str, arms: list[ArmResult], workdir: Path) -> dict[str, Path]:
     """The comparison of the arms (plot, Markdown and HTML table) into ``workdir`` and onto the parent run."""
-    files = ablation.record_comparison(cfg, parent_run_id, arms, workdir)
+    files = ablation.record_comparison(cfg.tracking, parent_run_id, arms, workdir)
     print(files["ablation.md"].read_text())
     return files
 
@@ -251,25 +269,23 @@ def start_pipeline_run(cfg: Config) -> str:
     when the config keeps data or runs on a KFP pod's own disk (:func:`loomcfm_core.kfp_env.check_shared`)."""
     kfp_env.check_shared(cfg)
     tags = {tracking.KFP_RUN_TAG: run_id} if (run_id := kfp_env.kfp_run_id()) else None
-    with tracking.start_run(cfg, tracking.PIPELINE_STAGE, tags=tags) as parent:
-        tracking.log_config(cfg)
+    with stage_run(cfg, tracking.PIPELINE_STAGE, tags=tags) as parent:
+        pass
     return parent.info.run_id
 
 
 def run(cfg: Config, tags: dict[str, str] | None = None) -> RunResult:
-    """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow → evaluate;
-    the reflow evaluation records the summary on the parent run (:mod:`loomcfm_core.pipeline_summary`)."""
-    with tracking.start_run(cfg, tracking.PIPELINE_STAGE, tags=tags) as parent:
-        tracking.log_config(cfg)
+    """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow train →
+    evaluate and record the summary (:func:`evaluate_reflow`)."""
+    with stage_run(cfg, tracking.PIPELINE_STAGE, tags=tags) as parent:
         parent_id = parent.info.run_id
         cached = cache(cfg, parent_id)
         base = train(cfg, cached.dataset_uri, parent_id)
         base_eval = evaluate(cfg, base.checkpoint_uri, cached.dataset_uri, parent_run_id=parent_id)
         generated = pairs(cfg, base.checkpoint_uri, parent_id)
-        reflowed = launch_train(cfg, cached.dataset_uri, parent_id, pairs_uri=generated.pairs_uri,
-                                init_from=base.checkpoint_uri)
-        reflow_eval = evaluate(cfg, reflowed.checkpoint_uri, cached.dataset_uri, parent_run_id=parent_id,
-                               label=EVALUATE_REFLOW)
+        reflowed = train(cfg, parent_run_id=parent_id, pairs_uri=generated.pairs_uri, init_from=base.checkpoint_uri)
+        reflow_eval = evaluate_reflow(cfg, reflowed.checkpoint_uri, parent_id, cached.dataset_uri,
+                                      base=base_eval.rows)
     summary = summary_table(base_eval.metric, base_eval.rows, reflow_eval.rows)
-    return RunResult(parent_id, tracking.tracking_uri(cfg), cached.dataset_uri, base, base_eval, generated, reflowed,
-                     reflow_eval, summary)
+    return RunResult(parent_id, tracking.tracking_uri(cfg.tracking), cached.dataset_uri, base, base_eval, generated,
+                     reflowed, reflow_eval, summary)

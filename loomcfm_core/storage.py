@@ -1,9 +1,11 @@
 """One interface over local folders and S3-compatible object stores, addressed by URI.
 
 Stages only ever see URIs (``/data/x``, ``file:///data/x``, ``s3://bucket/prefix/x``) so the same code runs
-on a laptop and on a cluster. Every write is atomic — a temporary file or key first, then a rename or
-server-side copy — so a reader (or a crashed writer's successor) never mistakes a partial object for a
-complete one. S3 endpoint and credentials come from the standard AWS variables (``AWS_ENDPOINT_URL``,
+on a laptop and on a cluster. Every write is atomic, so a reader (or a crashed writer's successor) never
+mistakes a partial object for a complete one: on local disk through a temporary file and a rename; on S3 by
+S3 itself, which never shows an object before its PUT, or its multipart upload's completion, succeeded, so
+the bytes go up once, straight to their key (a failed multipart upload is aborted by boto3's transfer).
+S3 endpoint and credentials come from the standard AWS variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ...), which is all MinIO or any other S3-compatible store needs.
 """
 
@@ -266,8 +268,8 @@ class S3Storage(Storage):
         out = []
         pages = self._call(uri, lambda: list(self.client.get_paginator("list_objects_v2")
                                              .paginate(Bucket=bucket, Prefix=prefix)))
-        for page in pages:  # temporary keys of puts in flight (or abandoned) are not objects yet
-            out += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []) if ".tmp-" not in obj["Key"]]
+        for page in pages:
+            out += [f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", [])]
         if not out and key and self.exists(uri):
             return [uri]
         return sorted(out)
@@ -285,17 +287,10 @@ class S3Storage(Storage):
         return local_path
 
     def put(self, local_path: str | Path, uri: str) -> str:
+        """One PUT, or one multipart upload above ``MULTIPART_THRESHOLD``, straight to the key: the object
+        appears whole when the upload completes, or not at all."""
         bucket, key = self.split(uri)
-        tmp_key = f"{key}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            self._call(uri, self.client.upload_file, str(local_path), bucket, tmp_key, Config=self.transfer)
-            self._call(uri, self.client.copy, {"Bucket": bucket, "Key": tmp_key}, bucket, key,
-                       Config=self.transfer)
-        finally:
-            try:
-                self.client.delete_object(Bucket=bucket, Key=tmp_key)
-            except Exception:  # noqa: BLE001 - cleanup must not mask the real error
-                pass
+        self._call(uri, self.client.upload_file, str(local_path), bucket, key, Config=self.transfer)
         return uri
 
     def delete(self, uri: str) -> None:

@@ -1,8 +1,9 @@
 """MLflow runs for every pipeline stage: where they are stored, which experiment, and the config they record.
 
-The same stage code runs on a laptop and on a cluster, so the store comes from the config alone: with no
-``tracking.uri`` it is a SQLite file under ``tracking.local_dir`` (nothing to start, nothing shared), on the
-cluster it is the MLflow server, which proxies artifacts to S3 so stages need no S3 credentials of their own.
+The same stage code runs on a laptop and on a cluster, so the store comes from the ``tracking`` section alone:
+with no ``tracking.uri`` it is a SQLite file under ``tracking.local_dir`` (nothing to start, nothing shared), on
+the cluster it is the MLflow server, which proxies artifacts to S3 so stages need no S3 credentials of their
+own. The experiment is the config's (``Config.experiment``); the registered model is :mod:`loomcfm_core.serving`'s.
 
 Stages run in separate processes (Ray workers, KFP pods) where MLflow's in-process stack of nested runs does
 not exist, so a child run names its parent explicitly (``parent_run_id``) instead of relying on nesting.
@@ -21,39 +22,37 @@ from urllib.parse import urlparse
 
 import mlflow
 import requests
-import torch
 from mlflow.entities import LifecycleStage
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from loomcfm_core.config import Config
+from loomcfm_core.config import Config, TrackingConfig
 from loomcfm_core.errors import TrackingError, TrackingUnavailable
+from loomcfm_core.mlflow_stack import leave
 from loomcfm_core.models.autoencoder import LatentSpace
 from loomcfm_core.processes import stopped_by
 from loomcfm_core.run_status import FAILED, KILLED, alive, end_as, holder_tags, reap_dead_runs
-from loomcfm_core.serving import log_generator
 
 STAGE_TAG = "loomcfm.stage"
 KFP_RUN_TAG = "kfp.run_id"  # on a pipeline's parent run: the KFP run it belongs to
 PIPELINE_STAGE = "pipeline"
-CHECKPOINT_TAG, CHECKPOINT_SHA_TAG = "loomcfm.checkpoint_uri", "loomcfm.checkpoint_sha256"
 CONFIG_ARTIFACT = "config.yaml"
 log = logging.getLogger(__name__)
 SERVER_SCHEMES = ("http", "https")
 
 
-def _local_dir(cfg: Config) -> Path:
-    return Path(cfg.tracking.local_dir).expanduser().resolve()
+def _local_dir(settings: TrackingConfig) -> Path:
+    return Path(settings.local_dir).expanduser().resolve()
 
 
-def tracking_uri(cfg: Config) -> str:
+def tracking_uri(settings: TrackingConfig) -> str:
     """``tracking.uri``, or a SQLite store under ``tracking.local_dir`` so a laptop run needs no server.
 
     The path is made absolute so every process of one run (whatever its cwd) writes to the same file.
     """
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    local_dir = _local_dir(cfg)
+    if settings.uri:
+        return settings.uri
+    local_dir = _local_dir(settings)
     local_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{local_dir / 'mlflow.db'}"
 
@@ -63,21 +62,20 @@ def is_server(uri: str) -> bool:
     return urlparse(uri).scheme in SERVER_SCHEMES
 
 
-def artifact_location(cfg: Config) -> str | None:
+def ui_command(uri: str) -> str:
+    """How a person browses the store: ``mlflow ui`` on a local one, the server's address otherwise."""
+    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+
+
+def artifact_location(settings: TrackingConfig) -> str | None:
     """Where a new experiment keeps its artifacts: the server's choice, else ``<local_dir>/artifacts``.
 
     Without an explicit location a local store puts artifacts in ``./mlruns`` of whatever directory the
     process happens to run in, scattering them away from the database that refers to them.
     """
-    if is_server(tracking_uri(cfg)):
+    if is_server(tracking_uri(settings)):
         return None
-    return (_local_dir(cfg) / "artifacts").as_uri()
-
-
-def experiment_name(cfg: Config) -> str:
-    """``tracking.experiment``, else one experiment per config name (``loomcfm-<name>``), so runs of one
-    config compare side by side and different configs do not mix."""
-    return cfg.tracking.experiment or f"loomcfm-{cfg.name}"
+    return (_local_dir(settings) / "artifacts").as_uri()
 
 
 def _is_connection_failure(exc: BaseException | None) -> bool:
@@ -106,19 +104,18 @@ def _name_unreachable_server(uri: str) -> Iterator[None]:
         raise
 
 
-def experiment_id(cfg: Config) -> str:
-    """Get or create the config's experiment and return its id.
+def experiment_id(settings: TrackingConfig, name: str) -> str:
+    """Get or create the experiment ``name`` (a config's ``Config.experiment``) and return its id.
 
     Creation tolerates losing a race to another worker creating the same experiment at the same time.
     """
-    uri = tracking_uri(cfg)
-    name = experiment_name(cfg)
+    uri = tracking_uri(settings)
     client = MlflowClient(uri)
     with _name_unreachable_server(uri):
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return client.create_experiment(name, artifact_location=artifact_location(cfg))
+                return client.create_experiment(name, artifact_location=artifact_location(settings))
             except MlflowException as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
@@ -141,9 +138,11 @@ def _run_exists(uri: str, run_id: str) -> bool:
 
 
 @contextmanager
-def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-              run_id: str | None = None, attach: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """Make ``run_name`` the active MLflow run in the config's store and experiment for the ``with`` body.
+def start_run(settings: TrackingConfig, experiment: str, run_name: str, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None, run_id: str | None = None,
+              attach: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """Make ``run_name`` the active MLflow run in the store of ``settings`` (the ``tracking`` section) and the
+    experiment ``experiment`` (``Config.experiment``) for the ``with`` body.
 
     ``parent_run_id`` makes it a child run even in another process (a Ray worker, a KFP pod); pass the id
     explicitly rather than through ``MLFLOW_RUN_ID``, which would make MLflow resume that run instead.
@@ -157,9 +156,9 @@ def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None, tags
     (``KeyboardInterrupt``) or FAILED on an error, giving a parent that status too. ``attach`` only logs into
     a run another process holds (Ray workers, into the run their driver opened).
     """
-    uri = tracking_uri(cfg)
+    uri = tracking_uri(settings)
     mlflow.set_tracking_uri(uri)
-    exp_id = experiment_id(cfg)
+    exp_id = experiment_id(settings, experiment)
     client = MlflowClient(uri)
     if not attach:
         reap_dead_runs(client, exp_id)
@@ -175,7 +174,7 @@ def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None, tags
             try:
                 yield run
             finally:
-                _leave(run)
+                leave(run)
             return
         parent = parent_run_id or run.data.tags.get("mlflow.parentRunId")
         try:
@@ -193,35 +192,27 @@ def start_run(cfg: Config, run_name: str, parent_run_id: str | None = None, tags
             raise
 
 
-def _leave(run: mlflow.ActiveRun) -> None:
-    """Stop logging into a run another process holds without ending it.
-
-    MLflow's ``ActiveRun.__exit__`` ends the active run FINISHED, or FAILED on any exception, and Ray stops a
-    worker with SIGTERM (``SystemExit``) right after its driver ended the run KILLED: the worker would overwrite
-    that. The holder alone decides how its run ends, so the run is taken off this process's stack of active
-    runs (``mlflow/tracking/fluent.py``, ``end_run`` pops it the same way before ``set_terminated``), which
-    makes ``__exit__`` leave it alone; MLflow has no public call that does only this.
-    """
-    stack = mlflow.tracking.fluent._active_run_stack.get()
-    if stack and stack[-1].info.run_id == run.info.run_id:
-        stack.pop()
-
-
-def find_pipeline_run(cfg: Config, kfp_run_id: str) -> str | None:
+def find_pipeline_run(settings: TrackingConfig, experiment: str, kfp_run_id: str) -> str | None:
     """The parent run a pipeline's first step opened for the KFP run ``kfp_run_id``, or None.
 
     Steps find their parent this way at run time instead of taking its id as an input, because every input
     is part of KFP's cache key and a per-run id would keep deterministic steps from ever being reused.
     """
-    uri = tracking_uri(cfg)
+    uri = tracking_uri(settings)
     query = f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}' and tags.`{STAGE_TAG}` = '{PIPELINE_STAGE}'"
     with _name_unreachable_server(uri):
-        runs = MlflowClient(uri).search_runs([experiment_id(cfg)], query, max_results=1,
+        runs = MlflowClient(uri).search_runs([experiment_id(settings, experiment)], query, max_results=1,
                                              order_by=["attributes.start_time DESC"])
     if not runs:
         log.warning("no MLflow parent run for KFP run %s in %s; this step's run has no parent", kfp_run_id, uri)
         return None
     return runs[0].info.run_id
+
+
+def load_text(settings: TrackingConfig, run_id: str, artifact_path: str) -> str:
+    """A text artifact of a run (a table a pipeline recorded on its parent run)."""
+    mlflow.set_tracking_uri(tracking_uri(settings))
+    return mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_path}")
 
 
 def config_params(cfg: Config) -> dict[str, str]:
@@ -242,7 +233,7 @@ def log_config(cfg: Config) -> None:
     """
     if mlflow.active_run() is None:
         # mlflow.log_params would silently start a run in the default experiment and store.
-        raise TrackingError("log_config needs an active run; call it inside `with start_run(cfg, ...)`")
+        raise TrackingError("log_config needs an active run; call it inside `with start_run(...)`")
     mlflow.log_params(config_params(cfg))
     mlflow.log_text(cfg.to_yaml(), CONFIG_ARTIFACT)
 
@@ -258,44 +249,3 @@ def log_latent_space(space: dict | None) -> None:
         return
     mlflow.log_params(LatentSpace.from_dict(space).params())
     mlflow.log_dict(space, "autoencoder.json")
-
-
-def register_model(cfg: Config, run_id: str, model: torch.nn.Module, alias: str, checkpoint_uri: str,
-                   checkpoint_sha256: str) -> str:
-    """Register the model of a checkpoint as ``loomcfm-<name>`` with ``alias``; returns the version.
-
-    A checkpoint is registered once: its version is tagged with the checkpoint's URI and sha256, and a
-    rerun of a finished training (same checkpoint, same bytes) gets that version back, with the alias
-    moved to it, instead of a new one. The model is the pyfunc generator of :mod:`loomcfm_core.serving`
-    (images out, not the bare velocity network); evaluation writes its FD-vs-NFE table into the version's
-    description (:func:`describe_checkpoint`).
-    """
-    name = f"loomcfm-{cfg.name}"
-    uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    found = client.search_model_versions(f"name = '{name}' and tags.`{CHECKPOINT_SHA_TAG}` = '{checkpoint_sha256}'")
-    same = [v for v in found if v.tags.get(CHECKPOINT_TAG) == checkpoint_uri]
-    if same:
-        version = str(min(int(v.version) for v in same))
-        log.info("%s is registered already as %s version %s", checkpoint_uri, name, version)
-    else:
-        with mlflow.start_run(run_id=run_id, nested=True):
-            info = log_generator(cfg, model.cpu().eval(), name)
-        version = str(info.registered_model_version)
-        client.set_model_version_tag(name, version, CHECKPOINT_TAG, checkpoint_uri)
-        client.set_model_version_tag(name, version, CHECKPOINT_SHA_TAG, checkpoint_sha256)
-    client.set_registered_model_alias(name, alias, version)
-    return version
-
-
-def describe_checkpoint(cfg: Config, checkpoint_uri: str, text: str) -> list[str]:
-    """Make ``text`` (an evaluation's table) the description of every registered version of this checkpoint;
-    returns those versions (none when the checkpoint was never registered, e.g. evaluated before training ended)."""
-    name = f"loomcfm-{cfg.name}"
-    client = MlflowClient(tracking_uri(cfg))
-    versions = [str(v.version) for v in client.search_model_versions(f"name = '{name}'")
-                if v.tags.get(CHECKPOINT_TAG) == checkpoint_uri]
-    for version in versions:
-        client.update_model_version(name, version, description=text)
-    return versions

@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components import cache, evaluate, pairs, prepare, train
+from components import cache, evaluate, evaluate_reflow, pairs, prepare, train
 from loomcfm_core import IMAGE
 from pipelines.common import GPU_TOLERATIONS, cluster_arguments, documented, preparing, step, training
 
@@ -35,6 +35,6 @@ def loomcfm_pipeline(config_yaml: str = "cluster", overrides: list = [], launche
                               pairs_uri=generated.outputs["Output"], init_from=base.outputs["checkpoint_uri"],
                               **cluster), p, "reflow")
     # The reflow evaluation records the pipeline's summary (base and reflow) on the parent run: it runs last.
-    step(evaluate(config_yaml=config, overrides=[], checkpoint_uri=reflowed.outputs["checkpoint_uri"],
-                  dataset_uri=dataset_uri, label="evaluate_reflow"), p, "evaluate_reflow", kind="evaluate",
+    step(evaluate_reflow(config_yaml=config, overrides=[], checkpoint_uri=reflowed.outputs["checkpoint_uri"],
+                         dataset_uri=dataset_uri), p, "evaluate_reflow", kind="evaluate",
          gpus="accelerator_limit").after(base_eval)

@@ -2,7 +2,7 @@
 
 from kfp import dsl
 
-from components import cache, evaluate, pairs, prepare, train
+from components import cache, evaluate_reflow, pairs, prepare, train
 from loomcfm_core import IMAGE
 from pipelines.common import GPU_TOLERATIONS, cluster_arguments, documented, preparing, step, training
 
@@ -32,6 +32,5 @@ def reflow_pipeline(checkpoint_uri: str, config_yaml: str = "cluster", overrides
                      gpus="accelerator_limit")
     reflowed = training(train(config_yaml=config, overrides=[], dataset_uri=dataset_uri,
                               pairs_uri=generated.outputs["Output"], init_from=checkpoint_uri, **cluster), p, "reflow")
-    step(evaluate(config_yaml=config, overrides=[], checkpoint_uri=reflowed.outputs["checkpoint_uri"],
-                  dataset_uri=dataset_uri, label="evaluate_reflow"), p, "evaluate_reflow", kind="evaluate",
-         gpus="accelerator_limit")
+    step(evaluate_reflow(config_yaml=config, overrides=[], checkpoint_uri=reflowed.outputs["checkpoint_uri"],
+                         dataset_uri=dataset_uri), p, "evaluate_reflow", kind="evaluate", gpus="accelerator_limit")

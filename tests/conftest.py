@@ -153,7 +153,7 @@ def s3_bucket(s3_env) -> str:
 
 @pytest.fixture(autouse=True, scope="module")
 def _no_local_ray_left():
-    """A stage run in-process starts a local Ray as the CLI does (``training.launch.connect``); the CLI stops it
+    """A stage run in-process starts a local Ray as the CLI does (``training.local_ray.connect``); the CLI stops it
     when the command ends, a test module stops it here, so the next module (or its own ``ray.init``) starts
     without a Ray it did not ask for."""
     yield

@@ -1,13 +1,18 @@
-"""The command line: `loomcfm sample` with the reference's flags, and one line (no traceback) for an error."""
+"""The command line: `loomcfm sample` with the reference's flags, one line (no traceback) for an error, and the
+subcommands other packages add through the ``loomcfm.commands`` entry points (the pipelines' among them)."""
 
+import argparse
 import subprocess
 import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from loomcfm_core.cli import main
+from loomcfm_core.cli import COMMANDS_GROUP, build_parser, command_plugins, main
 from tests.conftest import SMALL, free_port
 
 
@@ -57,3 +62,40 @@ def test_unreachable_tracking_server_is_one_line_naming_the_uri(tmp_path):
     assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr
     assert errors[0].startswith(f"loomcfm: error: cannot reach the MLflow tracking server at {uri};"), errors[0]
     assert not (tmp_path / "store").exists(), "no stage work starts without the tracking server"
+
+
+def probe(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """A plugin's ``register``: one subcommand that exits 7."""
+    commands.add_parser("probe", parents=[common]).set_defaults(handler=lambda args: 7)
+
+
+def test_subcommands_come_from_the_entry_points_of_installed_packages(tmp_path, monkeypatch):
+    """What ``pip install`` writes (a dist-info with entry_points.txt) on the path is all a plugin needs."""
+    dist = tmp_path / "loomcfm_probe-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: loomcfm-probe\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[{COMMANDS_GROUP}]\nprobe = tests.test_cli:probe\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "probe" in [entry.name for entry in command_plugins()]
+    assert main(["probe", "--set", "train.lr=1e-4"]) == 7
+
+
+def pyproject_commands() -> list[metadata.EntryPoint]:
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    return [metadata.EntryPoint(name, value, COMMANDS_GROUP)
+            for name, value in declared["project"]["entry-points"][COMMANDS_GROUP].items()]
+
+
+def test_the_pipeline_commands_come_from_the_pipelines_entry_point():
+    """The library names no front door: ``loomcfm pipeline`` is what pipelines/cli.py registers."""
+    from pipelines import cli as pipeline_cli
+
+    args = build_parser(pyproject_commands()).parse_args(["pipeline", "run-local", "--pipeline", "reflow"])
+    assert args.handler is pipeline_cli.run and args.pipeline_command == "run-local" and args.overrides == []
+
+
+def test_the_installed_package_has_pyprojects_commands():
+    """An install made before pyproject.toml changed its entry points lacks commands: reinstall the package
+    (``pip install -e .``) when this fails."""
+    assert {(e.name, e.value) for e in command_plugins()} == {(e.name, e.value) for e in pyproject_commands()}, \
+        "the installed loomcfm predates pyproject.toml's [project.entry-points]: reinstall it (pip install -e .)"

@@ -7,15 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
-from loomcfm_core.coupling_solve import (SOLVERS, assign, cost_matrix, cycle_labels, keep_improving_cycles,
-                                         pair_costs, solve, to_host)
+from loomcfm_core.choices import ASSIGNMENT_SOLVERS
+from loomcfm_core.coupling_solve import (assign, cost_matrix, cycle_labels, keep_improving_cycles, pair_costs, solve,
+                                         to_host)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 200])
 def test_solvers_find_the_optimum(n):
     costs = np.random.default_rng(n).random((n, n))
     rows, cols = linear_sum_assignment(costs)
-    for solver in SOLVERS:
+    for solver in ASSIGNMENT_SOLVERS:
         perm = solve(costs, solver)
         assert sorted(perm.tolist()) == list(range(n)), "a permutation"
         assert costs[np.arange(n), perm].sum() == pytest.approx(costs[rows, cols].sum(), rel=1e-12)

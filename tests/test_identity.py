@@ -5,7 +5,8 @@ import pytest
 from loomcfm_core.config import Config, load_config
 from loomcfm_core.config.tree import schema_keys
 from loomcfm_core.identity import (DATASET, FREE, IDENTITY, KEY_CLASSES, SCHEDULE, SCHEDULE_KEYS, changed_keys,
-                                   default_run_name, key_class)
+                                   key_class)
+from loomcfm_core.layout import default_run_name
 
 DATASET_URI = "/data/datasets/digits-abc"
 

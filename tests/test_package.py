@@ -1,5 +1,6 @@
-"""The shape of the package itself: it imports without its front doors, its modules stay small, its import
-graph has no cycle, and every error it raises on purpose is a LoomcfmError."""
+"""The shape of the package itself: it imports without its front doors and names them in no import statement,
+its modules stay small, its import graph has no cycle (annotation-only imports included), allowed values live
+in a leaf, and every error it raises on purpose is a LoomcfmError."""
 
 from __future__ import annotations
 
@@ -68,19 +69,38 @@ def _type_checking_only(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     return False
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_statements(path: Path) -> list[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement of a file, at module level, inside functions or under ``if TYPE_CHECKING:``
+    alike, each with whether it is annotation-only (under ``TYPE_CHECKING``)."""
+    tree = ast.parse(path.read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    return [(node, _type_checking_only(node, parents)) for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+def test_no_import_statement_names_a_front_door():
+    """Not only what runs on import: an import inside a function, or one for annotations, is a dependency too."""
+    found = []
+    for name, path in modules().items():
+        for node, _ in import_statements(path):
+            targets = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            found += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {ast.unparse(node)}" for target in targets
+                      if not getattr(node, "level", 0) and target.split(".")[0] in ("components", "pipelines")]
+    assert not found, "the library imports its front doors:\n" + "\n".join(found)
+
+
+def import_graph(type_checking: bool = False) -> dict[str, set[str]]:
     """Module -> the loomcfm_core modules it imports, at module level or inside functions alike (an import
     inside a function is still a dependency); imports under ``if TYPE_CHECKING:`` never run and are left
-    out. Importing ``a.b.c`` runs the packages ``a`` and ``a.b`` first, so those are edges too."""
+    out unless ``type_checking``. Importing ``a.b.c`` runs the packages ``a`` and ``a.b`` first, so those are
+    edges too."""
     known = modules()
     graph: dict[str, set[str]] = {}
     for name, path in known.items():
-        tree = ast.parse(path.read_text())
-        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets = set()
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Import, ast.ImportFrom)) or _type_checking_only(node, parents):
+        for node, annotations_only in import_statements(path):
+            if annotations_only and not type_checking:
                 continue
             if isinstance(node, ast.Import):
                 targets |= {alias.name for alias in node.names}
@@ -123,13 +143,31 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_import_graph_has_no_cycle():
     graph = import_graph()
     # the graph sees real edges, function-level ones included
-    assert {"loomcfm_core.training.launch", "loomcfm_core.results"} <= graph["loomcfm_core.stages"]
-    assert "loomcfm_core.sampling" in graph["loomcfm_core.config.schema"]
+    assert {"loomcfm_core.training.driver", "loomcfm_core.results"} <= graph["loomcfm_core.stages"]
+    assert "loomcfm_core.choices" in graph["loomcfm_core.config.sections"]
     assert "loomcfm_core.config" not in graph["loomcfm_core.data.sources"], "annotations only (TYPE_CHECKING)"
     assert "loomcfm_core.evaluation" not in graph["loomcfm_core.reflow"]
-    assert "loomcfm_core.reflow" not in graph["loomcfm_core.evaluation"]
+    assert "loomcfm_core.reflow" not in graph["loomcfm_core.evaluation.scoring"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    # Nor when annotation-only imports count: the config's allowed values come from modules that never
+    # import the config back, so the types of annotations need no TYPE_CHECKING to break a circle.
+    annotated = import_graph(type_checking=True)
+    assert "loomcfm_core.config" in annotated["loomcfm_core.data.sources"]
+    assert find_cycle(annotated) is None, " -> ".join(find_cycle(annotated))
+
+
+def test_allowed_values_live_in_a_leaf_the_config_reads():
+    graph = import_graph(type_checking=True)
+    assert graph["loomcfm_core.choices"] <= {"loomcfm_core.errors"}, graph["loomcfm_core.choices"]
+    reached, todo = set(), ["loomcfm_core.config.schema"]
+    while todo:
+        for nxt in graph[todo.pop()] - reached:
+            reached.add(nxt)
+            todo.append(nxt)
+    implementations = {"loomcfm_core.coupling", "loomcfm_core.sampling", "loomcfm_core.data.sources",
+                       "loomcfm_core.models.autoencoder", "loomcfm_core.evaluation.metrics"}
+    assert not reached & implementations, "the schema checks against values, not the modules that use them"
 
 
 ALLOWED_BUILTINS = {

@@ -12,7 +12,8 @@ from PIL import Image
 
 from loomcfm_core.config import load_config
 from loomcfm_core.data.dataset import ShardedDataset
-from loomcfm_core.metrics import FeatureStats, dataset_images, feature_network, frechet_distance, reference_stats
+from loomcfm_core.evaluation.metrics import FeatureStats, dataset_images, frechet_distance, reference_stats
+from loomcfm_core.evaluation.samples import feature_network
 from tests.run_cli import call, inside, sets
 
 pytestmark = pytest.mark.ray
@@ -110,7 +111,7 @@ def test_samples_land_between_real_and_noise_and_improve_with_nfe(pipeline):
     cfg = load_config("digits", [f"storage.root={root}/store", f"data.local_cache={root}/node"])
     dataset_uri = str(next(p for p in root.glob("store/datasets/digits-*") if "pairs" not in p.name))
     network = feature_network(cfg, dataset_uri)
-    reference = reference_stats(cfg, dataset_uri, network)
+    reference = reference_stats(dataset_uri, network, cfg.data.local_cache)
     real = _fd_of(dataset_images(dataset_uri, "val", cfg.data.local_cache), network, reference)
     noise = _fd_of(torch.randint(0, 256, (400, 1, 8, 8), dtype=torch.uint8), network, reference)
     results = sorted(root.glob("store/runs/*/eval/*/*/results.json"))

@@ -11,7 +11,8 @@ from loomcfm_core.checkpoint import save_checkpoint
 from loomcfm_core.config import load_config
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.models.loading import build_model
-from loomcfm_core.reflow import PAIR_SEED_OFFSET, generate_pairs, pairs_uri_for, reflow_config
+from loomcfm_core.layout import pairs_uri
+from loomcfm_core.reflow import PAIR_SEED_OFFSET, generate_pairs, reflow_config
 from loomcfm_core.sampling import generate, sample_seeds
 from tests.conftest import SMALL
 
@@ -28,19 +29,6 @@ def test_reflow_config_trains_on_the_pairs_from_the_checkpoint():
     assert base.coupling.kind == "loom" and base.train.run_name == "base", "the base config is left as it was"
 
 
-def test_pairs_uri_is_content_addressed(tmp_path):
-    cfg = load_config("digits", [f"storage.root={tmp_path}"])
-    uri, key = pairs_uri_for(cfg, "ckpt-a")
-    assert uri == f"{tmp_path}/datasets/digits-pairs-{key}" and len(key) == 12
-    assert pairs_uri_for(load_config("digits", [f"storage.root={tmp_path}"]), "ckpt-a") == (uri, key)
-    assert pairs_uri_for(load_config("digits", [f"storage.root={tmp_path}", "eval.num_samples=10",
-                                                "train.lr=1e-5"]), "ckpt-a")[1] == key, "unrelated settings"
-    changed = [pairs_uri_for(cfg, "ckpt-b")[1]]
-    for override in ("reflow.method=euler-2", "reflow.num_pairs=7", "model.dropout=0.2", "data.shard_size=10"):
-        changed.append(pairs_uri_for(load_config("digits", [f"storage.root={tmp_path}", override]), "ckpt-a")[1])
-    assert key not in changed and len(set(changed)) == len(changed)
-
-
 def test_generated_pairs_are_the_models_samples_from_their_seeds(tmp_path, caplog):
     cfg = load_config("digits", [*SMALL, f"storage.root={tmp_path}/store", "reflow.num_pairs=20",
                                  "reflow.method=euler-2", "sample.batch_size=8", "data.shard_size=16",
@@ -51,7 +39,7 @@ def test_generated_pairs_are_the_models_samples_from_their_seeds(tmp_path, caplo
         torch.nn.init.normal_(p, std=0.1)
     ckpt = save_checkpoint({"ema": model.state_dict()}, f"{tmp_path}/store/runs/r", step=1, keep=1)
     uri, manifest = generate_pairs(cfg, ckpt, device=torch.device("cpu"))
-    assert uri == pairs_uri_for(cfg, ckpt)[0]
+    assert uri == pairs_uri(cfg, ckpt)
     assert manifest["kind"] == "pairs" and manifest["method"] == "euler-2"
     assert manifest["target_dtype"] == "float32" and manifest["arrays"]["target"] == "float32"
     assert manifest["splits"]["train"]["count"] == 20 and len(manifest["splits"]["train"]["shards"]) == 2

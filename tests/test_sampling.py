@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from loomcfm_core.sampling import generate, parse_method, path_curvature, sample_seeds, solve, to_uint8
+from loomcfm_core.choices import parse_method
+from loomcfm_core.sampling import generate, path_curvature, sample_seeds, solve, to_uint8
 
 
 class Linear(nn.Module):

@@ -22,7 +22,7 @@ from loomcfm_core.checkpoint import checkpoint_sha256, save_checkpoint
 from loomcfm_core.cli import main
 from loomcfm_core.config import load_config
 from loomcfm_core.models.loading import build_model
-from loomcfm_core.serving import sample_seed_offset
+from loomcfm_core.serving import describe_checkpoint, register_model, sample_seed_offset
 from loomcfm_core.sampling import sample_seeds
 from tests.conftest import SMALL, _stop_group, free_port, wait_for_port
 
@@ -39,10 +39,10 @@ def registered(tmp_path):
     for p in model.out.parameters():
         torch.nn.init.normal_(p, std=0.1)
     checkpoint = save_checkpoint({"ema": model.state_dict()}, f"{tmp_path}/store/runs/r", step=1, keep=1)
-    with tracking.start_run(cfg, "train") as run:
+    with tracking.start_run(cfg.tracking, cfg.experiment, "train") as run:
         pass
-    version = tracking.register_model(cfg, run.info.run_id, model, "base", checkpoint, checkpoint_sha256(checkpoint))
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    version = register_model(cfg, run.info.run_id, model, "base", checkpoint, checkpoint_sha256(checkpoint))
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg.tracking))
     return cfg, checkpoint, version
 
 
@@ -70,8 +70,8 @@ def test_the_registered_generator_gives_the_images_loomcfm_sample_gives(tmp_path
     assert {c["name"] for c in info.signature.inputs.to_dict()} == {"num_images", "seed"}
     assert tuple(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 8, 8)
     assert info.saved_input_example_info is not None
-    assert tracking.describe_checkpoint(cfg, checkpoint, "| method | NFE |") == [version]
-    client = MlflowClient(tracking.tracking_uri(cfg))
+    assert describe_checkpoint(cfg.tracking, cfg.registered_model, checkpoint, "| method | NFE |") == [version]
+    client = MlflowClient(tracking.tracking_uri(cfg.tracking))
     assert client.get_model_version("loomcfm-digits", version).description == "| method | NFE |"
 
 
@@ -79,7 +79,7 @@ def test_mlflow_models_serve_answers_with_images(tmp_path, registered):
     cfg, _, _ = registered
     port = free_port()
     # the server execs `uvicorn` by name: the venv's bin on PATH, as in an activated environment
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(cfg),
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(cfg.tracking),
                PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}")
     log = tmp_path / "serve.log"
     with open(log, "w") as out:

@@ -74,19 +74,30 @@ def test_put_leaves_no_temporary_objects(s3_bucket, tmp_path):
 
 
 def test_failed_put_never_shows_a_partial_object(s3_bucket, tmp_path, monkeypatch):
+    """The bytes go up once, straight to the key: a multipart upload that fails after its first part shows
+    no object, and boto3's transfer aborts the upload (no parts left behind)."""
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    storage._s3.cache_clear()
     store = storage_for(f"s3://{s3_bucket}")
-    src = tmp_path / "x"
-    src.write_text("complete")
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * (12 * 1024 * 1024 // 256))
+    parts, upload_part = [], store.client.upload_part
 
-    def broken_copy(*args, **kwargs):
-        raise RuntimeError("connection lost during commit")
+    def connection_lost_after_one_part(**kwargs):
+        parts.append(kwargs["PartNumber"])
+        if len(parts) > 1:
+            raise RuntimeError("connection lost during the upload")
+        return upload_part(**kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(store.client, "copy", broken_copy)
+        patch.setattr(store.client, "upload_part", connection_lost_after_one_part)
         with pytest.raises(RuntimeError):
-            store.put(src, f"s3://{s3_bucket}/obj")
-    assert not store.exists(f"s3://{s3_bucket}/obj")
-    assert boto3.client("s3").list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
+            store.put(big, f"s3://{s3_bucket}/obj")
+    assert len(parts) > 1 and not store.exists(f"s3://{s3_bucket}/obj")
+    s3 = boto3.client("s3")
+    assert s3.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
+    assert not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"), "the failed upload was aborted"
+    storage._s3.cache_clear()
 
 
 def test_failed_local_put_keeps_old_content(tmp_path, monkeypatch):

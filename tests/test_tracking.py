@@ -25,7 +25,6 @@ from loomcfm_core.tracking import (
     artifact_location,
     config_params,
     experiment_id,
-    experiment_name,
     log_config,
     start_run,
     tracking_uri,
@@ -73,7 +72,7 @@ def test_config_params_are_flat_strings_with_json_values():
 
 def test_params_metrics_and_artifacts_reach_the_server_and_s3(server_cfg, mlflow_server, s3_env, tmp_path):
     png = _png(tmp_path / "grid.png")
-    with start_run(server_cfg, "train") as run:
+    with start_run(server_cfg.tracking, server_cfg.experiment, "train") as run:
         log_config(server_cfg)
         for step, loss in enumerate([0.9, 0.5, 0.25]):
             mlflow.log_metrics({"train/loss": loss, "throughput/images_per_s": 100.0 + step}, step=step)
@@ -107,16 +106,16 @@ def test_params_metrics_and_artifacts_reach_the_server_and_s3(server_cfg, mlflow
 
 
 def test_child_runs_name_their_parent_in_process_and_across_processes(server_cfg, mlflow_server):
-    with start_run(server_cfg, "pipeline", tags={"kfp.run_id": "kfp-123"}) as parent:
+    with start_run(server_cfg.tracking, server_cfg.experiment, "pipeline", tags={"kfp.run_id": "kfp-123"}) as parent:
         parent_id = parent.info.run_id
-        with start_run(server_cfg, "cache", parent_run_id=parent_id) as child:
+        with start_run(server_cfg.tracking, server_cfg.experiment, "cache", parent_run_id=parent_id) as child:
             in_process_id = child.info.run_id
         # a fresh process (as a Ray worker or KFP pod would be) has no active-run stack to nest under
         script = textwrap.dedent(f"""
             from loomcfm_core.config import load_config_text
             from loomcfm_core.tracking import start_run
             cfg = load_config_text({server_cfg.to_yaml()!r})
-            with start_run(cfg, "train", parent_run_id={parent_id!r}) as run:
+            with start_run(cfg.tracking, cfg.experiment, "train", parent_run_id={parent_id!r}) as run:
                 print("RUN_ID=" + run.info.run_id)  # mlflow prints "View run ..." lines to stdout too
         """)
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -130,13 +129,14 @@ def test_child_runs_name_their_parent_in_process_and_across_processes(server_cfg
         tags = client.get_run(run_id).data.tags
         assert tags["mlflow.parentRunId"] == parent_id
         assert tags[STAGE_TAG] == stage
-    children = client.search_runs([experiment_id(server_cfg)], f"tags.mlflow.parentRunId = '{parent_id}'")
+    children = client.search_runs([experiment_id(server_cfg.tracking, server_cfg.experiment)],
+                                  f"tags.mlflow.parentRunId = '{parent_id}'")
     assert {r.info.run_id for r in children} == {in_process_id, other_process_id}
 
 
 def test_failing_stage_ends_its_run_failed(server_cfg, mlflow_server):
     with pytest.raises(ZeroDivisionError):
-        with start_run(server_cfg, "train") as run:
+        with start_run(server_cfg.tracking, server_cfg.experiment, "train") as run:
             1 / 0
     assert MlflowClient(mlflow_server.url).get_run(run.info.run_id).info.status == "FAILED"
     assert mlflow.active_run() is None
@@ -146,12 +146,12 @@ def test_a_worker_leaving_its_drivers_run_does_not_end_it(server_cfg, mlflow_ser
     """Ray stops a worker with SIGTERM (``SystemExit`` in Python) after its driver ended the run KILLED; the
     worker leaving (``attach``) must not make it FAILED, nor a worker that finishes make it FINISHED."""
     client = MlflowClient(mlflow_server.url)
-    run_id = client.create_run(experiment_id(server_cfg)).info.run_id  # held by the driver
-    with start_run(server_cfg, "train", run_id=run_id, attach=True):
+    run_id = client.create_run(experiment_id(server_cfg.tracking, server_cfg.experiment)).info.run_id  # the driver's
+    with start_run(server_cfg.tracking, server_cfg.experiment, "train", run_id=run_id, attach=True):
         mlflow.log_metric("loss", 1.0)
     assert client.get_run(run_id).info.status == "RUNNING", "the driver ends it, not a worker"
     with pytest.raises(SystemExit):
-        with start_run(server_cfg, "train", run_id=run_id, attach=True):
+        with start_run(server_cfg.tracking, server_cfg.experiment, "train", run_id=run_id, attach=True):
             client.set_terminated(run_id, "KILLED")  # the driver, stopped by SIGTERM
             raise SystemExit(15)  # Ray's SIGTERM handler in the worker
     assert client.get_run(run_id).info.status == "KILLED"
@@ -161,16 +161,16 @@ def test_a_worker_leaving_its_drivers_run_does_not_end_it(server_cfg, mlflow_ser
 def test_default_local_sqlite_store_keeps_artifacts_under_local_dir(tmp_path):
     cfg = Config()
     local_dir = tmp_path / "loomcfm-runs"
-    assert tracking_uri(cfg) == f"sqlite:///{local_dir}/mlflow.db"
-    assert artifact_location(cfg) == (local_dir / "artifacts").as_uri()
-    with start_run(cfg, "sample") as run:
+    assert tracking_uri(cfg.tracking) == f"sqlite:///{local_dir}/mlflow.db"
+    assert artifact_location(cfg.tracking) == (local_dir / "artifacts").as_uri()
+    with start_run(cfg.tracking, cfg.experiment, "sample") as run:
         log_config(cfg)
         mlflow.log_metric("fid/euler-4", 12.5)
-    with start_run(cfg, "eval"):  # second run: the experiment is found, not created again
+    with start_run(cfg.tracking, cfg.experiment, "eval"):  # second run: the experiment is found, not created again
         pass
 
     assert (local_dir / "mlflow.db").is_file()
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(tracking_uri(cfg.tracking))
     experiment = client.get_experiment_by_name("loomcfm-digits")
     assert experiment.artifact_location == (local_dir / "artifacts").as_uri()
     assert len(client.search_runs([experiment.experiment_id])) == 2
@@ -183,15 +183,15 @@ def test_default_local_sqlite_store_keeps_artifacts_under_local_dir(tmp_path):
 
 
 def test_experiment_name_defaults_to_config_name():
-    assert experiment_name(Config(name="cifar10")) == "loomcfm-cifar10"
-    assert experiment_name(Config(name="cifar10", tracking={"experiment": "mine"})) == "mine"
+    assert Config(name="cifar10").experiment == "loomcfm-cifar10"
+    assert Config(name="cifar10", tracking={"experiment": "mine"}).experiment == "mine"
 
 
 def test_deleted_experiment_is_a_clear_error():
     cfg = Config()
-    MlflowClient(tracking_uri(cfg)).delete_experiment(experiment_id(cfg))
+    MlflowClient(tracking_uri(cfg.tracking)).delete_experiment(experiment_id(cfg.tracking, cfg.experiment))
     with pytest.raises(TrackingError, match="'loomcfm-digits' .* is deleted"):
-        with start_run(cfg, "train"):
+        with start_run(cfg.tracking, cfg.experiment, "train"):
             pass
 
 
@@ -208,7 +208,7 @@ def test_unreachable_server_fails_fast_naming_the_uri(monkeypatch):
     cfg = Config(tracking={"uri": uri})
     started = time.monotonic()
     with pytest.raises(TrackingError, match=f"cannot reach the MLflow tracking server at {uri};"):
-        with start_run(cfg, "train"):
+        with start_run(cfg.tracking, cfg.experiment, "train"):
             pytest.fail("the body must not run without a tracking server")
     assert time.monotonic() - started < 5
     assert mlflow.active_run() is None

@@ -1,6 +1,6 @@
 """The config tree's generic parts: the section base class, YAML mappings, and the dotted keys of a schema.
 
-:mod:`loomcfm_core.config.schema` defines the sections; this module knows nothing of their contents. Keys are read
+:mod:`loomcfm_core.config.sections` defines the sections; this module knows nothing of their contents. Keys are read
 from the schema rather than from a default instance, so an optional section that defaults to ``null``
 (``model.autoencoder``) still has keys ``--set`` can name.
 """

@@ -1,6 +1,6 @@
 """Write a source into HDF5 shards plus a manifest, content-addressed by source and config.
 
-Layout under ``<storage.root>/datasets/<name>-<hash>/``::
+Layout under ``<storage.root>/datasets/<name>-<hash>/`` (:func:`loomcfm_core.layout.dataset_uri`)::
 
     train/shard-00000.h5 ...   images uint8 [n,C,H,W] (one chunk per image), labels int64 [n]
     val/shard-00000.h5 ...     (reflow pairs: train/ only, target [n,C,H,W] and seeds [n] or noise [n,C,H,W])
@@ -31,7 +31,8 @@ from loomcfm_core.config import Config, DataConfig
 from loomcfm_core.data.manifest import MANIFEST, read_manifest, verify_shards
 from loomcfm_core.data.sources import Source, open_source
 from loomcfm_core.errors import StorageError
-from loomcfm_core.storage import absolute, join, storage_for
+from loomcfm_core.layout import dataset_uri
+from loomcfm_core.storage import join, storage_for
 
 FORMAT = "loomcfm-hdf5-v1"
 log = logging.getLogger(__name__)
@@ -149,10 +150,6 @@ class CachedDataset:
     uri: str
     manifest: dict
     created: bool
-
-
-def dataset_uri(cfg: Config, key: str) -> str:
-    return join(absolute(cfg.storage.root), "datasets", f"{cfg.data.name}-{key}")
 
 
 def intact_manifest(uri: str, key: str, local_cache: str) -> dict | None:

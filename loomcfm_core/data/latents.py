@@ -2,12 +2,13 @@
 from it.
 
 Layout: the sharded HDF5 of :mod:`loomcfm_core.data.cache` under ``<storage.root>/datasets/<name>-latents-
-<hash>/``, train split only (what training reads). A KL autoencoder's rows are ``posterior float16 [n, 2, C,
-h, w]`` (the posterior's mean and standard deviation); a VQ autoencoder's are ``latents float16 [n, C, h, w]``,
-the quantised latents (codebook rows: what its decoder reads). With ``data.hflip`` the flip happens in pixel
-space before encoding (encoding does not commute with flipping), so row ``i + N`` is the encoding of image
-``i`` mirrored and the cache holds 2N points. The manifest carries the images' URI and the
-:class:`~loomcfm_core.models.autoencoder.LatentSpace`: the autoencoder's identity and the scale.
+<hash>/`` (:func:`loomcfm_core.layout.latents_uri`), train split only (what training reads). A KL autoencoder's
+rows are ``posterior float16 [n, 2, C, h, w]`` (the posterior's mean and standard deviation); a VQ
+autoencoder's are ``latents float16 [n, C, h, w]``, the quantised latents (codebook rows: what its decoder
+reads). With ``data.hflip`` the flip happens in pixel space before encoding (encoding does not commute with
+flipping), so row ``i + N`` is the encoding of image ``i`` mirrored and the cache holds 2N points. The manifest
+carries the images' URI and the :class:`~loomcfm_core.models.autoencoder.LatentSpace`: the autoencoder's
+identity and the scale.
 
 The scale (the flow sees ``z / scale``) is fixed once, here: ``model.autoencoder.scale`` when set, else the
 weights' own (a reference checkpoint's ``ae.scale``), else the reference implementation's rule — the
@@ -33,7 +34,8 @@ from loomcfm_core.data.cache import FORMAT, CachedDataset, read_manifest, write_
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.models.autoencoder import LatentSpace, load_autoencoder, locate
 from loomcfm_core.models.loading import default_device
-from loomcfm_core.storage import absolute, join, storage_for
+from loomcfm_core.layout import latents_uri
+from loomcfm_core.storage import storage_for
 
 ARRAYS = {"kl": "posterior", "vq": "latents"}  # the stored array of each autoencoder kind
 POSTERIOR_SEED_OFFSET = 500  # the posterior draws' generator: train.seed * 1000 + offset + rank
@@ -76,7 +78,7 @@ def cache_latents(cfg: Config, images: CachedDataset) -> CachedDataset:
     """Encode the cached images' train split once (on the GPU when there is one); a no-op when cached."""
     ae = cfg.model.autoencoder
     key = latents_key(cfg, images.manifest["config_hash"])
-    uri = join(absolute(cfg.storage.root), "datasets", f"{cfg.data.name}-latents-{key}")
+    uri = latents_uri(cfg, key)
     existing = read_manifest(uri)
     if existing is not None and existing.get("config_hash") == key:
         log.info("latents already cached at %s: nothing to do", uri)

@@ -16,10 +16,9 @@ import h5py
 import numpy as np
 import torch
 
+from loomcfm_core.choices import TARGET_DTYPES
 from loomcfm_core.errors import SourceError, UsageError
 from loomcfm_core.sampling import to_uint8
-
-TARGET_DTYPES = ("uint8", "float32")  # reflow.target_dtype
 
 
 def store_targets(images: torch.Tensor, dtype: str) -> np.ndarray:

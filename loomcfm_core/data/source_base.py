@@ -13,7 +13,7 @@ import numpy as np
 
 from loomcfm_core.errors import SourceError
 
-if TYPE_CHECKING:  # the config validates data.source with check_source: only annotations go the other way
+if TYPE_CHECKING:
     from loomcfm_core.config import DataConfig
 
 SPLITS = ("train", "val")
@@ -39,7 +39,6 @@ class Source:
     """What the cache needs from a dataset: an identity, per-split counts and a stream of batches."""
 
     kind = ""
-    form = "<dir>"  # what follows ``kind:`` in data.source
     dataset_kind = "images"  # the manifest's ``kind`` of the cached dataset
     splits = SPLITS
     stored_arrays = {"images": "uint8", "labels": "int64"}  # what :meth:`arrays` yields, and their dtypes

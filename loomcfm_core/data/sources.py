@@ -1,7 +1,8 @@
 """The dataset formats users bring, each streaming ``(images uint8 [b,C,H,W], labels int64 [b])``.
 
-A source is named by a string ``kind:argument`` (``data.source``). Every reader checks what it reads and
-raises :class:`SourceError` naming the file and what was expected, so a bad input fails with one clear
+A source is named by a string ``kind:argument`` (``data.source``, whose forms are
+:data:`loomcfm_core.choices.SOURCE_FORMS`: :data:`SOURCES` has the reader of each). Every reader checks what it
+reads and raises :class:`SourceError` naming the file and what was expected, so a bad input fails with one clear
 message instead of a shape error deep inside training.
 """
 
@@ -23,10 +24,10 @@ from loomcfm_core.data.pickled import Cifar10Source, ImageNetBatchesSource
 from loomcfm_core.data.source_base import BATCH, SPLITS, Batch, FolderSource, Source, natural_key
 from loomcfm_core.errors import SourceError
 
-if TYPE_CHECKING:  # the config validates data.source with check_source: only annotations go the other way
+if TYPE_CHECKING:
     from loomcfm_core.config import DataConfig
 
-__all__ = ["SOURCES", "SPLITS", "Source", "SourceError", "check_source", "open_source", "source_forms"]
+__all__ = ["SOURCES", "SPLITS", "Source", "SourceError", "open_source"]
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
 DIGITS_VAL_SIZE = 297
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ class DigitsSource(Source):
     """scikit-learn's bundled 8x8 digits: ships with the package, so nothing is downloaded."""
 
     kind = "builtin"
-    form = "digits"
 
     def __init__(self, data: DataConfig, argument: str) -> None:
         super().__init__(data, argument)
@@ -212,23 +212,6 @@ SOURCES: dict[str, type[Source]] = {
     cls.kind: cls for cls in (DigitsSource, Cifar10Source, ImageNetBatchesSource, ImageFolderSource, HDF5Source,
                               ReferencePairsSource)
 }
-
-
-def source_forms() -> list[str]:
-    """The ``data.source`` strings this module reads, e.g. ``cifar10:<dir>``."""
-    return [f"{kind}:{cls.form}" for kind, cls in SOURCES.items()]
-
-
-def check_source(source: str) -> str:
-    """``source`` when it names a kind this module reads with an argument it takes (what the config checks
-    ``data.source`` with); raises :class:`SourceError` listing the forms otherwise."""
-    kind, sep, argument = source.partition(":")
-    cls = SOURCES.get(kind) if sep and argument else None
-    if cls is None:
-        raise SourceError(f"expected one of {', '.join(source_forms())}, got {source!r}")
-    if cls.form != Source.form and argument != cls.form:
-        raise SourceError(f"the only {kind} dataset is '{kind}:{cls.form}', got {source!r}")
-    return source
 
 
 def open_source(data: DataConfig) -> Source:

@@ -3,8 +3,8 @@
 The ``kubernetes`` client raises ``ApiException`` for every non-2xx answer with the HTTP reason phrase in
 ``reason`` (``kubernetes/client/rest.py``); what the server meant (``AlreadyExists`` or ``Conflict``, both
 409) is the ``reason`` of the ``Status`` object in the body (k8s.io/apimachinery ``pkg/api/errors``). The
-client does not retry 5xx, 429 or dropped connections; :class:`Patience` does, with capped backoff, honouring
-``Retry-After``, within a bounded time of consecutive failures.
+client does not retry 5xx, 429 or dropped connections; :class:`Patience` does, through tenacity: capped
+exponential backoff, honouring ``Retry-After``, within a bounded time of consecutive failures.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from loomcfm_core.errors import RayJobError
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 TRANSIENT = (429, 500, 502, 503, 504)
@@ -107,10 +109,14 @@ def _retry_after(exc: Exception) -> float | None:
 
 
 class Patience:
-    """Calls the API again after transient failures, for at most ``budget_s`` of consecutive failures.
+    """Calls the API again after transient failures (:func:`transient`), for at most ``budget_s`` of
+    consecutive failures, waiting ``Retry-After`` when the server says so, else ``base_s`` doubling up to
+    ``cap_s``.
 
-    Waits are on ``stop`` so a SIGTERM cuts them short; a call that could not succeed raises
-    :class:`RayJobError` naming what it was doing.
+    Waits are on ``stop`` so a SIGTERM cuts them short (the pod has a 30 s grace period), and ``stop`` set
+    ends the retries; a call that could not succeed raises :class:`RayJobError` naming what it was doing.
+    (The client's own urllib3 ``Retry`` cannot be the one: it counts attempts rather than time, sleeps where
+    no SIGTERM can cut the wait short, and is one setting per API client, not per launcher.)
     """
 
     def __init__(self, budget_s: float = 300.0, stop: threading.Event | None = None, base_s: float = 1.0,
@@ -120,21 +126,29 @@ class Patience:
 
     def call(self, what: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
         from kubernetes.client.exceptions import ApiException
+        from tenacity import (RetryError, Retrying, retry_if_exception, stop_after_delay, stop_when_event_set,
+                              wait_exponential)
         from urllib3.exceptions import HTTPError as Urllib3Error
 
-        first_failure, failures = None, 0
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except (ApiException, Urllib3Error, OSError) as exc:
-                if not transient(exc):
-                    raise
-                now = time.monotonic()
-                first_failure = first_failure or now
-                failures += 1
-                if now - first_failure >= self.budget_s or self.stop.is_set():
-                    raise RayJobError(f"cannot {what}: the Kubernetes API failed {failures} times in a row over "
-                                      f"{now - first_failure:.0f} s; last: {describe(exc)}") from exc
-                delay = _retry_after(exc) or min(self.cap_s, self.base_s * 2 ** (failures - 1))
-                log.warning("cannot %s (%s); trying again in %.1f s", what, describe(exc), delay)
-                self.stop.wait(delay)
+        backoff = wait_exponential(multiplier=self.base_s, max=self.cap_s)
+
+        def wait(state: RetryCallState) -> float:
+            return _retry_after(state.outcome.exception()) or backoff(state)
+
+        def retried(exc: BaseException) -> bool:
+            return isinstance(exc, (ApiException, Urllib3Error, OSError)) and transient(exc)
+
+        def waiting(state: RetryCallState) -> None:
+            log.warning("cannot %s (%s); trying again in %.1f s", what, describe(state.outcome.exception()),
+                        state.next_action.sleep)
+
+        attempts = Retrying(retry=retry_if_exception(retried), wait=wait, sleep=self.stop.wait,
+                            stop=stop_after_delay(self.budget_s) | stop_when_event_set(self.stop),
+                            before_sleep=waiting)
+        try:
+            return attempts(fn, *args, **kwargs)
+        except RetryError as gave_up:
+            last = gave_up.last_attempt
+            raise RayJobError(f"cannot {what}: the Kubernetes API failed {last.attempt_number} times in a row over "
+                              f"{attempts.statistics['delay_since_first_attempt']:.0f} s; last: "
+                              f"{describe(last.exception())}") from last.exception()

@@ -3,8 +3,8 @@
 It holds the cluster shape (worker pods, GPUs, CPU, memory, GPU nodes), the RayJob's retry and deadline
 settings and what the launcher does when it ends or is stopped. The Ray Train settings a RayJob trains with
 (``ray.*``) are derived from the same shape (:func:`loomcfm_core.kube.rayjob.cluster_config`), so the worker
-group and the training never disagree. Quantities follow Kubernetes' ``resource.ParseQuantity``
-(k8s.io/apimachinery ``pkg/api/resource/quantity.go``).
+group and the training never disagree. Quantities are read by the Kubernetes client's own
+``kubernetes.utils.parse_quantity`` (its port of k8s.io/apimachinery ``pkg/api/resource/quantity.go``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,6 @@ from loomcfm_core.errors import ConfigError
 ON_TERMINATE = ("delete", "leave")  # what a SIGTERM'd launcher does with its RayJob
 GPU_RESOURCE = "nvidia.com/gpu"
 
-_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")  # quantity.go splitREString
-_DECIMAL = {"": 0, "n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
-_BINARY = {"Ki": 10, "Mi": 20, "Gi": 30, "Ti": 40, "Pi": 50, "Ei": 60}
 # Label keys and values (k8s.io/apimachinery pkg/util/validation: IsQualifiedName, IsValidLabelValue).
 _LABEL_NAME = r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]"
 _LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_LABEL_NAME}$")
@@ -32,21 +29,15 @@ _LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
 
 def parse_quantity(text: str) -> Decimal:
     """A Kubernetes quantity (``500m``, ``8``, ``32Gi``, ``1e3``) as a number; ConfigError when it is not one."""
-    match = _QUANTITY.match(text.strip())
-    if not match:
-        raise ConfigError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)")
-    number, suffix = match.groups()
+    from kubernetes.utils import parse_quantity as kubernetes_quantity  # the client's import takes a second
+
     try:
-        value = Decimal(number)
-    except InvalidOperation:
-        raise ConfigError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)") from None
-    if suffix in _BINARY:
-        return value * 2 ** _BINARY[suffix]
-    if suffix in _DECIMAL:
-        return value * Decimal(10) ** _DECIMAL[suffix]
-    if re.fullmatch(r"[eE][-+]?[0-9]+", suffix):
-        return value * Decimal(10) ** int(suffix[1:])
-    raise ConfigError(f"{text!r}: unknown quantity suffix {suffix!r} (binary Ki..Ei, decimal m, k..E)")
+        value = kubernetes_quantity(text.strip())
+    except (ValueError, InvalidOperation) as exc:
+        raise ConfigError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi): {exc}") from None
+    if not value.is_finite() or text.strip().endswith("K"):  # the client reads "K", the API server only "k"
+        raise ConfigError(f"{text!r} is not a Kubernetes quantity (e.g. 500m, 4, 16Gi)")
+    return value
 
 
 def parse_selector(text: str) -> dict[str, str]:

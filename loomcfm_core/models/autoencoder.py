@@ -31,10 +31,9 @@ from loomcfm_core.models.ldm_conversion import (CODEBOOK, block_types, config_fr
                                                 first_stage, is_ldm_layout)
 from loomcfm_core.storage import join, storage_for
 
-if TYPE_CHECKING:  # the config validates model.autoencoder.kind with KINDS: only annotations go the other way
+if TYPE_CHECKING:
     from loomcfm_core.config import Config
 
-KINDS = ("kl", "vq")  # model.autoencoder.kind
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # in a diffusers folder
 
 

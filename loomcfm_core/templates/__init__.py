@@ -1,1 +1,2 @@
-"""Kubernetes objects the package launches itself, shipped as package data (``train-rayjob.yaml``)."""
+"""Kubernetes objects the package creates itself (by the RayJob launcher), shipped as package data
+(``train-rayjob.yaml``)."""

@@ -26,13 +26,13 @@ from loomcfm_core.checkpoint import load_checkpoint, write_state
 from loomcfm_core.coupling import SeedCoupling
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.errors import UsageError
+from loomcfm_core.layout import convergence_uri
 from loomcfm_core.lease import check_held
-from loomcfm_core.storage import join, storage_for
+from loomcfm_core.storage import storage_for
 from loomcfm_core.training.distributed import all_gather, barrier, broadcast_from_rank0
 from loomcfm_core.training.sampler import GlobalBatchSampler
 from loomcfm_core.training.step import TrainState
 
-PROGRESS = "converge.pt"
 METRIC = "coupling/table_cost"
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,9 @@ def table_mean_cost(coupling: SeedCoupling, dataset: ShardedDataset, device: tor
     return total.item() / coupling.table.numel()
 
 
-def progress_uri(run_uri: str) -> str:
-    return join(run_uri, PROGRESS)
-
-
 def progress_run_id(run_uri: str) -> str | None:
     """The MLflow run an interrupted convergence logged into (a resume keeps the curve in one run)."""
-    uri = progress_uri(run_uri)
+    uri = convergence_uri(run_uri)
     return load_checkpoint(uri).get("mlflow_run_id") if storage_for(uri).exists(uri) else None
 
 
@@ -88,7 +84,7 @@ def converge(state: TrainState, dataset: ShardedDataset, sampler: GlobalBatchSam
     if dataset.manifest.get("kind") == "latents":
         raise UsageError("coupling.converge_epochs: convergence passes over a latent cache are not implemented "
                          "(its targets are posterior draws); set coupling.converge_epochs=0")
-    uri = progress_uri(run_uri)
+    uri = convergence_uri(run_uri)
     costs: list[float] = []
     if storage_for(uri).exists(uri):
         progress = load_checkpoint(uri)

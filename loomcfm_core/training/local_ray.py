@@ -1,4 +1,5 @@
-"""The local Ray a command starts for itself: started, recorded, and never left behind.
+"""The Ray a command uses (:func:`connect`: ``ray.address``, or a local Ray it starts for itself), and that local
+Ray: started offline, recorded, and never left behind.
 
 ``ray.init()`` without an address starts a head node (GCS, raylet, dashboard, and the raylet's dashboard
 and runtime-env agents) as children of this process. A normal exit shuts it down, but a killed driver
@@ -9,6 +10,8 @@ each), and:
 - :func:`stop_local_ray` (on SIGTERM/SIGINT and at the end of the command) shuts Ray down and kills what
   is left of the recorded processes;
 - :func:`start_local_ray` first cleans up after earlier commands whose process is gone.
+
+The processes are found with psutil (children of this process, their start times).
 """
 
 from __future__ import annotations
@@ -19,8 +22,14 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from loomcfm_core.processes import Holder, start_time
+from loomcfm_core.errors import UsageError
+from loomcfm_core.offline import stay_offline
+from loomcfm_core.processes import Holder, descendants, kept_signal_handlers, start_time
+
+if TYPE_CHECKING:
+    from loomcfm_core.config import RayConfig
 
 RECORDS = Path("~/.cache/loomcfm/ray")
 GRACE_SECONDS = 5.0
@@ -29,24 +38,6 @@ log = logging.getLogger(__name__)
 
 def _records() -> Path:
     return RECORDS.expanduser()
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, their children, ...), from ``/proc``."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # exited while we looked
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
 
 
 def _kill(processes: list[Holder]) -> list[Holder]:
@@ -100,10 +91,13 @@ def clean_orphans() -> list[Holder]:
 
 
 def start_local_ray(**init_kwargs) -> None:
-    """Start a local Ray for this process (after cleaning up what killed commands left) and record it."""
+    """Start a local Ray for this process (after cleaning up what killed commands left) and record it. Its
+    processes, and every worker they start, inherit this process's environment, made offline first
+    (:mod:`loomcfm_core.offline`)."""
     import ray
 
     clean_orphans()
+    stay_offline()
     ray.init(**init_kwargs)
     record_processes()
 
@@ -121,3 +115,39 @@ def stop_local_ray() -> None:
         ray.shutdown()
     _kill(recorded)
     path.unlink(missing_ok=True)
+
+
+def check_local_resources(settings: RayConfig, available: dict) -> None:
+    """On a local Ray nothing can scale up: fail now rather than wait forever for workers that cannot start.
+
+    Args:
+        settings: the ``ray`` section.
+        available: the local Ray's ``ray.cluster_resources()``.
+    """
+    cpus = settings.num_workers * settings.cpus_per_worker
+    if cpus > available.get("CPU", 0):
+        raise UsageError(f"ray.num_workers={settings.num_workers} x ray.cpus_per_worker={settings.cpus_per_worker} "
+                         f"needs {cpus:g} CPUs, the local Ray has {available.get('CPU', 0):g}")
+    if settings.use_gpu and settings.num_workers > available.get("GPU", 0):
+        raise UsageError(f"ray.use_gpu with ray.num_workers={settings.num_workers} needs that many GPUs, the local "
+                         f"Ray has {available.get('GPU', 0):g}")
+
+
+def connect(settings: RayConfig) -> None:
+    """Join ``ray.address`` (or start a local Ray, recorded and stopped by the CLI on signals and at exit),
+    checking that a local one can run the workers asked for.
+
+    ``ray.init`` replaces the SIGTERM handler with its own ``sys.exit(15)`` (``ray/_private/worker.py``,
+    ``init``'s ``sigterm_handler``), which would end every later stage of the command without its MLflow run
+    ending KILLED, its lease released or its local Ray stopped; the handlers that were there are put back.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        with kept_signal_handlers():
+            if settings.address is None:
+                start_local_ray(logging_level=logging.WARNING)
+            else:
+                ray.init(address=settings.address, logging_level=logging.WARNING)
+    if settings.address is None:
+        check_local_resources(settings, ray.cluster_resources())

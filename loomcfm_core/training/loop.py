@@ -18,25 +18,18 @@ from loomcfm_core.coupling import Coupling
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.data.latents import training_targets
 from loomcfm_core.errors import TrainingError
-from loomcfm_core.identity import default_run_name
+from loomcfm_core.layout import checkpoint_step, checkpoint_uri
 from loomcfm_core.lease import check_held
-from loomcfm_core.storage import absolute, join
 from loomcfm_core.training.converge import converge, progress_run_id
 from loomcfm_core.training.distributed import barrier, gather_objects
 from loomcfm_core.training.pipelined import CouplingPlanner
 from loomcfm_core.training.preflight import apply_schedule, check_resume, total_steps
 from loomcfm_core.training.sampler import GlobalBatchSampler
 from loomcfm_core.training.step import TrainState, build_state, train_step
-from loomcfm_core.training.summary import TrainSummary, write_summary
+from loomcfm_core.training.result import TrainResult, write_result
 from loomcfm_core.training.tracker import Tracker
 
 log = logging.getLogger(__name__)
-
-
-def run_uri_for(cfg: Config, dataset_uri: str) -> str:
-    """The run's folder: a rerun of the same training (same identity keys, :mod:`loomcfm_core.identity`)
-    finds its checkpoints there and resumes."""
-    return join(absolute(cfg.storage.root), "runs", cfg.train.run_name or default_run_name(cfg, dataset_uri))
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -102,7 +95,7 @@ def _save(state: TrainState, run_uri: str, dataset_uri: str, rank: int, tracker:
           lease_token: str | None) -> str:
     rngs = gather_objects(_rng_state(state))
     _check_tables_agree(state)
-    uri = join(run_uri, "checkpoints", f"step-{state.step:08d}.pt")
+    uri = checkpoint_uri(run_uri, state.step)
     if rank == 0:
         if lease_token:
             check_held(run_uri, lease_token)
@@ -117,10 +110,10 @@ def _save(state: TrainState, run_uri: str, dataset_uri: str, rank: int, tracker:
 
 def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank: int = 0, world_size: int = 1,
         parent_run_id: str | None = None, mlflow_run_id: str | None = None,
-        lease_token: str | None = None) -> TrainSummary:
+        lease_token: str | None = None) -> TrainResult:
     """Train one rank to ``train.max_steps`` (or ``train.epochs``), resuming from the run's latest checkpoint.
 
-    Rank 0 logs to MLflow, writes checkpoints and commits the summary to ``<run_uri>/result.json``; every
+    Rank 0 logs to MLflow, writes checkpoints and commits the result to ``<run_uri>/result.json``; every
     rank must call this (collectives inside). A resume must continue the same training
     (:func:`~loomcfm_core.training.preflight.check_resume`) and follows the current schedule.
 
@@ -131,7 +124,7 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
             (:func:`~loomcfm_core.lease.check_held`).
 
     Returns:
-        The summary (rank 0's view): the final checkpoint, every rank's table hash, the last logged metrics.
+        The result (rank 0's view): the final checkpoint, every rank's table hash, the last logged metrics.
     """
     dataset = ShardedDataset(dataset_uri, "train", hflip=cfg.data.hflip, local_cache=cfg.data.local_cache)
     state = build_state(cfg, len(dataset), device, rank, world_size, dataset.pair_seeds,
@@ -183,13 +176,13 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
                 if state.step >= last_step:
                     break
         bar.close()
-        if last_ckpt is None or not last_ckpt.endswith(f"step-{state.step:08d}.pt"):
+        if last_ckpt is None or checkpoint_step(last_ckpt) != state.step:
             last_ckpt = _save(state, run_uri, dataset_uri, rank, tracker, lease_token)  # e.g. resumed at the end already
-        summary = TrainSummary(run_uri=run_uri, dataset_uri=dataset_uri, step=state.step, checkpoint_uri=last_ckpt,
-                               mlflow_run_id=tracker.run_id, table_hashes=_check_tables_agree(state),
-                               metrics=dict(tracker.last))
+        result = TrainResult(run_uri=run_uri, dataset_uri=dataset_uri, step=state.step, checkpoint_uri=last_ckpt,
+                             mlflow_run_id=tracker.run_id, table_hashes=_check_tables_agree(state),
+                             metrics=dict(tracker.last))
         if rank == 0:
             if lease_token:
                 check_held(run_uri, lease_token)
-            write_summary(summary)
-        return summary
+            write_result(result)
+        return result

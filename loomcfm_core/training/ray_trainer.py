@@ -1,6 +1,9 @@
 """Ray Train's ``TorchTrainer`` with two changes: errors a retry cannot fix are not retried, and SIGINT or
 SIGTERM stop the run at once, so the command that started it can clean up and say so.
 
+The one adapter to Ray Train's private API: every private name it uses is declared in :data:`SURFACE`, which
+the test suite checks against the installed Ray (pinned in pyproject.toml), since no public hook does either.
+
 Retries: in Ray 2.60's Train V2, ``DataParallelTrainer.fit`` hands the controller the policy
 ``create_failure_policy(run_config.failure_config)`` builds (``ray/train/v2/_internal/execution/
 failure_handling/factory.py``), always a ``DefaultFailurePolicy`` (``.../failure_handling/default.py``),
@@ -30,15 +33,36 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ray.train.torch import TorchTrainer
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.execution.failure_handling import FailureDecision
 from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
 from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 
 from loomcfm_core.errors import LoomcfmError, TrainingError, retry_can_fix
+from loomcfm_core.private_api import PrivateSurface
 from loomcfm_core.processes import stop_on_signal
 
+if TYPE_CHECKING:
+    from loomcfm_core.config import RayConfig
+
+_TRAIN = "ray.train.v2._internal.execution"
+_USER_ERRORS = "ray.train.v2._internal.util"  # the module (and logger) that logs a training function's error
+SURFACE = PrivateSurface("ray", "2.60.*", names=(
+    f"{_TRAIN}.failure_handling.FailureDecision.RAISE",
+    f"{_TRAIN}.controller.controller.TrainController.abort",
+    f"{_USER_ERRORS}.construct_user_exception_with_traceback", f"{_USER_ERRORS}.logger",
+), parameters={
+    f"{_TRAIN}.failure_handling.default.DefaultFailurePolicy": ("failure_config",),
+    f"{_TRAIN}.failure_handling.default.DefaultFailurePolicy.make_decision": ("training_failed_error",),
+    "ray.train.v2.api.data_parallel_trainer.DataParallelTrainer._initialize_and_run_controller":
+        ("controller_init_kwargs",),
+    "ray.train.v2.api.data_parallel_trainer.DataParallelTrainer._register_sigint_handler": ("controller",),
+    f"{_TRAIN}.controller.controller.TrainController": ("failure_policy",),
+})
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +84,7 @@ class _OneLineUserErrors(logging.Filter):
 
 def quiet_user_errors() -> None:
     """In a Ray Train worker: log an error meant for the user without the traceback (see the module doc)."""
-    logging.getLogger("ray.train.v2._internal.util").addFilter(_OneLineUserErrors())
+    logging.getLogger(_USER_ERRORS).addFilter(_OneLineUserErrors())
 
 
 class PermanentErrorPolicy(DefaultFailurePolicy):
@@ -80,6 +104,16 @@ class PermanentErrorPolicy(DefaultFailurePolicy):
 
 class LoomcfmTrainer(TorchTrainer):
     """A ``TorchTrainer`` with :class:`PermanentErrorPolicy` and stop-at-once signal handling."""
+
+    @classmethod
+    def of(cls, settings: RayConfig, name: str, worker: Callable[[dict], None], loop_config: dict) -> LoomcfmTrainer:
+        """``worker(loop_config)`` on ``ray.num_workers`` workers (a GPU each with ``ray.use_gpu``: NCCL, else
+        gloo), ``ray.max_failures`` worker-group restarts, named ``name`` (the run folder's)."""
+        return cls(worker, train_loop_config=loop_config,
+                   torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
+                   scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                                                resources_per_worker={"CPU": settings.cpus_per_worker}),
+                   run_config=RunConfig(name=name, failure_config=FailureConfig(max_failures=settings.max_failures)))
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = PermanentErrorPolicy(self.run_config.failure_config)

@@ -19,7 +19,7 @@ from loomcfm_core.training.step import TrainState
 
 def train_label(cfg: Config) -> str:
     """The train stage's MLflow run name: ``train_reflow`` for a reflow training, else ``train``."""
-    return "train_reflow" if cfg.coupling.kind == "pairs" else "train"
+    return "train_reflow" if cfg.is_reflow else "train"
 
 
 class Tracker:
@@ -47,7 +47,8 @@ class Tracker:
 
     def __enter__(self) -> Tracker:
         if self.rank == 0:
-            self._run = tracking.start_run(self.cfg, train_label(self.cfg), parent_run_id=self.parent_run_id,
+            self._run = tracking.start_run(self.cfg.tracking, self.cfg.experiment, train_label(self.cfg),
+                                           parent_run_id=self.parent_run_id,
                                            tags=self.tags, run_id=self.run_id, attach=self.attach)
             self.run_id = self._run.__enter__().info.run_id
             if not self.attach and self.resumed_from is None:

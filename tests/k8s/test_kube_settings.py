@@ -18,7 +18,7 @@ def test_quantities_follow_kubernetes_parse_quantity():
              "1e3": Decimal(1000), "100M": Decimal(10**8), "1Ki": Decimal(1024)}
     for text, value in cases.items():
         assert parse_quantity(text) == value, text
-    for bad in ("", "4 cores", "8GB", "1.2.3", "Gi"):
+    for bad in ("", "4 cores", "8GB", "1.2.3", "Gi", "5K", "nan"):
         with pytest.raises(ConfigError):
             parse_quantity(bad)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loomcfm_core import stages
-from loomcfm_core.checkpoint import checkpoint_dir, list_checkpoints, load_checkpoint, write_state
+from loomcfm_core import layout, stages
+from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint, write_state
 from loomcfm_core.config import load_config, load_config_text
 from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.errors import CheckpointError, LeaseError, RayJobError
@@ -30,7 +30,6 @@ from loomcfm_core.kube.rayjob import (CONFIG_ENV, RUN_KEY_LABEL, RunIdentity, bu
                                       containers, load_template)
 from loomcfm_core.lease import LEASE_FILE, Lease
 from loomcfm_core.storage import join, storage_for
-from loomcfm_core.training.loop import run_uri_for
 from tests.k8s.apiserver import ApiError, ApiServer, admit
 from tests.k8s.kuberay_rules import validate_metadata, validate_rayjob
 from tests.k8s.kuberay_sim import KubeRaySimulator, Scripted
@@ -433,14 +432,14 @@ def test_cpu_workers_share_nothing_but_their_pod():
     assert (ray.num_workers, ray.use_gpu, ray.cpus_per_worker) == (3, False, 2.5)
 
 
-def test_launch_train_rejects_what_cannot_work(tmp_path):
+def test_train_rejects_what_cannot_work(tmp_path):
     cfg = load_config("digits", [f"storage.root={tmp_path}/store"])
     with pytest.raises(ValueError, match=r"launcher=rayjob needs storage.root on shared storage \(s3://"):
-        stages.launch_train(cfg, "s3://b/d", launcher="rayjob")
+        stages.train(cfg, "s3://b/d", launcher="rayjob")
     with pytest.raises(ValueError, match="needs init_from"):
-        stages.launch_train(cfg, "s3://b/d", pairs_uri="s3://b/pairs")
+        stages.train(cfg, "s3://b/d", pairs_uri="s3://b/pairs")
     with pytest.raises(ValueError, match="launcher must be"):
-        stages.launch_train(cfg, "s3://b/d", launcher="slurm")
+        stages.train(cfg, "s3://b/d", launcher="slurm")
     with pytest.raises(ValueError, match=r"kube.on_terminate"):
         load_config("digits", ["kube.on_terminate=keep"])
 
@@ -453,13 +452,13 @@ def test_resume_step_rewinds_under_the_lease_before_the_rayjob_and_a_retry_resum
     missing step, or a folder another training holds, fails before any RayJob exists, with nothing moved."""
     cfg = _cfg(f"storage.root=s3://{s3_bucket}/loomcfm", "kube.backoff_limit=1")
     dataset_uri = f"s3://{s3_bucket}/loomcfm/datasets/digits-x"
-    run_uri = run_uri_for(cfg, dataset_uri)
+    run_uri = layout.run_uri(cfg, dataset_uri)
     for step in (2, 4):
-        write_state({"step": step}, f"{checkpoint_dir(run_uri)}/step-{step:08d}.pt")
+        write_state({"step": step}, f"{layout.checkpoint_dir(run_uri)}/step-{step:08d}.pt")
     with pytest.raises(CheckpointError, match=r"--resume-step 3: .* \(steps: 2, 4;"):
-        stages.launch_train(cfg, dataset_uri, launcher="rayjob", resume_step=3)
+        stages.train(cfg, dataset_uri, launcher="rayjob", resume_step=3)
     with Lease(run_uri, 60), pytest.raises(LeaseError):
-        stages.launch_train(cfg, dataset_uri, launcher="rayjob", resume_step=2)
+        stages.train(cfg, dataset_uri, launcher="rayjob", resume_step=2)
     assert [s for s, _ in list_checkpoints(run_uri)] == [2, 4] and not cluster.store.created.get("rayjobs")
 
     seen = []
@@ -469,12 +468,12 @@ def test_resume_step_rewinds_under_the_lease_before_the_rayjob_and_a_retry_resum
             lease_held = storage_for(run_uri).exists(join(run_uri, LEASE_FILE))
             seen.append((command, [s for s, _ in list_checkpoints(run_uri)], lease_held))
             if len(seen) == 1:  # the first attempt trains to step 3, then fails
-                write_state({"step": 3}, f"{checkpoint_dir(run_uri)}/step-00000003.pt")
+                write_state({"step": 3}, f"{layout.checkpoint_dir(run_uri)}/step-00000003.pt")
             super().start(command, env, emit)
 
     cluster.plan.update({1: Attempt(exit_code=1), 2: Attempt(exit_code=1)})
     with pytest.raises(RayJobError, match=r"after 2 of 2 attempt"):
-        stages.launch_train(cfg, dataset_uri, launcher="rayjob", resume_step=2)
+        stages.train(cfg, dataset_uri, launcher="rayjob", resume_step=2)
     assert [(checkpoints, held) for _, checkpoints, held in seen] == [([2], False), ([2, 3], False)]
     assert all("loomcfm train" in command and "--resume-step" not in command for command, _, _ in seen)
     assert storage_for(run_uri).exists(join(run_uri, "set-aside", "step-00000004.pt"))
@@ -527,11 +526,11 @@ def test_sigterm_with_leave_keeps_the_rayjob_and_the_retried_step_adopts_it(clus
                  "kube.on_terminate=leave"]
     step = textwrap.dedent(f"""
         import logging
-        from loomcfm_core import stages
+        from loomcfm_core import layout, stages
         from loomcfm_core.config import load_config, load_config_text
         logging.basicConfig(level=logging.INFO)
         cfg = load_config("digits", {overrides!r})
-        stages.launch_train(cfg, "s3://bucket/loomcfm/datasets/digits-x", launcher="rayjob", kfp_run_id={run_id!r},
+        stages.train(cfg, "s3://bucket/loomcfm/datasets/digits-x", launcher="rayjob", kfp_run_id={run_id!r},
                             kfp_task="train")
     """)
     proc = subprocess.Popen([sys.executable, "-c", step], env=_env(cluster), stdout=subprocess.PIPE,
@@ -542,7 +541,7 @@ def test_sigterm_with_leave_keeps_the_rayjob_and_the_retried_step_adopts_it(clus
         (left,) = cluster.store.list("rayjobs", NS, f"loomcfm.io/kfp-run-id={run_id}")
         assert left["status"]["jobDeploymentStatus"] == "Running" and not left["metadata"].get("deletionTimestamp")
         cfg = load_config("digits", overrides)
-        identity = RunIdentity(run_uri_for(cfg, "s3://bucket/loomcfm/datasets/digits-x"), run_id, "train")
+        identity = RunIdentity(layout.run_uri(cfg, "s3://bucket/loomcfm/datasets/digits-x"), run_id, "train")
         threading.Timer(1.0, hold.set).start()
         status = _launch(cfg, _body(cfg, identity))  # the retried step
     finally:
@@ -566,7 +565,7 @@ def test_a_killed_attempt_is_retried_and_resumes_to_the_uninterrupted_result(tmp
     cfg = load_config("digits", [*common, f"storage.root=s3://{s3_bucket}/loomcfm"])
     reference_cfg = load_config("digits", [*common, f"storage.root=s3://{s3_bucket}/reference"])
     dataset_uri = cache_dataset(cfg).uri
-    run_uri = run_uri_for(cfg, dataset_uri)
+    run_uri = layout.run_uri(cfg, dataset_uri)
     killed: list[int] = []
     looked = [0.0]
 
@@ -581,8 +580,8 @@ def test_a_killed_attempt_is_retried_and_resumes_to_the_uninterrupted_result(tmp
 
     with ApiServer() as server, KubeRaySimulator(server.store, kill_when=kill_after_first_checkpoint) as sim:
         monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig", NS)))
-        resumed = stages.launch_train(cfg, dataset_uri, launcher="rayjob")
-        reference = stages.launch_train(reference_cfg, dataset_uri, launcher="rayjob")
+        resumed = stages.train(cfg, dataset_uri, launcher="rayjob")
+        reference = stages.train(reference_cfg, dataset_uri, launcher="rayjob")
         name = RunIdentity(run_uri).name()
         assert killed == [1] and not sim.errors
         assert _states(sim.history[name]) == ["Initializing", "Running", "Retrying", "New", "Initializing",

@@ -16,7 +16,7 @@ from tests.kfp.driver import DriverError, get_string_value, parse_quantity, pod_
     task_parameters
 
 PACKAGES = sorted(p.name for p in runner.COMPILED.glob("*.yaml"))
-GPU_STEPS = {"evaluate", "evaluate-2", "pairs", "train", "train-2"}
+GPU_STEPS = {"evaluate", "evaluate-reflow", "pairs", "train", "train-2"}
 # The STEP_RESOURCES kind of the tasks not named after one (pipelines/ablation_pipeline.py). The ablation's arm
 # runs inside a ParallelFor with constant resources (kfp.local cannot resolve a loop task's resource parameters).
 KINDS = {"ablation-plan": "prepare", "ablation-report": "prepare", "ablation-arm": "train"}
@@ -182,7 +182,7 @@ def test_display_names_and_descriptions(package):
     assert set(shown.values()) <= set(DISPLAY.values()) and len(set(shown.values())) == len(shown), shown
     assert shown["cache"] == "cache dataset"
     if package == "loomcfm_pipeline.yaml":
-        assert (shown["train"], shown["train-2"], shown["evaluate-2"]) == \
+        assert (shown["train"], shown["train-2"], shown["evaluate-reflow"]) == \
             ("train (LOOM)", "train (reflow)", "evaluate (reflow)")
     assert spec["root"]["inputDefinitions"]["parameters"]["config_yaml"]["defaultValue"] == "cluster"
 

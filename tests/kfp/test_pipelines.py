@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from loomcfm_core import IMAGE
 from loomcfm_core.cli import main
 from loomcfm_core.config import ConfigError, load_config_text
-from loomcfm_core.pipeline_summary import read_summary_table
+from loomcfm_core.evaluation.summary import read_summary_table
 from pipelines import runner
 from pipelines.common import CLUSTER_PARAMETERS, TRAIN_RETRIES
 
@@ -50,7 +50,7 @@ def test_compiled_packages_are_up_to_date(tmp_path):
     assert all(e["secretAsEnv"][0]["keyToEnv"][0]["envVar"] == "AWS_ACCESS_KEY_ID" for e in executors.values())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
     assert images == {IMAGE}
-    assert "evaluate" in spec["root"]["dag"]["tasks"]["evaluate-2"]["dependentTasks"], \
+    assert "evaluate" in spec["root"]["dag"]["tasks"]["evaluate-reflow"]["dependentTasks"], \
         "the reflow evaluation records the summary with the base rows: it must wait for the base evaluation"
 
 
@@ -168,7 +168,7 @@ def _outputs(root, pipeline, step):
 def test_full_pipeline_steps_and_lineage(local_runs):
     root, model, _, _ = local_runs
     steps = {p.name for p in _run_dirs(root, "full")[0].iterdir()}
-    assert steps == {"prepare", "cache", "train", "evaluate", "pairs", "train-2", "evaluate-2"}
+    assert steps == {"prepare", "cache", "train", "evaluate", "pairs", "train-2", "evaluate-reflow"}
     assert model["uri"].endswith("step-00000006.pt") and Path(model["uri"]).is_file()
     dataset = json.loads((_run_dirs(root, "full")[0] / "cache" / "dataset").read_text())
     assert (Path(dataset["uri"]) / "manifest.json").is_file() and dataset["num_train"] == 1500
@@ -210,12 +210,13 @@ def test_mlflow_runs_of_the_pipelines(local_runs):
     full = next(p for p in parents if len(by_parent[p.info.run_id]) == 6)
     assert {"base/fd_digits/euler-1", "base/nfe/euler-4", "reflow/fd_digits/euler-4", "reflow/nfe/euler-1"} <= \
         set(full.data.metrics), "the parent run carries the summary (what the runs table compares)"
-    table = read_summary_table(load_config_text("digits", [f"tracking.local_dir={root / 'runs'}"]), full.info.run_id)
+    table = read_summary_table(load_config_text("digits", [f"tracking.local_dir={root / 'runs'}"]).tracking,
+                               full.info.run_id)
     assert table.startswith("| method | NFE base | fd_digits base | NFE reflow | fd_digits reflow |")
     assert f"\n{table}\n" in printed, "run-local ends with the table `loomcfm run` prints"
     reflow_only = next(p for p in parents if len(by_parent[p.info.run_id]) == 4)
-    assert "| euler-4 | - | - |" in read_summary_table(load_config_text("digits", [f"tracking.local_dir={root / 'runs'}"]),
-                                                          reflow_only.info.run_id), "no base model in that pipeline"
+    settings = load_config_text("digits", [f"tracking.local_dir={root / 'runs'}"]).tracking
+    assert "| euler-4 | - | - |" in read_summary_table(settings, reflow_only.info.run_id), "no base model there"
 
 
 @pytest.mark.ray

@@ -25,7 +25,7 @@ def _cfg(tmp_path, *extra):
 def test_convergence_lowers_the_table_cost_every_pass_and_is_logged(tmp_path):
     cfg = _cfg(tmp_path)
     summary = fit(cfg, cache_dataset(cfg).uri, f"{tmp_path}/store/runs/c", torch.device("cpu"))
-    client = MlflowClient(tracking.tracking_uri(cfg))
+    client = MlflowClient(tracking.tracking_uri(cfg.tracking))
     history = sorted(client.get_metric_history(summary.mlflow_run_id, "coupling/table_cost"), key=lambda m: m.step)
     assert [m.step for m in history] == list(range(PASSES + 1)), "before the first pass, then after each"
     costs = [m.value for m in history]
@@ -65,7 +65,7 @@ def test_an_interrupted_convergence_resumes_to_the_same_table_and_model(tmp_path
         assert torch.equal(value, b["ema"][key]), key
     costs = [load_checkpoint(f"{tmp_path}/store/runs/{name}/converge.pt")["costs"] for name in ("whole", "cut")]
     assert costs[0] == costs[1]
-    history = MlflowClient(tracking.tracking_uri(cfg)).get_metric_history(resumed.mlflow_run_id,
+    history = MlflowClient(tracking.tracking_uri(cfg.tracking)).get_metric_history(resumed.mlflow_run_id,
                                                                           "coupling/table_cost")
     assert sorted(m.step for m in history) == list(range(PASSES + 1)), "the resumed run continues the same curve"
 

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -84,29 +80,3 @@ def test_a_worker_logs_an_error_meant_for_the_user_in_one_line(caplog):
     assert messages[:2] == ["Error in training function: SourceError: /data/x.png: cannot decode image",
                             "Error in training function: OSError: [Errno 28] No space left on device"]
     assert "Traceback" in messages[2] and "NCCL watchdog timeout" in messages[2]
-
-
-@pytest.mark.ray
-def test_starting_ray_keeps_the_commands_signal_handlers(tmp_path):
-    """``ray.init`` installs its own SIGTERM handler (``sys.exit(15)``); after ``connect`` the command's
-    handler is back, so a SIGTERM between Ray stages still ends the stage's MLflow run KILLED."""
-    script = textwrap.dedent("""
-        import signal
-        from loomcfm_core.config import load_config
-        from loomcfm_core.training.launch import connect
-        from loomcfm_core.training.local_ray import stop_local_ray
-
-        def mine(signum, frame):
-            pass
-
-        signal.signal(signal.SIGTERM, mine)
-        connect(load_config("digits", ["ray.cpus_per_worker=1"]))
-        try:
-            print(signal.getsignal(signal.SIGTERM) is mine, flush=True)
-        finally:
-            stop_local_ray()
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HOME": str(tmp_path)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "True"

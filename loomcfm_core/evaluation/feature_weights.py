@@ -1,5 +1,5 @@
-"""Where the feature networks' weights live: the TF-Inception weights in storage, checked by sha256 and
-never downloaded at run time, and the digits classifier trained at cache time and stored with the dataset.
+"""The feature networks' weights: the TF-Inception weights in storage, checked by sha256 and never downloaded
+at run time, and the digits classifier trained at cache time and stored with the dataset.
 
 ``loomcfm weights fetch`` puts the Inception weights into storage once, on a machine with internet access;
 every run after that reads them from the configured path or URI.
@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from loomcfm_core.checksums import expected_sha256, fetch_verified, sha256_file
-from loomcfm_core.config import Config
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.errors import MetricsError
 from loomcfm_core.models.classifier import DigitClassifier, train_classifier
@@ -28,19 +27,25 @@ CLASSIFIER_FILE = "classifier.pt"
 
 # ---- Inception weights -----------------------------------------------------------------------------------
 
-def inception_weights(cfg: Config) -> Path:
-    """A verified local copy of the configured Inception weights (``eval.inception_weights``)."""
-    uri = cfg.eval.inception_weights
+def inception_weights(uri: str | None, sha256: str | None, local_cache: str) -> Path:
+    """A verified local copy of the Inception weights.
+
+    Args:
+        uri: where they are (``eval.inception_weights``).
+        sha256: their expected sha256 or a prefix of it (``eval.inception_sha256``); None: the ``.sha256``
+            file beside them.
+        local_cache: the node-local folder the copy goes to (``data.local_cache``), kept for the next run.
+    """
     if not uri:
         raise MetricsError("eval.inception_weights is not set: FID needs the TF-Inception weights at a path or "
                            "storage URI (`loomcfm weights fetch --to URI` downloads them once)")
     if not storage_for(uri).exists(uri):
         raise MetricsError(f"eval.inception_weights={uri}: file not found (`loomcfm weights fetch --to {uri}` "
                            "downloads it on a machine with internet access)")
-    expected = expected_sha256(uri, cfg.eval.inception_sha256, name=f"eval.inception_weights={uri}",
+    expected = expected_sha256(uri, sha256, name=f"eval.inception_weights={uri}",
                                key="eval.inception_sha256", hint=" that `loomcfm weights fetch` writes",
                                error=MetricsError)
-    local = Path(cfg.data.local_cache).expanduser() / "weights" / f"inception-{expected[:16]}.pth"
+    local = Path(local_cache).expanduser() / "weights" / f"inception-{expected[:16]}.pth"
     return fetch_verified(uri, local, expected, name=f"eval.inception_weights={uri}", error=MetricsError,
                           hint="the file is corrupt or not the pt_inception-2015-12-05 weights")
 

@@ -10,10 +10,10 @@ from loomcfm_core.checkpoint import save_checkpoint
 from loomcfm_core.config import load_config
 from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.data.dataset import ShardedDataset
-from loomcfm_core.evaluation import evaluate
-from loomcfm_core.generation import worker_ranges
+from loomcfm_core.evaluation.scoring import evaluate
 from loomcfm_core.models.loading import build_model
 from loomcfm_core.reflow import generate_pairs
+from loomcfm_core.workers import worker_ranges
 from tests.conftest import SMALL
 
 

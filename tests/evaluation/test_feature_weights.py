@@ -5,9 +5,14 @@ import pytest
 from loomcfm_core.checksums import sha256_file
 from loomcfm_core.config import load_config
 from loomcfm_core.errors import MetricsError
-from loomcfm_core.feature_store import inception_weights
+from loomcfm_core.evaluation.feature_weights import inception_weights as weights_of
 from loomcfm_core.storage import storage_for
 from tests.conftest import inception_cfg
+
+
+def inception_weights(cfg):
+    """The weights a config names, where its node-local copies go."""
+    return weights_of(cfg.eval.inception_weights, cfg.eval.inception_sha256, cfg.data.local_cache)
 
 
 def test_inception_weights_from_s3_with_sidecar_hash(tmp_path, random_inception, s3_bucket):

@@ -1,4 +1,5 @@
-"""Training on real Ray Train (local cluster, CPU workers): identical LOOM tables across ranks, exact resume."""
+"""Training on real Ray Train (local cluster, CPU workers): identical LOOM tables across ranks, exact resume
+after a kill."""
 
 import json
 import os
@@ -16,9 +17,7 @@ from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
 from loomcfm_core.config import load_config
 from loomcfm_core.lease import LEASE_FILE
 from loomcfm_core.processes import Holder
-from loomcfm_core.training.launch import check_local_resources, with_absolute_paths
-from loomcfm_core.training.loop import fit, run_uri_for
-from tests.models.autoencoders import latent_config
+from loomcfm_core.training.loop import fit
 from tests.run_cli import call, error_line, sets, start, wait_for
 from tests.training import TINY
 
@@ -107,25 +106,3 @@ def test_a_killed_training_is_taken_over_and_resumes_exactly(tmp_path, store, ca
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=0, atol=1e-6)
         torch.testing.assert_close(b["ema"][key], a["ema"][key], rtol=0, atol=1e-6)
-
-
-def test_local_resources_are_checked_before_starting():
-    with pytest.raises(ValueError, match=r"ray.num_workers=2 x ray.cpus_per_worker=2.0 needs 4 CPUs"):
-        check_local_resources(load_config("digits", ["ray.num_workers=2"]), {"CPU": 2.0})
-    with pytest.raises(ValueError, match="GPUs"):
-        check_local_resources(load_config("digits", ["ray.use_gpu=true"]), {"CPU": 2.0})
-    check_local_resources(load_config("digits"), {"CPU": 2.0})
-
-
-def test_worker_configs_name_the_autoencoder_by_absolute_path(tmp_path, monkeypatch):
-    """Generation workers (Ray tasks, other working directories) decode with the autoencoder, so its paths
-    travel absolute; the run keeps the name of the config as given (``stages`` reads results back by it):
-    ``identity.URI_KEYS`` names a run by the absolute form of these paths."""
-    monkeypatch.chdir(tmp_path)
-    cfg = latent_config(tmp_path, "weights/kl.safetensors", "model.autoencoder.config=weights/config.json")
-    out = with_absolute_paths(cfg)
-    assert out.model.autoencoder.weights == str(tmp_path / "weights" / "kl.safetensors")
-    assert out.model.autoencoder.config == str(tmp_path / "weights" / "config.json")
-    assert cfg.model.autoencoder.weights == "weights/kl.safetensors", "the caller's config is not changed"
-    assert with_absolute_paths(load_config("digits")).model.autoencoder is None
-    assert run_uri_for(cfg, "d") == run_uri_for(out, "d"), "the run's name compares the paths absolute"

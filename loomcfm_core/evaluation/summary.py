@@ -3,8 +3,9 @@ model, as metrics (``base/fd_digits/euler-4``, ``reflow/nfe/euler-4``, ...) that
 runs in the runs table, plus ``summary.md`` (the table ``loomcfm run`` and ``loomcfm pipeline run-local``
 print) and ``fd_vs_nfe.png`` with both curves.
 
-The reflow evaluation, the last stage of both pipelines, records it, wherever it runs: ``loomcfm run``'s
-process or a KFP step that finds the base evaluation among its parent's children.
+The last stage of both pipelines records it (:func:`loomcfm_core.stages.evaluate_reflow`), wherever it runs:
+``loomcfm run``'s process, which hands it the base evaluation's rows, or a KFP step that finds them among its
+parent's children (:func:`base_rows`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import json
 import tempfile
 from pathlib import Path
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core import tracking
-from loomcfm_core.config import Config
-from loomcfm_core.evaluation import MethodResult, plot_fd_vs_nfe
+from loomcfm_core.config import TrackingConfig
+from loomcfm_core.evaluation.plot import plot_fd_vs_nfe
+from loomcfm_core.results import MethodResult
 from loomcfm_core.storage import join, storage_for
 
 SUMMARY_FILE = "summary.md"
@@ -36,8 +37,9 @@ def summary_table(metric: str, base: list[MethodResult], reflowed: list[MethodRe
     return "\n".join(lines)
 
 
-def summary_metrics(metric: str, curves: dict[str, list[MethodResult]]) -> dict[str, float]:
-    """``<model>/<metric>/<method>`` and ``<model>/nfe/<method>`` for each model's rows."""
+def curve_metrics(metric: str, curves: dict[str, list[MethodResult]]) -> dict[str, float]:
+    """``<model>/<metric>/<method>`` and ``<model>/nfe/<method>`` for each model's rows: how a parent run
+    carries the curves of its models (the pipeline's base and reflow, the ablation's arms)."""
     out = {}
     for model, rows in curves.items():
         for row in rows:
@@ -46,10 +48,12 @@ def summary_metrics(metric: str, curves: dict[str, list[MethodResult]]) -> dict[
     return out
 
 
-def base_rows(cfg: Config, parent_run_id: str) -> list[MethodResult]:
-    """The rows of the base model's evaluation under the same parent (none in the reflow pipeline)."""
-    client = MlflowClient(tracking.tracking_uri(cfg))
-    runs = client.search_runs([tracking.experiment_id(cfg)], max_results=5, order_by=["attributes.start_time DESC"],
+def base_rows(settings: TrackingConfig, experiment: str, parent_run_id: str) -> list[MethodResult]:
+    """The rows of the base model's evaluation under the same parent (none in the reflow pipeline), found
+    among the parent's children in the store of ``settings`` (the ``tracking`` section) and ``experiment``."""
+    client = MlflowClient(tracking.tracking_uri(settings))
+    runs = client.search_runs([tracking.experiment_id(settings, experiment)], max_results=5,
+                              order_by=["attributes.start_time DESC"],
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
                                             f"tags.`{tracking.STAGE_TAG}` = 'evaluate' and attributes.status = 'FINISHED'")
     if not runs or "loomcfm.eval_uri" not in runs[0].data.tags:
@@ -58,13 +62,13 @@ def base_rows(cfg: Config, parent_run_id: str) -> list[MethodResult]:
     return [MethodResult(**row) for row in json.loads(storage_for(uri).read_text(uri))["rows"]]
 
 
-def record_summary(cfg: Config, parent_run_id: str, metric: str, base: list[MethodResult],
+def record_summary(settings: TrackingConfig, parent_run_id: str, metric: str, base: list[MethodResult],
                    reflowed: list[MethodResult]) -> str:
     """Log the summary metrics, ``summary.md`` and the two-curve plot to the parent run; returns the table."""
     table = summary_table(metric, base, reflowed)
     curves = {name: rows for name, rows in (("base", base), ("reflow", reflowed)) if rows}
-    client = MlflowClient(tracking.tracking_uri(cfg))
-    for key, value in summary_metrics(metric, curves).items():
+    client = MlflowClient(tracking.tracking_uri(settings))
+    for key, value in curve_metrics(metric, curves).items():
         client.log_metric(parent_run_id, key, value)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / SUMMARY_FILE).write_text(table + "\n")
@@ -73,7 +77,6 @@ def record_summary(cfg: Config, parent_run_id: str, metric: str, base: list[Meth
     return table
 
 
-def read_summary_table(cfg: Config, parent_run_id: str) -> str:
+def read_summary_table(settings: TrackingConfig, parent_run_id: str) -> str:
     """The table a pipeline recorded on its parent run (for ``loomcfm pipeline run-local`` to print)."""
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
-    return mlflow.artifacts.load_text(f"runs:/{parent_run_id}/{SUMMARY_FILE}").rstrip("\n")
+    return tracking.load_text(settings, parent_run_id, SUMMARY_FILE).rstrip("\n")

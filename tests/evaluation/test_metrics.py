@@ -10,9 +10,10 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 from loomcfm_core.checksums import sha256_file
 from loomcfm_core.config import load_config
 from loomcfm_core.errors import MetricsError
-from loomcfm_core.feature_store import load_classifier
-from loomcfm_core.metrics import (ClassifierFeatures, FeatureStats, InceptionFeatures, dataset_images,
-                                  feature_network, feature_network_kind, frechet_distance, reference_stats)
+from loomcfm_core.evaluation.feature_weights import load_classifier
+from loomcfm_core.evaluation.metrics import (ClassifierFeatures, FeatureStats, InceptionFeatures, dataset_images,
+                                             frechet_distance, reference_stats)
+from loomcfm_core.evaluation.samples import feature_network
 from loomcfm_core.storage import storage_for
 from tests.conftest import inception_cfg
 
@@ -68,9 +69,9 @@ def test_fd_digits_separates_real_from_noise(tmp_path, digits_cache, store):
     uri = str(store / "datasets" / Path(digits_cache.dataset_uri).name)
     network = feature_network(cfg, uri)
     assert isinstance(network, ClassifierFeatures) and network.metric == "fd_digits"
-    train_stats = reference_stats(cfg, uri, network)
+    train_stats = reference_stats(uri, network, cfg.data.local_cache)
     assert storage_for(uri).exists(f"{uri}/ref-stats-classifier.npz")
-    assert reference_stats(cfg, uri, network).count == train_stats.count == 1500  # stored, read back
+    assert reference_stats(uri, network, cfg.data.local_cache).count == train_stats.count == 1500  # stored, read back
 
     def fd(images):
         stats = FeatureStats.of(network.features(images))
@@ -83,7 +84,7 @@ def test_fd_digits_separates_real_from_noise(tmp_path, digits_cache, store):
 
 
 def test_auto_feature_network_is_the_classifier_for_builtin_digits_only():
-    assert feature_network_kind(load_config("digits")) == "classifier"
-    assert feature_network_kind(load_config("cifar10")) == "inception"
-    assert feature_network_kind(load_config("digits", ["eval.feature_network=inception"])) == "inception"
-    assert feature_network_kind(load_config("cifar10", ["eval.feature_network=classifier"])) == "classifier"
+    assert load_config("digits").feature_network == "classifier"
+    assert load_config("cifar10").feature_network == "inception"
+    assert load_config("digits", ["eval.feature_network=inception"]).feature_network == "inception"
+    assert load_config("cifar10", ["eval.feature_network=classifier"]).feature_network == "classifier"

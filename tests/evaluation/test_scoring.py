@@ -9,7 +9,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from PIL import Image
 
-from loomcfm_core.evaluation import MethodResult, draw_fd_vs_nfe
+from loomcfm_core.evaluation.plot import draw_fd_vs_nfe
+from loomcfm_core.results import MethodResult
 from tests.conftest import SMALL
 from tests.run_cli import call, sets
 

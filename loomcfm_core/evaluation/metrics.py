@@ -1,6 +1,6 @@
 """Fréchet distances between generated and real images, on the features of a feature network.
 
-Two feature networks, their weights from :mod:`loomcfm_core.feature_store`:
+Two feature networks, their weights from :mod:`loomcfm_core.evaluation.feature_weights`:
 
 - ``inception``: the standard TF-Inception (``2015-12-05``) pool features, as torch-fidelity implements
   them (the same network clean-fid / EDM / torchcfm use), giving FID.
@@ -22,11 +22,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from loomcfm_core.config import Config
-from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.data.dataset import ShardedDataset
+from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import MetricsError, StorageError, UsageError
-from loomcfm_core.feature_store import inception_weights, load_classifier
 from loomcfm_core.models.classifier import DigitClassifier
 from loomcfm_core.storage import join, storage_for
 
@@ -132,22 +130,6 @@ class ClassifierFeatures(FeatureNetwork):
         return self.net.features(images.float() / 127.5 - 1.0)
 
 
-def feature_network_kind(cfg: Config) -> str:
-    """``eval.feature_network`` with ``auto`` decided: the stored classifier for the built-in digits (no
-    Inception weights at hand, and 8x8 digits are far from what Inception saw), Inception otherwise."""
-    kind = cfg.eval.feature_network
-    if kind == "auto":
-        return "classifier" if cfg.data.source == "builtin:digits" else "inception"
-    return kind
-
-
-def feature_network(cfg: Config, dataset_uri: str, device: torch.device | str = "cpu") -> FeatureNetwork:
-    """The configured network (:func:`feature_network_kind`), its weights from the feature store."""
-    if feature_network_kind(cfg) == "classifier":
-        return ClassifierFeatures(load_classifier(dataset_uri), cfg.data.name, device)
-    return InceptionFeatures(inception_weights(cfg), device, cfg.eval.batch_size)
-
-
 # ---- reference statistics --------------------------------------------------------------------------------
 
 def dataset_images(dataset_uri: str, split: str, local_cache: str) -> torch.Tensor:
@@ -156,8 +138,12 @@ def dataset_images(dataset_uri: str, split: str, local_cache: str) -> torch.Tens
     return torch.stack([torch.from_numpy(np.ascontiguousarray(dataset.read(i)[0])) for i in range(len(dataset))])
 
 
-def reference_stats(cfg: Config, dataset_uri: str, network: FeatureNetwork) -> FeatureStats:
-    """Train-split statistics for ``network``, computed once and stored beside the cache."""
+def reference_stats(dataset_uri: str, network: FeatureNetwork, local_cache: str) -> FeatureStats:
+    """Train-split statistics for ``network``, computed once and stored beside the cache.
+
+    Args:
+        local_cache: the node-local folder a remote dataset's shards are copied to (``data.local_cache``).
+    """
     if read_manifest(dataset_uri) is None:
         raise StorageError(f"{dataset_uri}: no manifest.json; run `loomcfm cache` first")
     uri = join(dataset_uri, f"ref-stats-{network.name}.npz")
@@ -165,7 +151,7 @@ def reference_stats(cfg: Config, dataset_uri: str, network: FeatureNetwork) -> F
     if store.exists(uri):
         with tempfile.TemporaryDirectory() as tmp:
             return FeatureStats.from_bytes(store.get(uri, Path(tmp) / "stats.npz").read_bytes())
-    images = dataset_images(dataset_uri, "train", cfg.data.local_cache)
+    images = dataset_images(dataset_uri, "train", local_cache)
     stats = FeatureStats.of(network.features(images, desc="reference features"))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "stats.npz"

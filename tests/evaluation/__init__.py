@@ -1,0 +1,1 @@
+"""Tests of loomcfm_core.evaluation, one module per module."""
