@@ -327,7 +327,10 @@ class Store:
         with self.lock:
             current = self.objects.get((resource, namespace, obj["metadata"]["name"]))
             if current is None:
-                return self.create(resource, namespace, obj)[0]
+                created = self.create(resource, namespace, obj)[0]
+                if "status" in obj and RESOURCES[resource].has_status:
+                    created = self.update(resource, namespace, {**created, "status": obj["status"]}, True)
+                return created
             self.objects[(resource, namespace, obj["metadata"]["name"])] = {**copy.deepcopy(obj),
                                                                             "metadata": current["metadata"]}
             return copy.deepcopy(self.objects[(resource, namespace, obj["metadata"]["name"])])

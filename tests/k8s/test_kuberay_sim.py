@@ -14,6 +14,7 @@ import pytest
 from tests.k8s.apiserver import ApiError, ApiServer, Store, admit, selector_matches
 from tests.k8s.kuberay_rules import validate_rayjob
 from tests.k8s.kuberay_sim import FINALIZER, KubeRaySimulator, Scripted
+from tests.k8s.platform import install
 from tests.k8s.rayjobs import rayjob, rule, with_spec
 
 SPEC = "The RayJob spec is invalid: "
@@ -134,6 +135,7 @@ def test_the_controller_adds_and_honours_its_finalizer_and_deletes_itself_byrule
     hold_forever = Scripted(hold=threading.Event())
     with ApiServer() as server, KubeRaySimulator(server.store, attempt=lambda job, n: hold_forever) as sim:
         store = server.store
+        install(store)
         store.create("rayjobs", "loomcfm", valid)
         name = valid["metadata"]["name"]
         deadline = time.monotonic() + 30

@@ -35,6 +35,8 @@ from tests.k8s.apiserver import ApiError, ApiServer, admit
 from tests.k8s.kuberay_rules import validate_metadata, validate_rayjob
 from tests.k8s.kuberay_sim import KubeRaySimulator, Scripted
 from tests.k8s.objects import find, render
+from tests.k8s.platform import install
+from tests.k8s.scheduler_sim import node
 from tests.training import TINY
 
 NS = "ml"
@@ -78,6 +80,7 @@ def cluster(tmp_path, monkeypatch):
     started = itertools.count(1)
     with ApiServer() as server, KubeRaySimulator(server.store,
                                                  attempt=lambda job, n: plan.get(next(started), Scripted())) as sim:
+        install(server.store, NS)
         monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig", NS)))
         for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
             monkeypatch.delenv(var, raising=False)  # not in a pod: the kubeconfig is used
@@ -280,7 +283,8 @@ def test_deadline_exceeded_is_not_retried(cluster):
 
 
 def test_pre_running_deadline_is_retried_until_the_backoff_limit(tmp_path, monkeypatch):
-    with ApiServer() as server, KubeRaySimulator(server.store, cluster_ready_after_s=None) as sim:
+    with ApiServer() as server, KubeRaySimulator(server.store, nodes=[node("small", cpu="1")]) as sim:
+        install(server.store, NS)
         monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig", NS)))
         cfg = _cfg("kube.pre_running_deadline_s=1", "kube.backoff_limit=1")
         with pytest.raises(RayJobError, match=r"ended Failed after 2 of 2 attempt\(s\).*PreRunningDeadlineExceeded"):
@@ -421,7 +425,14 @@ def test_four_workers_with_two_gpus_each_make_eight_ray_train_workers(cluster):
     assert images == {"registry.corp/ml/loomcfm:1.2"}
     admit("RayJob", json.loads(json.dumps(body)), strict=True)
     assert validate_rayjob(body) is None
+    gpu_taint = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    for i in range(4):  # a GPU node pool: the workers go there, one per node
+        cluster.store.apply(node(f"gpu-{i}", cpu="32", memory="128Gi", gpus=2, taints=[gpu_taint],
+                                 labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}))
     assert _launch(cfg, body)["jobStatus"] == "SUCCEEDED"
+    bound = [e["message"].rsplit(" ", 1)[1] for e in cluster.store.list("events", NS, fields="reason=Scheduled")
+             if "-workers-worker-" in e["involvedObject"]["name"]]
+    assert sorted(bound) == [f"gpu-{i}" for i in range(4)], "one worker per GPU node"
 
 
 def test_cpu_workers_share_nothing_but_their_pod():
