@@ -14,6 +14,12 @@ A successful RayJob is deleted (unless ``kube.keep_cluster``); a failed one stay
 of the error show its events and its submitter's log (its cluster is already gone: ``ttlSecondsAfterFinished``
 0, :mod:`loomcfm_core.kube.rayjob`), until a retry of the step replaces it.
 
+While the Ray job is not running yet, the launcher also reads the pods below the RayJob
+(:mod:`loomcfm_core.kube.pods`), logs their progress and ends the step with one line naming the pod, the
+cause and the ``kubectl`` command to see more once a cause that waiting cannot fix (an image that does not
+pull, a missing Secret or key, a crash loop) has lasted ``kube.fail_fast_s``; the RayJob is then deleted or
+left per ``kube.on_terminate``.
+
 SIGTERM (KFP terminating the run, the step's pod evicted; the pod's grace period is 30 s by default) stops
 the watch; ``kube.on_terminate`` then deletes the RayJob (KubeRay's finalizer stops the Ray job and the
 cluster goes with it) or leaves it for the retried step to adopt.
@@ -31,6 +37,7 @@ from contextlib import contextmanager
 from loomcfm_core.errors import RayJobError
 from loomcfm_core.kube.client import KubeApi, Patience, describe, reason, status_code
 from loomcfm_core.kube.logs import DriverLog
+from loomcfm_core.kube.pods import PROGRESS_S, Cause, PodWatch
 from loomcfm_core.kube.rayjob import RUN_KEY_LABEL
 from loomcfm_core.kube.settings import KubeConfig
 from loomcfm_core.kube.status import Observation, Progress
@@ -38,6 +45,11 @@ from loomcfm_core.kube.status import Observation, Progress
 TEARDOWN_S = 300.0  # per retry: KubeRay deletes the old cluster and submitter before the next attempt starts
 MARGIN_S = 600.0  # the submitter finishing, KubeRay's 3 s requeues, API hiccups
 MESSAGE_CHARS = 2000
+STARTED_JOB = ("RUNNING", "STOPPED", "SUCCEEDED", "FAILED")  # a Ray job that got past its submission
+# what usually makes KubeRay's dashboard checks fail (rayjob_controller.go checkJobStatusCheckTimeoutAndUpdateStatusIfNeeded)
+STATUS_CHECK_HINT = ("KubeRay's operator could not reach the head's dashboard (port 8265) for its status checks: usually a "
+                     "NetworkPolicy or a service mesh (an Istio/Linkerd sidecar) between the operator's namespace and "
+                     "this one; allow ingress to port 8265 of the RayJob's head pods from the operator")
 log = logging.getLogger(__name__)
 
 
@@ -72,8 +84,9 @@ class Launcher:
     """One RayJob's launch and watch; see the module docstring. The keyword arguments tune the waits."""
 
     def __init__(self, api: KubeApi, kube: KubeConfig, patience_s: float = 300.0, retry_base_s: float = 1.0,
-                 teardown_s: float = TEARDOWN_S, margin_s: float = MARGIN_S, gone_wait_s: float = 300.0):
-        self.api, self.kube = api, kube
+                 teardown_s: float = TEARDOWN_S, margin_s: float = MARGIN_S, gone_wait_s: float = 300.0,
+                 progress_s: float = PROGRESS_S):
+        self.api, self.kube, self.progress_s = api, kube, progress_s
         self.stop = threading.Event()
         self.patience = Patience(patience_s, self.stop, base_s=retry_base_s)
         self.bound = time_bound(kube, teardown_s, margin_s)
@@ -107,6 +120,8 @@ class Launcher:
         if self._create_or_adopt(body) is None:
             return None
         progress, driver = Progress(name, self.kube.attempts), DriverLog(self.api, name)
+        pods = PodWatch(self.api, name, self.kube.fail_fast_s, self.progress_s)
+        workers = body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].get("replicas", 1)
         started = time.monotonic()
         while not self.stop.is_set():
             status = self._read(name)
@@ -115,6 +130,9 @@ class Launcher:
             driver.copy_new()
             if obs.ended:
                 return obs, driver, status
+            if obs.deployment in ("Initializing", "Running") and obs.job not in STARTED_JOB:
+                if (cause := pods.check(obs.cluster, workers)) is not None:
+                    self._cannot_start(name, cause)
             if time.monotonic() - started > self.bound:
                 if not self.kube.keep_cluster:
                     self._delete(name, "the launcher's time bound passed")
@@ -214,6 +232,17 @@ class Launcher:
             outcome = "left it running (kube.on_terminate=leave): a retried step of the same run adopts it"
         raise RayJobError(f"terminated while watching RayJob {self.where(name)}; {outcome}")
 
+    def _cannot_start(self, name: str, cause: Cause) -> None:
+        """A deterministic cause lasted ``kube.fail_fast_s``: one line, and the RayJob per ``on_terminate``."""
+        ns = self.api.namespace
+        if self.kube.on_terminate == "delete":
+            done = self._delete(name, f"its {cause.role} pod cannot start")
+            outcome = "deleted it" if done else f"could not delete it: kubectl -n {ns} delete rayjob {name}"
+        else:
+            outcome = "left it (kube.on_terminate=leave)"
+        raise RayJobError(f"RayJob {self.where(name)} cannot start: {cause.line()} (for {self.kube.fail_fast_s} s, "
+                          f"kube.fail_fast_s); see: {cause.kubectl(ns)}; {outcome}")
+
     def _failure(self, name: str, obs: Observation, driver: DriverLog) -> RayJobError:
         ns = self.api.namespace
         state = "was stopped" if obs.deployment == "Complete" else f"ended {obs.deployment}"
@@ -221,6 +250,8 @@ class Launcher:
                  f"(kube.backoff_limit={self.kube.backoff_limit}): {obs.reason or obs.job or 'no reason given'}"]
         if obs.message:
             lines.append(_clip(obs.message))
+        if obs.reason == "JobStatusCheckTimeoutExceeded":
+            lines.append(STATUS_CHECK_HINT)
         tail = driver.tail()
         if tail and tail[-200:] not in obs.message:
             lines.append(f"driver log, last lines:\n{tail}")

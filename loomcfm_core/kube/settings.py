@@ -95,6 +95,8 @@ class KubeConfig(BaseModel):
                                 "go at once) and leave the RayJob in place")
     keep_cluster_s: int = Field(86400, ge=0, description="with keep_cluster: how long the failed head stays")
     poll_s: float = Field(10.0, gt=0, description="seconds between status reads")
+    fail_fast_s: int = Field(300, ge=0, description="end the step when a pod of the RayJob has had a cause that "
+                             "waiting cannot fix (image pull, missing Secret or key, crash loop) this long")
 
     @field_validator("worker_cpu", "worker_memory")
     @classmethod

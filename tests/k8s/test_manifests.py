@@ -42,7 +42,7 @@ INPUTS = {"dataset_uri": "s3://loomcfm/loomcfm/datasets/digits-0123456789ab",
 # RBAC: all the pipeline's launcher may do (loomcfm_core/kube/launcher.py creates, adopts, watches and deletes
 # RayJobs; loomcfm_core/kube/logs.py lists the submitter pods and reads their logs).
 ALLOWED_RULES = {("ray.io", "rayjobs"): {"create", "get", "list", "watch", "delete"}, ("", "pods"): {"get", "list"},
-                 ("", "pods/log"): {"get"}}
+                 ("", "pods/log"): {"get"}, ("", "events"): {"list"}}
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                       "projected", "secret"}
 CREDENTIAL_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|KEY_ID|PRIVATE_KEY|CREDENTIAL)", re.I)
