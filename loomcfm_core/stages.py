@@ -25,6 +25,7 @@ from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import UsageError
 from loomcfm_core.evaluation import evaluate as evaluate_checkpoint
 from loomcfm_core.feature_store import classifier_uri, train_dataset_classifier
+from loomcfm_core.kube import cluster_check
 from loomcfm_core.kube.client import connect
 from loomcfm_core.kube.launcher import run_rayjob
 from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, load_template
@@ -156,9 +157,17 @@ def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None
     run_uri = run_uri_for(cfg, dataset_uri)
     args = ["--dataset", dataset_uri] + (["--parent-run-id", parent_run_id] if parent_run_id else [])
     body = build_rayjob(load_template(), cfg, identity or RunIdentity(run_uri), args,
-                        stage="reflow" if cfg.coupling.kind == "pairs" else "train")
+                        stage="reflow" if cfg.coupling.kind == "pairs" else "train", owner=kfp_env.step_pod())
     run_rayjob(api or connect(cfg.kube.namespace), body, cfg.kube)
     return TrainResult.read(run_uri)
+
+
+def check_cluster(cfg: Config, launcher: str = "rayjob", inside: bool = False, probe: bool = True,
+                  shm: str | None = None, step: bool = False) -> None:
+    """``loomcfm cluster check`` (and a pipeline's first step, ``step``): prints the table of checks and raises
+    :class:`~loomcfm_core.errors.ClusterCheckError` on any ✗ (:mod:`loomcfm_core.kube.cluster_check`)."""
+    where = "inside the cluster" if inside else f"namespace {cfg.kube.namespace}, launcher {launcher}"
+    cluster_check.report(cluster_check.run(cfg, launcher, inside, probe, shm, step), where, mark=inside)
 
 
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, methods: list[str] | None = None,

@@ -18,13 +18,11 @@ from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 
 from loomcfm_core.kfp_env import RUN_ID_ENV
+from loomcfm_core.kube.platform import ENV_CONFIG_KEYS, MLFLOW_SECRET_KEYS, S3_SECRET_KEYS, STEP_SHM
 from loomcfm_core.kube.rayjob import GPU_TOLERATION
 
-# Secrets and the ConfigMap created with k8s/ (kubectl apply -k k8s/overlays/...): env name -> key.
-S3_SECRET_KEYS = {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-MLFLOW_SECRET_KEYS = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-ENV_CONFIG_KEYS = {k: k for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL",
-                                  "LOOMCFM_STORAGE_ROOT", "LOOMCFM_TRACKING_URI")}
+# The Secrets and the ConfigMap created with k8s/ (kubectl apply -k k8s/overlays/...) and what each step reads
+# from them (env name -> key) are loomcfm_core/kube/platform.py's: `loomcfm cluster check` checks the same.
 RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 # The pipeline parameters a train step passes on: how and where its RayJob runs (components/train.py).
 CLUSTER_PARAMETERS = ("launcher", "namespace", "keep_cluster", "image", "ray_workers", "gpus_per_worker",
@@ -38,9 +36,9 @@ TRAIN_RETRIES = 2
 # counts against the container's limit).
 STEP_RESOURCES = {"prepare": ("500m", "1Gi"), "cache": ("2", "8Gi"), "train": ("4", "16Gi"),
                   "evaluate": ("4", "16Gi"), "pairs": ("4", "16Gi")}
-# /dev/shm of the steps that run DataLoader workers or Ray (its object store lives there; a container's
-# default is 64 MiB). The size is static: kfp-kubernetes 2.17 takes no parameter here.
-SHM_SIZE = "2Gi"
+# /dev/shm of the steps that run DataLoader workers or Ray (platform.STEP_SHM). The size is static:
+# kfp-kubernetes 2.17 takes no parameter here.
+SHM_SIZE = STEP_SHM
 GPU_TOLERATIONS = [GPU_TOLERATION]
 DISPLAY = {"prepare": "validate config", "cache": "cache dataset", "train": "train (LOOM)",
            "evaluate": "evaluate", "pairs": "reflow pairs", "reflow": "train (reflow)",

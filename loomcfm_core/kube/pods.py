@@ -75,6 +75,8 @@ def cause_of(pod) -> Cause | None:
     """The first container (init containers first) that waits for a reason, a crash, or the scheduler's
     verdict; None for a pod that runs and is Ready, or is only starting."""
     name, role = pod.metadata.name, _role(pod)
+    if pod.status is None:
+        return None
     for status in [*(pod.status.init_container_statuses or []), *(pod.status.container_statuses or [])]:
         waiting = status.state.waiting if status.state else None
         if waiting is not None and waiting.reason in DETERMINISTIC:

@@ -72,6 +72,12 @@ class KubeConfig(BaseModel):
 
     namespace: str = Field("loomcfm", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
                            description="where the RayJob runs")
+    kfp_namespace: str = Field("kubeflow", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                               description="where KFP runs the pipeline steps (standalone KFP: kubeflow; "
+                               "multi-user Kubeflow: the profile namespace); `loomcfm cluster check` checks its "
+                               "Secrets")
+    operator: str = Field("kuberay-system/kuberay-operator", pattern=r"^[a-z0-9][-a-z0-9]*/[a-z0-9][-a-z0-9.]*$",
+                          description="<namespace>/<deployment> of KubeRay's operator, for `loomcfm cluster check`")
     image: str | None = Field(None, description="image of the RayJob's pods; default: the package's image "
                               "(LOOMCFM_IMAGE, else ghcr.io/loomcfm/loomcfm:<version>)")
     ray_workers: int = Field(1, ge=1, description="worker pods of the Ray cluster")

@@ -47,7 +47,10 @@ def operator_deployment(available: bool = True) -> dict:
                  "reason": "MinimumReplicasAvailable" if available else "MinimumReplicasUnavailable"}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
         "name": OPERATOR[1], "namespace": OPERATOR[0], "labels": {"app.kubernetes.io/name": "kuberay-operator"}},
-        "spec": {"replicas": 1}, "status": {"replicas": 1, "availableReplicas": int(available),
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+                 "template": {"metadata": {"labels": {"app.kubernetes.io/name": "kuberay-operator"}}, "spec": {
+                     "containers": [{"name": "kuberay-operator", "image": "quay.io/kuberay/operator:v1.7.0"}]}}},
+        "status": {"replicas": 1, "availableReplicas": int(available),
                                             "conditions": [condition]}}
 
 
@@ -63,8 +66,9 @@ def _moved(obj: dict, namespace: str) -> dict:
 
 def install(store: Store, namespace: str = NAMESPACE, kfp_namespace: str = KFP_NAMESPACE, operator: bool = True,
             crd_list: list[dict] | None = None, secrets: bool = True, kfp_secrets: bool = True,
-            values: dict[str, str] | None = None) -> None:
-    """The platform in ``store``; see the module docstring (``crd_list``: other CRDs than v1.7.0's)."""
+            values: dict[str, str] | None = None, env: dict[str, str] | None = None) -> None:
+    """The platform in ``store``; see the module docstring (``crd_list``: other CRDs than v1.7.0's; ``values``:
+    the Secrets' values; ``env``: entries added to loomcfm-env, as an overlay's configMapGenerator merges them)."""
     for crd in crds() if crd_list is None else crd_list:
         store.apply(crd)
     if operator:
@@ -74,15 +78,20 @@ def install(store: Store, namespace: str = NAMESPACE, kfp_namespace: str = KFP_N
         store.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     for obj in render("base"):
         if obj["kind"] in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "ClusterRole", "ClusterRoleBinding"):
-            store.apply(_moved(obj, namespace))
+            obj = _moved(obj, namespace)
+            if obj["kind"] == "ConfigMap" and obj["metadata"]["name"] == "loomcfm-env":
+                obj["data"] = {**obj["data"], **(env or {})}
+            store.apply(obj)
     if secrets:
         for name in ("loomcfm-s3", "loomcfm-mlflow"):
             store.apply(example_secret(name, namespace, values))
     if kfp_secrets:  # README: the steps read the Secrets and loomcfm-env in their own namespace
         for name in ("loomcfm-s3", "loomcfm-mlflow"):
             store.apply(example_secret(name, kfp_namespace, values, drop=("MLFLOW_FLASK_SERVER_SECRET_KEY",)))
-        env = next(o for o in render("base") if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "loomcfm-env")
-        store.apply(_moved(env, kfp_namespace))
+        copied = store.get("configmaps", namespace, "loomcfm-env")  # the README's jq copy
+        store.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "loomcfm-env",
+                                                                          "namespace": kfp_namespace},
+                     "data": copied["data"]})
 
 
 def token(store: Store, namespace: str, name: str) -> str:
