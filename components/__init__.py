@@ -7,9 +7,11 @@ resolved YAML ``prepare`` emits) plus ``key=value`` overrides, validated exactly
 
 from components.ablation import ablation_arm, ablation_plan, ablation_report
 from components.cache import cache
+from components.cluster_check import cluster_check
 from components.evaluate import evaluate
 from components.pairs import pairs
 from components.prepare import prepare
 from components.train import train
 
-__all__ = ["ablation_arm", "ablation_plan", "ablation_report", "cache", "evaluate", "pairs", "prepare", "train"]
+__all__ = ["ablation_arm", "ablation_plan", "ablation_report", "cache", "cluster_check", "evaluate", "pairs",
+           "prepare", "train"]

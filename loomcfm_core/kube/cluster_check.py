@@ -5,7 +5,7 @@
   KFP's namespace, the reaper, and the probe pod (:mod:`loomcfm_core.kube.probe`).
 * In the probe pod (``--inside``): MLflow, storage and ``/dev/shm`` from inside the cluster.
 * As a pipeline's first step (a KFP pod): the same API checks as the step's ServiceAccount (launcher rayjob),
-  the reaper, and the inside checks from the step's own pod, whose environment holds what the Secrets of
+  the reaper, and MLflow and storage from the step's own pod, whose environment holds what the Secrets of
   KFP's namespace gave it (``optional`` in the packages: a missing one would otherwise surface much later).
 * In ``kfp.local`` (no pod) with launcher ``local`` nothing of a cluster is used: the step says so and passes.
 """
@@ -114,8 +114,8 @@ def run(cfg: Config, launcher: str = "rayjob", inside: bool = False, probe_pod: 
         return []
     api = api or connect(cfg.kube.namespace)
     rows, body = api_checks(api, cfg, launcher)
-    if in_pod:
-        return rows + step_environment() + probe.inside(cfg, shm or STEP_SHM)
+    if in_pod:  # the check step mounts no /dev/shm of its own (its memory limit would cap one): not checked
+        return rows + step_environment() + [probe.mlflow(cfg.tracking.uri or ""), probe.storage(cfg.storage.root)]
     kfp = cfg.kube.kfp_namespace
     rows += preflight.references(api, kfp, STEP_NEEDS, fixes(kfp, cfg.kube.namespace, STEP_NEEDS))
     if probe_pod and launcher == "rayjob" and not step:
