@@ -29,12 +29,14 @@ def in_kfp_pod() -> bool:
     return bool(os.environ.get(POD_ENV))
 
 
-def step_pod(namespace_file: str = NAMESPACE_FILE) -> tuple[str, str, str] | None:
+def step_pod(namespace_file: str | None = None) -> tuple[str, str, str] | None:
     """(namespace, name, uid) of the KFP step pod this runs in, or None outside one (or when its namespace
     cannot be read: no ServiceAccount token mounted)."""
     name, uid = os.environ.get(POD_ENV, ""), os.environ.get(POD_UID_ENV, "")
+    if not (name and uid):
+        return None
     try:
-        with open(namespace_file) as handle:
+        with open(namespace_file or NAMESPACE_FILE) as handle:
             namespace = handle.read().strip()
     except OSError:
         return None

@@ -20,9 +20,14 @@ cause and the ``kubectl`` command to see more once a cause that waiting cannot f
 pull, a missing Secret or key, a crash loop) has lasted ``kube.fail_fast_s``; the RayJob is then deleted or
 left per ``kube.on_terminate``.
 
-SIGTERM (KFP terminating the run, the step's pod evicted; the pod's grace period is 30 s by default) stops
-the watch; ``kube.on_terminate`` then deletes the RayJob (KubeRay's finalizer stops the Ray job and the
-cluster goes with it) or leaves it for the retried step to adopt.
+SIGTERM (KFP terminating the run, the step's pod evicted) stops the watch. With ``kube.on_terminate=delete``
+the handler itself deletes the RayJob first, over a connection of its own (KubeRay's finalizer stops the Ray
+job and the cluster goes with it): a terminated KFP step's process has about a second before the container
+dies with its PID 1 (loomcfm_core/kube/reaper.py says why, and what catches the cases no signal reaches);
+``leave`` keeps it for the retried step to adopt.
+
+A ``kube.keep_cluster`` RayJob whose Ray job was stopped is deleted: no KubeRay deletion rule can match
+STOPPED, so its cluster would otherwise stay.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Callable
 
 from loomcfm_core.errors import RayJobError
 from loomcfm_core.kube.client import KubeApi, Patience, describe, reason, status_code
@@ -59,13 +65,20 @@ def time_bound(kube: KubeConfig, teardown_s: float = TEARDOWN_S, margin_s: float
 
 
 @contextmanager
-def sigterm_sets(stop: threading.Event) -> Iterator[None]:
-    """While inside, SIGTERM sets ``stop`` instead of killing the process (whose ``finally`` blocks would not
-    run). Signal handlers belong to the main thread; elsewhere this does nothing."""
+def sigterm_sets(stop: threading.Event, first: Callable[[], None] | None = None) -> Iterator[None]:
+    """While inside, SIGTERM runs ``first`` (once) and sets ``stop`` instead of killing the process (whose
+    ``finally`` blocks would not run). Signal handlers belong to the main thread; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+
+    def handle(signum, frame) -> None:
+        if first is not None and not stop.is_set():
+            stop.set()
+            first()
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, handle)
     try:
         yield
     finally:
@@ -91,6 +104,7 @@ class Launcher:
         self.patience = Patience(patience_s, self.stop, base_s=retry_base_s)
         self.bound = time_bound(kube, teardown_s, margin_s)
         self.teardown_s, self.margin_s, self.gone_wait_s = teardown_s, margin_s, gone_wait_s
+        self.deleted_on_signal = False
 
     def where(self, name: str) -> str:
         return f"{self.api.namespace}/{name}"
@@ -98,7 +112,7 @@ class Launcher:
     def run(self, body: dict) -> dict:
         """Create or adopt ``body``'s RayJob and wait for its end; returns its final ``status``."""
         name, ended = body["metadata"]["name"], None
-        with sigterm_sets(self.stop):
+        with sigterm_sets(self.stop, first=lambda: self._delete_on_signal(name)):
             try:
                 ended = self._run(body)
             except KeyboardInterrupt:
@@ -109,6 +123,9 @@ class Launcher:
         if self.stop.is_set() or ended is None:
             self._terminated(name)
         obs, driver, status = ended
+        if self.kube.keep_cluster and obs.deployment == "Complete" and obs.job == "STOPPED":
+            self._delete(name, "its Ray job was stopped; KubeRay's deletion rules cannot match STOPPED, so "
+                               "keep_cluster would leave its cluster forever")
         if obs.succeeded_run:
             if not self.kube.keep_cluster:
                 self._delete(name, "it succeeded")
@@ -223,9 +240,19 @@ class Launcher:
         log.info("deleted RayJob %s (%s)", self.where(name), why)
         return True
 
+    def _delete_on_signal(self, name: str) -> None:
+        """SIGTERM's first act with ``on_terminate=delete``: one short DELETE on a connection of its own."""
+        if self.kube.on_terminate != "delete":
+            return
+        try:
+            self.api.fresh().delete(name, timeout=(2, 3))
+            self.deleted_on_signal = True
+        except Exception:  # noqa: BLE001 - the main thread tries again with its own connection
+            pass
+
     def _terminated(self, name: str) -> None:
         if self.kube.on_terminate == "delete":
-            done = self._delete(name, "the launcher was terminated")
+            done = self.deleted_on_signal or self._delete(name, "the launcher was terminated")
             outcome = ("deleted it: KubeRay stops the Ray job and removes its cluster" if done else
                        f"could not delete it: kubectl -n {self.api.namespace} delete rayjob {name}")
         else:
@@ -255,7 +282,9 @@ class Launcher:
         tail = driver.tail()
         if tail and tail[-200:] not in obs.message:
             lines.append(f"driver log, last lines:\n{tail}")
-        if self.kube.keep_cluster:
+        if self.kube.keep_cluster and obs.job == "STOPPED":
+            lines.append("it is deleted with its cluster: no KubeRay deletion rule can keep a stopped job's head")
+        elif self.kube.keep_cluster:
             lines.append(f"its head pod stays for kube.keep_cluster_s={self.kube.keep_cluster_s} s: kubectl -n {ns} "
                          f"logs -l ray.io/cluster={obs.cluster},ray.io/node-type=head")
         else:

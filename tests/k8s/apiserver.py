@@ -432,9 +432,33 @@ class Store:
         if key[0] == "pods":
             self.logs.pop((key[1], key[2]), None)
         uid = gone["metadata"]["uid"]
-        for other, obj in list(self.objects.items()):
+        for other, obj in list(self.objects.items()):  # background propagation: a dependent's finalizers run
             if other in self.objects and any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences", [])):
-                self._remove(other)
+                self.delete(*other)
+
+    def collect_garbage(self) -> list[tuple[str, str, str]]:
+        """The garbage collector's sweep (kubernetes ``pkg/controller/garbagecollector``): an object all of whose
+        owners are absent is deleted. An owner is looked up by uid where it can be: in the dependent's namespace
+        for a namespaced kind (an owner in another namespace is therefore absent: cross-namespace owner
+        references are disallowed by design), at cluster scope otherwise. Returns what it deleted."""
+        with self.lock:
+            doomed = []
+            for (resource, namespace, name), obj in self.objects.items():
+                refs = obj["metadata"].get("ownerReferences") or []
+                if not refs or obj["metadata"].get("deletionTimestamp"):
+                    continue
+                present = []
+                for ref in refs:
+                    owner = KINDS.get(ref.get("kind", ""))
+                    where = namespace if owner and RESOURCES[owner].namespaced else ""
+                    found = self.objects.get((owner, where, ref.get("name", ""))) if owner else None
+                    present.append(found is not None and found["metadata"]["uid"] == ref.get("uid"))
+                if not any(present):
+                    doomed.append((resource, namespace, name))
+            for key in doomed:
+                if key in self.objects:
+                    self.delete(*key)
+            return doomed
 
     def log(self, namespace: str, pod: str, text: str) -> None:
         """What a container wrote: the kubelet stores (and timestamps) it line by line."""

@@ -35,6 +35,7 @@ Built from KubeRay **v1.7.0** (``ray-project/kuberay`` tag ``v1.7.0``, the versi
   ``suspendWorkerGroups``), ``handleLegacyDeletionPolicy``, ``handleShutdownAfterJobFinishes``.
 * ``checkBackoffLimitAndUpdateStatusIfNeeded``: ``failed``/``succeeded`` counted; a Failed attempt within
   ``backoffLimit`` becomes Retrying unless its reason is DeadlineExceeded or JobStatusCheckTimeoutExceeded.
+* the garbage collector of kube-controller-manager runs each tick too (:meth:`Store.collect_garbage`).
 * ``ray-operator/controllers/ray/utils/validation.go`` (:mod:`tests.k8s.kuberay_rules`). The
   ``RayJobDeletionPolicy`` feature gate is on, as in v1.7.0 (``pkg/features/features.go``).
 
@@ -194,6 +195,7 @@ class KubeRaySimulator:
         dashboards move on, then every RayJob is reconciled once. Tests of the controller's own rules call it
         directly (no thread: each step is deterministic)."""
         with self._lock:
+            self.store.collect_garbage()
             self.dashboards.tick()
             self.rayclusters.tick()
             job_controller(self.store)

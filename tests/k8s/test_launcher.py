@@ -268,6 +268,25 @@ def test_keep_cluster_is_valid_and_keeps_a_failed_head_but_not_its_workers(clust
     assert cluster.store.list("rayclusters", NS), "the head stays for keep_cluster_s"
 
 
+def test_keep_cluster_leaves_no_cluster_of_a_stopped_job(cluster):
+    """KubeRay writes a stopped Ray job as Complete, and no deletion rule can match STOPPED (the CRD's
+    condition.jobStatus enum is SUCCEEDED and FAILED): the launcher deletes the RayJob and its cluster."""
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    threading.Thread(target=lambda: cluster.sim.stop_job(cluster.wait_for(
+        lambda: next((r.job_id for r in cluster.sim.runs.values() if r.status == "RUNNING"), None), "the job")),
+        daemon=True).start()
+    cfg = _cfg("kube.keep_cluster=true")
+    try:
+        with pytest.raises(RayJobError, match=r"(?s)was stopped after 1 of 3 attempt.*\nJob was intentionally "
+                           r"stopped.\n.*\nit is deleted with its cluster"):
+            _launch(cfg)
+    finally:
+        hold.set()
+    cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS) and not cluster.store.list("rayclusters", NS),
+                     "the stopped job's RayJob and cluster to go")
+
+
 def test_keep_cluster_deletes_the_cluster_of_a_success_at_once(cluster):
     cfg = _cfg("kube.keep_cluster=true")
     body = _body(cfg)
@@ -531,6 +550,70 @@ def test_sigterm_deletes_the_rayjob_from_the_cli_launcher(cluster):
         assert "deleted it: KubeRay stops the Ray job and removes its cluster" in out
         cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS), "the RayJob to go (finalizer removed)")
         assert [r.status for r in cluster.sim.runs.values()] == ["STOPPED"], "the finalizer stopped the Ray job"
+    finally:
+        hold.set()
+
+
+def test_sigterm_deletes_the_rayjob_first_though_a_sigkill_follows_at_once(cluster):
+    """A terminated KFP step: the emissary forwards SIGTERM to the step's process group, the KFP launcher dies
+    of it and the container goes with PID 1 about a second later (argo-workflows v4.0.5 emissary.go,
+    kubeflow/pipelines 2.17.0 launcher_v2.go). The handler's first act is the DELETE; a SIGKILL 0.3 s later
+    finds it done."""
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    cmd = [sys.executable, "-m", "loomcfm_core.cli", "train", "--launcher", "rayjob",
+           "--dataset", "s3://bucket/loomcfm/datasets/digits-x"]
+    for item in ("storage.root=s3://bucket/loomcfm", f"kube.namespace={NS}", "kube.poll_s=5"):
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        cluster.wait_for(lambda: any(r.status == "RUNNING" for r in cluster.sim.runs.values()), "the training",
+                         timeout=120)
+        time.sleep(0.5)  # the launcher is in its 5 s wait between reads
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.kill()
+        proc.communicate(timeout=30)
+        cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS), "the RayJob to go")
+        assert [r.status for r in cluster.sim.runs.values()] == ["STOPPED"]
+    finally:
+        hold.set()
+
+
+def test_a_step_killed_without_a_signal_leaves_a_rayjob_that_goes_with_its_pod(cluster, tmp_path):
+    """No signal at all (SIGKILL, a Pending pod deleted by Argo): the RayJob carries an ownerReference to its
+    step pod (KFP_POD_NAME/KFP_POD_UID, same namespace), so when the pod object goes (the Workflow's garbage
+    collection) the garbage collector deletes the RayJob, and KubeRay's finalizer stops the Ray job."""
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    pod = cluster.store.create("pods", NS, {"metadata": {"name": "loomcfm-abc-system-container-impl-1"}, "spec": {
+        "containers": [{"name": "main", "image": "ghcr.io/loomcfm/loomcfm:0.1.0", "command": ["sleep", "600"]}]}})[0]
+    (tmp_path / "namespace").write_text(NS)
+    env = {**_env(cluster), "KFP_POD_NAME": pod["metadata"]["name"], "KFP_POD_UID": pod["metadata"]["uid"]}
+    step = textwrap.dedent(f"""
+        from loomcfm_core import kfp_env, stages
+        from loomcfm_core.config import load_config
+        kfp_env.NAMESPACE_FILE = {str(tmp_path / "namespace")!r}  # where a pod's ServiceAccount mount has it
+        cfg = load_config("digits", ["storage.root=s3://bucket/loomcfm", "kube.namespace={NS}", "kube.poll_s=0.1"])
+        stages.launch_train(cfg, "s3://bucket/loomcfm/datasets/digits-x", launcher="rayjob", kfp_run_id="r-1",
+                            kfp_task="train")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", step], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        cluster.wait_for(lambda: any(r.status == "RUNNING" for r in cluster.sim.runs.values()) or proc.poll(),
+                         "the training", timeout=120)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        proc.kill()
+        proc.communicate(timeout=30)
+        (job,) = cluster.store.list("rayjobs", NS)
+        assert job["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": pod["metadata"][
+            "name"], "uid": pod["metadata"]["uid"]}]
+        time.sleep(0.5)
+        assert cluster.store.list("rayjobs", NS), "nothing deleted it: no signal came"
+        cluster.store.delete("pods", NS, pod["metadata"]["name"])
+        cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS), "the garbage collector to delete the RayJob")
+        assert [r.status for r in cluster.sim.runs.values()] == ["STOPPED"], "KubeRay's finalizer stopped the job"
     finally:
         hold.set()
 
