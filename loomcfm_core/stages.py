@@ -28,7 +28,7 @@ from loomcfm_core.feature_store import classifier_uri, train_dataset_classifier
 from loomcfm_core.kube import cluster_check
 from loomcfm_core.kube.client import connect
 from loomcfm_core.kube.launcher import run_rayjob
-from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, load_template
+from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, cluster_config, load_template
 from loomcfm_core.metrics import feature_network, feature_network_kind, reference_stats
 from loomcfm_core.models.loading import check_buildable, default_device, fitting_weights, load_flow, load_model
 from loomcfm_core.pipeline_summary import base_rows, record_summary, summary_table
@@ -137,9 +137,10 @@ def launch_train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str
     if launcher == "local":
         return train(cfg, dataset_uri, parent_run_id, wait=wait, resume_step=resume_step)
     dataset_uri = dataset_uri or cfg.data.uri or cache(cfg, parent_run_id).dataset_uri
+    trained = cluster_config(cfg)  # what the RayJob trains with: its run folder is this config's
     if resume_step is not None:
-        rewind_run(cfg, dataset_uri, resume_step, wait=wait)
-    return train_on_kubernetes(cfg, dataset_uri, parent_run_id, RunIdentity(run_uri_for(cfg, dataset_uri),
+        rewind_run(trained, dataset_uri, resume_step, wait=wait)
+    return train_on_kubernetes(cfg, dataset_uri, parent_run_id, RunIdentity(run_uri_for(trained, dataset_uri),
                                                                             kfp_run_id, kfp_task))
 
 
@@ -154,7 +155,7 @@ def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None
         identity: what names the RayJob; default: the run folder.
         api: a :class:`loomcfm_core.kube.client.KubeApi`; default: this pod's or the kubeconfig's cluster.
     """
-    run_uri = run_uri_for(cfg, dataset_uri)
+    run_uri = run_uri_for(cluster_config(cfg), dataset_uri)  # the RayJob trains with the cluster's ray.*
     args = ["--dataset", dataset_uri] + (["--parent-run-id", parent_run_id] if parent_run_id else [])
     body = build_rayjob(load_template(), cfg, identity or RunIdentity(run_uri), args,
                         stage="reflow" if cfg.coupling.kind == "pairs" else "train", owner=kfp_env.step_pod())

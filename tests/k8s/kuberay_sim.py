@@ -233,8 +233,8 @@ class KubeRaySimulator:
         if meta.get("deletionTimestamp"):
             if status.get("jobStatus", "") not in TERMINAL_JOB:
                 try:  # StopJob's errors are only logged
-                    self.dashboards.stop(status.get("jobId", ""))
-                except Unreachable:
+                    self.dashboards.stop(status.get("jobId", ""), status.get("dashboardURL", "").rsplit(":", 1)[0])
+                except (Unreachable, OSError):
                     pass
             meta["finalizers"] = [f for f in meta.get("finalizers", []) if f != FINALIZER]
             self._write(lambda: self.store.update("rayjobs", namespace, job))

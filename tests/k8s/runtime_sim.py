@@ -142,7 +142,7 @@ class Dashboards:
         run = self.runs.get(job_id)
         return run.info() if run is not None and run.host == host else None
 
-    def stop(self, job_id: str) -> None:
+    def stop(self, job_id: str, host: str = "") -> None:
         """``POST /api/jobs/<id>/stop`` (``job_manager.py`` ``stop_job``)."""
         with self.lock:
             run = self.runs.get(job_id)

@@ -459,6 +459,27 @@ def test_four_workers_with_two_gpus_each_make_eight_ray_train_workers(cluster):
     assert sorted(bound) == [f"gpu-{i}" for i in range(4)], "one worker per GPU node"
 
 
+def test_the_launcher_reads_the_run_folder_its_rayjob_trains_into(monkeypatch):
+    """The RayJob trains with ray.* derived from the kube shape (2 workers here, 1 in the preset), part of the run's
+    identity: the folder the launcher names, reads back and rewinds is that config's."""
+    bodies = []
+
+    def capture(api, body, kube, **tuning):
+        bodies.append(body)
+        raise RayJobError("captured")
+
+    monkeypatch.setattr(stages, "run_rayjob", capture)
+    monkeypatch.setattr(stages, "connect", lambda namespace: None)
+    cfg = _cfg("kube.ray_workers=2")
+    with pytest.raises(RayJobError, match="captured"):
+        stages.launch_train(cfg, "s3://bucket/loomcfm/datasets/digits-x", launcher="rayjob")
+    head = bodies[0]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    trained = load_config_text(next(e["value"] for e in head["env"] if e["name"] == CONFIG_ENV))
+    folder = run_uri_for(trained, "s3://bucket/loomcfm/datasets/digits-x")
+    assert bodies[0]["metadata"]["annotations"]["loomcfm.io/run-folder"] == folder != \
+        run_uri_for(cfg, "s3://bucket/loomcfm/datasets/digits-x")
+
+
 def test_cpu_workers_share_nothing_but_their_pod():
     cfg = _cfg("kube.ray_workers=3", "kube.worker_cpu=2500m")
     body = _body(cfg)
