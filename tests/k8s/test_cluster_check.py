@@ -14,8 +14,7 @@ import pytest
 from loomcfm_core.cli import main
 from tests.k8s.apiserver import ApiServer
 from tests.k8s.kuberay_sim import KubeRaySimulator
-from tests.k8s.platform import RUNNER, crds, example_secret, install, operator_deployment, token
-from tests.k8s.scheduler_sim import node
+from tests.k8s.platform import RUNNER, crds, install, token
 
 NS = "loomcfm"
 IMAGE = "registry.example/ml/loomcfm:1.0"

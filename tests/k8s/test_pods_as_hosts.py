@@ -21,17 +21,22 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
 
 from loomcfm_core import stages
 from loomcfm_core.config import load_config
+from loomcfm_core.checkpoint import list_checkpoints
 from loomcfm_core.data.cache import cache_dataset
-from tests.conftest import _stop_group, free_port, wait_for_health
+from loomcfm_core.kube.rayjob import RunIdentity, cluster_config
+from loomcfm_core.training.loop import run_uri_for
+from tests.conftest import free_port, wait_for_health
 from tests.k8s.apiserver import ApiServer
 from tests.k8s.hosts import HostRuntime
 from tests.k8s.kuberay_sim import KubeRaySimulator
@@ -110,50 +115,90 @@ def _addresses(log_text: str, path_part: str) -> set[str]:
             for m in [re.search(r"(\d{1,3}(?:\.\d{1,3}){3})(?::\d+)? - ", line)] if m}
 
 
-def test_a_rayjob_trains_on_pod_hosts_with_the_manifests_credentials(world, tmp_path, monkeypatch, caplog):
+def _driver_pids(world) -> list[int]:
+    """The entrypoint's processes (``loomcfm train``, started by the job supervisor) on the head host."""
+    runtime, net = world["runtime"], world["net"]
+    heads = [ns for ns, _, pod in runtime.pods.values() if pod["metadata"]["labels"].get("ray.io/node-type") == "head"]
+    found = []
+    for ns in heads:
+        for pid in net.pids(ns):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "loomcfm train" in cmdline:
+                found.append(pid)
+    return found
+
+
+def test_a_rayjob_trains_on_pod_hosts_and_a_killed_attempt_resumes_on_new_ones(world, tmp_path, monkeypatch,
+                                                                              caplog):
+    """The whole path below the RayJob, then KubeRay's retry: the first attempt's driver is killed after its
+    first checkpoint; the retry runs on a new RayCluster (new hosts), its entrypoint waits for the dead driver's
+    lease on the run folder to expire (``--wait``) and resumes from the checkpoint in S3."""
     caplog.set_level("INFO")
     for key, value in world["aws"].items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
     monkeypatch.setenv("KUBECONFIG", str(world["server"].kubeconfig(tmp_path / "kubeconfig", NS)))
-    cfg = load_config("digits", [*TINY, "train.max_steps=6", "train.checkpoint_every=6",
+    cfg = load_config("digits", [*TINY, "train.max_steps=10", "train.checkpoint_every=5", "train.lease_seconds=5",
                                  f"storage.root=s3://{world['bucket']}/root", f"tracking.uri={world['mlflow']}",
                                  f"kube.namespace={NS}", "kube.ray_workers=2", "kube.worker_cpu=1",
-                                 "kube.worker_memory=2Gi", "kube.poll_s=1", "kube.fail_fast_s=120"])
+                                 "kube.worker_memory=2Gi", "kube.poll_s=1", "kube.backoff_limit=1"])
     dataset_uri = cache_dataset(cfg).uri
+    run_uri = run_uri_for(cluster_config(cfg), dataset_uri)
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            if list_checkpoints(run_uri) and (pids := _driver_pids(world)):
+                for pid in pids:
+                    os.kill(pid, 9)
+                killed.extend(pids)
+            time.sleep(0.5)
+
+    threading.Thread(target=kill_after_first_checkpoint, daemon=True).start()
     started = time.monotonic()
     result = stages.launch_train(cfg, dataset_uri, launcher="rayjob")
-    print(f"RayJob on pod hosts: {time.monotonic() - started:.0f} s")
-    assert result.step == 6 and result.mlflow_run_id
+    print(f"RayJob on pod hosts, killed and retried: {time.monotonic() - started:.0f} s")
+    assert killed and result.step == 10 and result.run_uri == run_uri and result.mlflow_run_id
+    states = world["sim"].history[RunIdentity(run_uri).name()]
+    assert "Retrying" in states and states[-1] == "Complete", states
+    assert "attempt 2/2 started" in caplog.text and "resumed from" in caplog.text
+    assert world["server"].store.created["rayclusters"] == 2
 
-    runtime, net = world["runtime"], world["net"]
-    ran = {(pod, container): (argv, env) for pod, container, argv, env in runtime.started}
-    (head,) = [k for k in ran if k[1] == "ray-head"]
-    workers = sorted(k for k in ran if k[1] == "ray-worker")
-    (submitter,) = [k for k in ran if k[1] == "ray-job-submitter"]
-    cluster = head[0].split("-head-")[0]
-    assert ran[head][0] == ["/bin/bash", "-c", "--", "ulimit -n ${RAY_START_ULIMIT_OPEN_FILES:-65536}; ray start --head "
-                            " --block  --dashboard-agent-listen-port=52365  --dashboard-host=0.0.0.0  --memory=4294967296"
-                            "  --metrics-export-port=8080  --num-cpus=0 "], "KubeRay's head command, run as written"
-    assert len(workers) == 2 and all(f"--address={cluster}-head-svc.{NS}.svc.cluster.local:6379" in ran[w][0][-1]
-                                     and "--num-cpus=1" in ran[w][0][-1] for w in workers)
-    assert all(("wait-gcs-ready" in c) for _, c in ran if _ in {w[0] for w in workers} and c != "ray-worker")
-    for key in (head, *workers):
-        env = ran[key][1]
-        assert (env["AWS_ACCESS_KEY_ID"], env["MLFLOW_TRACKING_USERNAME"], env["AWS_ENDPOINT_URL"]) == \
-            ("testing", USER, world["s3"]), "the Secrets' and loomcfm-env's values, through the kubelet"
-        assert env["RAY_ADDRESS"] != "local"
-    submit = ran[submitter][0][-1]
-    assert ran[submitter][0][:3] == ["/bin/bash", "-ce", "--"] and " ray job submit --address http://" \
-        f"{cluster}-head-svc.{NS}.svc.cluster.local:8265 --no-wait --submission-id " in submit
-    assert submit.endswith(f"--follow {ran[submitter][1]['RAY_JOB_SUBMISSION_ID']}")
+    runtime = world["runtime"]
+    heads = [k for k in runtime.started if k[1] == "ray-head"]
+    assert len(heads) == 2, "one head per attempt"
+    for head_pod, _, argv, env in heads:
+        cluster = head_pod.split("-head-")[0]
+        assert argv == ["/bin/bash", "-c", "--", "ulimit -n ${RAY_START_ULIMIT_OPEN_FILES:-65536}; ray start --head "
+                        " --block  --dashboard-agent-listen-port=52365  --dashboard-host=0.0.0.0  --memory=4294967296"
+                        "  --metrics-export-port=8080  --num-cpus=0 "], "KubeRay's head command, run as written"
+        # a container may have been restarted (the kubelet's back-off): one entry per start
+        workers = [k for k in runtime.started if k[1] == "ray-worker" and k[0].startswith(f"{cluster}-workers-")]
+        inits = {k[0] for k in runtime.started if k[1] == "wait-gcs-ready"}
+        assert len({w[0] for w in workers}) == 2 and {w[0] for w in workers} <= inits
+        assert all(f"--address={cluster}-head-svc.{NS}.svc.cluster.local:6379" in w[2][-1] and "--num-cpus=1" in
+                   w[2][-1] for w in workers)
+        for _, _, _, pod_env in [(head_pod, "", argv, env), *workers]:
+            assert (pod_env["AWS_ACCESS_KEY_ID"], pod_env["MLFLOW_TRACKING_USERNAME"], pod_env["AWS_ENDPOINT_URL"]) \
+                == ("testing", USER, world["s3"]), "the Secrets' and loomcfm-env's values, through the kubelet"
+            assert pod_env["RAY_ADDRESS"] != "local"
+    submitters = [k for k in runtime.started if k[1] == "ray-job-submitter"]
+    assert submitters
+    for _, _, argv, env in submitters:
+        assert argv[:3] == ["/bin/bash", "-ce", "--"] and f" --no-wait --submission-id {env['RAY_JOB_SUBMISSION_ID']}" \
+            f" -- loomcfm train " in argv[-1] and argv[-1].endswith(f"--follow {env['RAY_JOB_SUBMISSION_ID']}")
+        assert f"ray job submit --address http://{env['RAY_DASHBOARD_ADDRESS']} " in argv[-1]
 
     # who read the dataset and who logged the metrics: the worker hosts, by their addresses
     s3_log, mlflow_log = (p.read_text() for p in world["logs"])
-    worker_hosts = {runtime.assigned[w[0]] for w in workers}
+    worker_hosts = {runtime.assigned[k[0]] for k in runtime.started if k[1] == "ray-worker"}
     readers = _addresses(s3_log, "/root/datasets/") & set(runtime.assigned.values())
-    assert worker_hosts <= readers, f"both Ray Train workers read their shards from S3: {readers} vs {worker_hosts}"
+    assert worker_hosts <= readers, f"every Ray Train worker read its shards from S3: {readers} vs {worker_hosts}"
     loggers = _addresses(mlflow_log, "/api/2.0/mlflow/runs/log-batch") & set(runtime.assigned.values())
     assert loggers & worker_hosts, f"rank 0 logged its metrics to MLflow from its worker host: {loggers}"
     token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
@@ -163,5 +208,3 @@ def test_a_rayjob_trains_on_pod_hosts_with_the_manifests_credentials(world, tmp_
         run = json.loads(answer.read())["run"]
     assert {m["key"] for m in run["data"]["metrics"]} >= {"train/loss"}, run["data"]["metrics"]
     assert "[loomcfm-train-" in caplog.text, "the driver's log reached the launcher through the submitter pod"
-
-
