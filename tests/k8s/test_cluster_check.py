@@ -171,3 +171,27 @@ def test_in_kfp_local_with_the_local_launcher_there_is_nothing_to_check(tmp_path
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
     stages.check_cluster(load_config("digits"), "local", step=True)
     assert "nothing to check" in capsys.readouterr().out
+
+
+def test_as_a_pipeline_step_it_checks_what_its_pod_was_given(tmp_path, monkeypatch, capsys, s3_bucket, mlflow_server):
+    """The first step of a pipeline (a KFP pod: KFP_POD_NAME), as its ServiceAccount: the API checks, then what
+    the Secrets of KFP's namespace put into its environment (optional in the packages, so a missing one would
+    surface only later), and MLflow and storage from its own pod. No probe pod, no /dev/shm of its own."""
+    from loomcfm_core import stages
+    from loomcfm_core.config import load_config
+    from loomcfm_core.errors import ClusterCheckError
+
+    with platform(tmp_path, monkeypatch, as_runner=True):
+        monkeypatch.setenv("KFP_POD_NAME", "loomcfm-abc-system-container-impl-1")
+        for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.delenv(var, raising=False)
+        cfg = load_config("digits", [f"storage.root=s3://{s3_bucket}/loomcfm", f"tracking.uri={mlflow_server.url}",
+                                     f"kube.namespace={NS}", f"kube.image={IMAGE}"])
+        with pytest.raises(ClusterCheckError, match=r"1 of \d+ checks failed: step env from Secret loomcfm-mlflow$"):
+            stages.check_cluster(cfg, "rayjob", step=True)
+    text = capsys.readouterr().out
+    for name in ("launcher permissions", "nodes", "step env from Secret loomcfm-s3", "MLflow", "storage"):
+        assert _row(text, name).startswith("✓"), name
+    assert re.search(r"✗ step env from Secret loomcfm-mlflow\s+this step has no MLFLOW_TRACKING_PASSWORD, "
+                     r"MLFLOW_TRACKING_USERNAME\n\s+fix: create Secret loomcfm-mlflow with", text), text
+    assert "probe pod" not in text and "/dev/shm" not in text and "kubeflow/" not in text
