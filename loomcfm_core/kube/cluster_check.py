@@ -5,8 +5,9 @@
   KFP's namespace, the reaper, and the probe pod (:mod:`loomcfm_core.kube.probe`).
 * In the probe pod (``--inside``): MLflow, storage and ``/dev/shm`` from inside the cluster.
 * As a pipeline's first step (a KFP pod): the same API checks as the step's ServiceAccount (launcher rayjob),
-  the reaper, and MLflow and storage from the step's own pod, whose environment holds what the Secrets of
-  KFP's namespace gave it (``optional`` in the packages: a missing one would otherwise surface much later).
+  the reaper, that storage and tracking are shared (not the pod's disk), and MLflow and storage from the step's
+  own pod, whose environment holds what the Secrets of KFP's namespace gave it (``optional`` in the packages:
+  a missing one would otherwise surface much later).
 * In ``kfp.local`` (no pod) with launcher ``local`` nothing of a cluster is used: the step says so and passes.
 """
 
@@ -17,7 +18,7 @@ import os
 
 from loomcfm_core import kfp_env
 from loomcfm_core.config import Config
-from loomcfm_core.errors import ClusterCheckError
+from loomcfm_core.errors import ClusterCheckError, ConfigError
 from loomcfm_core.kube import preflight, probe
 from loomcfm_core.kube.client import KubeApi, connect
 from loomcfm_core.kube.platform import (ENV_CONFIG_MAP, MLFLOW_SECRET, MLFLOW_SECRET_KEYS, S3_SECRET, S3_SECRET_KEYS,
@@ -82,23 +83,33 @@ def step_environment() -> list[Check]:
     return out
 
 
-def api_checks(api: KubeApi, cfg: Config, launcher: str) -> tuple[list[Check], dict]:
+def shared(cfg: Config) -> list[Check]:
+    """In a KFP pod: storage and tracking that every step shares (not this pod's disk), then the MLflow server
+    and the storage themselves; nothing is written to a pod-local folder."""
+    try:
+        kfp_env.check_shared(cfg)
+    except ConfigError as exc:
+        return [Check("shared storage and tracking", False, str(exc), "config_yaml=cluster (the packages' default), "
+                      "or storage.root=s3://... and tracking.uri=<the MLflow server's URL>")]
+    return [Check("shared storage and tracking", True, f"{cfg.storage.root}, {cfg.tracking.uri}"),
+            probe.mlflow(cfg.tracking.uri or ""), probe.storage(cfg.storage.root)]
+
+
+def api_checks(api: KubeApi, cfg: Config) -> tuple[list[Check], dict]:
+    """The checks of the API for the RayJob this config renders (also returned: the probe pod is made from it)."""
     kube = cfg.kube
     body = build_rayjob(load_template(), cfg, RunIdentity("cluster-check"), ["--dataset", "s3://cluster-check"])
-    rows = []
-    if launcher == "rayjob":
-        rows += preflight.crds(api, body)
-        rows += [preflight.operator(api, kube.operator), preflight.namespace(api, kube.namespace, OVERLAY_FIX),
-                 preflight.access(api, kube.namespace)]
-        wanted = needed(load_template(), body)
-        rows += preflight.references(api, kube.namespace, wanted, fixes(kube.namespace, kube.namespace, wanted))
-        rows.append(preflight.nodes(api, body))
-        try:
-            reaped = reap(api)
-        except Exception as exc:  # noqa: BLE001 - a finding, not a crash of the check
-            reaped = [f"could not list RayJobs: {exc}"]
-        rows.append(Check("RayJobs nobody watches", not any(r.startswith("could not") for r in reaped),
-                          "; ".join(reaped) or "none", "kubectl -n {ns} delete rayjob <name>".format(ns=kube.namespace)))
+    rows = [*preflight.crds(api, body), preflight.operator(api, kube.operator),
+            preflight.namespace(api, kube.namespace, OVERLAY_FIX), preflight.access(api, kube.namespace)]
+    wanted = needed(load_template(), body)
+    rows += preflight.references(api, kube.namespace, wanted, fixes(kube.namespace, kube.namespace, wanted))
+    rows.append(preflight.nodes(api, body))
+    try:
+        reaped = reap(api)
+    except Exception as exc:  # noqa: BLE001 - a finding, not a crash of the check
+        reaped = [f"could not list RayJobs: {exc}"]
+    rows.append(Check("RayJobs nobody watches", not any(r.startswith("could not") for r in reaped),
+                      "; ".join(reaped) or "none", f"kubectl -n {kube.namespace} delete rayjob <name>"))
     return rows, body
 
 
@@ -112,13 +123,16 @@ def run(cfg: Config, launcher: str = "rayjob", inside: bool = False, probe_pod: 
         log.info("cluster check skipped: this step runs outside Kubernetes (kfp.local) and trains inside the "
                  "pipeline (launcher local), so no cluster is used")
         return []
-    api = api or connect(cfg.kube.namespace)
-    rows, body = api_checks(api, cfg, launcher)
+    rows, body = [], None
+    if launcher == "rayjob":
+        api = api or connect(cfg.kube.namespace)
+        rows, body = api_checks(api, cfg)
     if in_pod:  # the check step mounts no /dev/shm of its own (its memory limit would cap one): not checked
-        return rows + step_environment() + [probe.mlflow(cfg.tracking.uri or ""), probe.storage(cfg.storage.root)]
+        return rows + step_environment() + shared(cfg)
+    api = api or connect(cfg.kube.namespace)
     kfp = cfg.kube.kfp_namespace
     rows += preflight.references(api, kfp, STEP_NEEDS, fixes(kfp, cfg.kube.namespace, STEP_NEEDS))
-    if probe_pod and launcher == "rayjob" and not step:
+    if probe_pod and body is not None and not step:
         rows += probe.run_probe(api, body, cfg)
     return rows
 

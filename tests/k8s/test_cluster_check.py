@@ -133,7 +133,7 @@ def test_the_probe_pod_reports_an_image_that_does_not_pull_and_a_small_shm(tmp_p
     with platform(tmp_path, monkeypatch, missing_images={IMAGE}):
         code, text = _check(capsys)
     assert code == 1
-    assert re.search(r"✗ probe pod\s+registry.example/ml/loomcfm:1.0: (ErrImagePull|ImagePullBackOff): rpc error: .*"
+    assert re.search(r"✗ probe pod\s+registry.example/ml/loomcfm:1.0: (ErrImagePull|ImagePullBackOff): .*rpc error: .*"
                      r"not found\n\s+fix: kubectl -n loomcfm describe pod loomcfm-check-\w+", text), text
     with platform(tmp_path, monkeypatch, env={"AWS_ENDPOINT_URL": moto_server}) as (store, _):
         code, text = _check(capsys, overrides=[f"storage.root=s3://{s3_bucket}/loomcfm",
@@ -190,7 +190,8 @@ def test_as_a_pipeline_step_it_checks_what_its_pod_was_given(tmp_path, monkeypat
         with pytest.raises(ClusterCheckError, match=r"1 of \d+ checks failed: step env from Secret loomcfm-mlflow$"):
             stages.check_cluster(cfg, "rayjob", step=True)
     text = capsys.readouterr().out
-    for name in ("launcher permissions", "nodes", "step env from Secret loomcfm-s3", "MLflow", "storage"):
+    for name in ("launcher permissions", "nodes", "step env from Secret loomcfm-s3", "shared storage and tracking",
+                 "MLflow", "storage"):
         assert _row(text, name).startswith("✓"), name
     assert re.search(r"✗ step env from Secret loomcfm-mlflow\s+this step has no MLFLOW_TRACKING_PASSWORD, "
                      r"MLFLOW_TRACKING_USERNAME\n\s+fix: create Secret loomcfm-mlflow with", text), text

@@ -173,7 +173,7 @@ def _outputs(root, pipeline, step):
 def test_full_pipeline_steps_and_lineage(local_runs):
     root, model, _, _ = local_runs
     steps = {p.name for p in _run_dirs(root, "full")[0].iterdir()}
-    assert steps == {"prepare", "cache", "train", "evaluate", "pairs", "train-2", "evaluate-2"}
+    assert steps == {"cluster-check", "prepare", "cache", "train", "evaluate", "pairs", "train-2", "evaluate-2"}
     assert model["uri"].endswith("step-00000030.pt") and Path(model["uri"]).is_file()
     dataset = json.loads((_run_dirs(root, "full")[0] / "cache" / "dataset").read_text())
     assert (Path(dataset["uri"]) / "manifest.json").is_file() and dataset["num_train"] == 1500
@@ -241,7 +241,8 @@ def test_prepare_in_a_kfp_pod_refuses_pod_local_storage_and_tracking(tmp_path, m
     with pytest.raises(ConfigError, match=r"tracking\.uri='file:///tmp/mlruns'") as caught:
         prepare.python_func(config_yaml="digits", overrides=["storage.root=s3://b/p", "tracking.uri=file:///tmp/mlruns"])
     assert "storage.root" not in str(caught.value)
-    # the same through kfp.local, whose steps inherit this process's environment: no stage starts
+    # the same through kfp.local, whose steps inherit this process's environment: the first step, the cluster
+    # check, already refuses it (and writes nothing to the pod-local folder); no stage starts
     with pytest.raises(RuntimeError):
         runner.run_local("full", {"config_yaml": "digits", "overrides": []}, str(tmp_path / "root"))
     output = re.sub(r"\x1b\[[0-9;]*m", "", "".join(capfd.readouterr()))
