@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import secrets as random_secrets
 
 import yaml
@@ -37,9 +38,14 @@ def example_secret(name: str, namespace: str, values: dict[str, str] | None = No
     raise KeyError(name)
 
 
+@functools.cache
+def _crd_files() -> tuple[dict, ...]:
+    return tuple(yaml.load(path.read_text(), Loader=yaml.CSafeLoader) for path in sorted(SCHEMAS.glob("ray.io_*.yaml")))
+
+
 def crds() -> list[dict]:
     """KubeRay v1.7.0's CRDs (../shared/schemas/kuberay), as ``kubectl apply --server-side`` installs them."""
-    return [yaml.load(path.read_text(), Loader=yaml.CSafeLoader) for path in sorted(SCHEMAS.glob("ray.io_*.yaml"))]
+    return copy.deepcopy(list(_crd_files()))
 
 
 def operator_deployment(available: bool = True) -> dict:
