@@ -42,6 +42,11 @@ class KubeApi:
                                                            field_validation="Strict",
                                                            _request_timeout=REQUEST_TIMEOUT)
 
+    def patch(self, name: str, patch: dict) -> dict:
+        """A JSON merge patch (RFC 7386) of the RayJob's metadata."""
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, patch,
+                                                          _request_timeout=REQUEST_TIMEOUT)
+
     def delete(self, name: str, timeout: tuple[float, float] = REQUEST_TIMEOUT) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
                                                     propagation_policy="Background", _request_timeout=timeout)

@@ -44,6 +44,7 @@ from loomcfm_core.errors import RayJobError
 from loomcfm_core.kube.client import KubeApi, Patience, describe, reason, status_code
 from loomcfm_core.kube.logs import DriverLog
 from loomcfm_core.kube.pods import PROGRESS_S, Cause, PodWatch
+from loomcfm_core.kube.platform import ON_TERMINATE, OWNER_POD, OWNER_UID
 from loomcfm_core.kube.rayjob import RUN_KEY_LABEL
 from loomcfm_core.kube.settings import KubeConfig
 from loomcfm_core.kube.status import Observation, Progress
@@ -213,9 +214,27 @@ class Launcher:
             else:
                 log.info("adopting RayJob %s (%s): an earlier try of this step created it", self.where(name),
                          obs.summary())
+                self._watch_as(body, existing)
                 return existing
             self._wait_gone(name)
         return None
+
+    def _watch_as(self, body: dict, existing: dict) -> None:
+        """Adopting: this step's pod becomes the RayJob's watcher (owner annotations and reference), so the
+        reaper does not take the earlier try's ended pod for an orphan's."""
+        from kubernetes.client.exceptions import ApiException
+
+        mine, theirs = body["metadata"].get("annotations", {}), existing["metadata"].get("annotations", {})
+        if OWNER_UID not in mine or mine.get(OWNER_UID) == theirs.get(OWNER_UID):
+            return
+        patch = {"metadata": {"annotations": {k: mine[k] for k in (OWNER_POD, OWNER_UID, ON_TERMINATE) if k in mine},
+                              "ownerReferences": body["metadata"].get("ownerReferences")}}
+        try:
+            name = existing["metadata"]["name"]
+            self.patience.call(f"patch RayJob {self.where(name)}", self.api.patch, name, patch)
+        except ApiException as exc:
+            log.warning("could not make this step the watcher of RayJob %s: %s", self.where(existing["metadata"][
+                "name"]), describe(exc))
 
     def _wait_gone(self, name: str) -> None:
         deadline = time.monotonic() + self.gone_wait_s

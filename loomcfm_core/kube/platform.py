@@ -22,6 +22,7 @@ STEP_SHM = "2Gi"
 CRDS = ("rayjobs.ray.io", "rayclusters.ray.io")
 OWNER_POD = "loomcfm.io/owner-pod"  # annotation: <namespace>/<name> of the KFP step pod watching the RayJob
 OWNER_UID = "loomcfm.io/owner-pod-uid"  # annotation: that pod's uid (a pod recreated with the name is another)
+ON_TERMINATE = "loomcfm.io/on-terminate"  # annotation: kube.on_terminate; `leave` RayJobs are never reaped
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ LAUNCHER_ACCESS = (
     Access("create", "ray.io", "rayjobs", why="start the training"),
     Access("get", "ray.io", "rayjobs", why="follow its status"),
     Access("delete", "ray.io", "rayjobs", why="clean up, and on SIGTERM"),
+    Access("patch", "ray.io", "rayjobs", why="a retried step adopting the RayJob names itself its watcher"),
     Access("list", "ray.io", "rayjobs", why="reap the RayJobs of terminated steps"),
     Access("list", "", "pods", why="find the driver's and the cluster's pods"),
     Access("get", "", "pods", "log", why="copy the driver's log"),

@@ -9,7 +9,9 @@ deletes its RayJob first (:mod:`loomcfm_core.kube.launcher`), but a pod that is 
 SIGKILL deliver nothing, and the pod object stays until the Workflow is garbage-collected (7 days by default).
 So every RayJob a KFP step starts carries the step pod's ``namespace/name`` and uid
 (:func:`loomcfm_core.kube.rayjob.watched_by`), and this reaper, which every pipeline's check step runs, deletes a
-RayJob that has not ended while its step pod is gone, is another pod (same name, other uid) or has ended.
+RayJob that has not ended while its step pod is gone, is another pod (same name, other uid) or has ended;
+not one whose ``kube.on_terminate`` is ``leave`` (left on purpose for a retried step, which, adopting it, names
+itself the RayJob's watcher: :mod:`loomcfm_core.kube.launcher`).
 
 It also deletes a ``kube.keep_cluster`` RayJob whose Ray job was STOPPED: KubeRay's deletion rules cannot match
 STOPPED (the CRD's ``condition.jobStatus`` enum is SUCCEEDED and FAILED), so its cluster would stay forever.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 
 from loomcfm_core.kube.client import GROUP, PLURAL, REQUEST_TIMEOUT, VERSION, KubeApi, describe, status_code
-from loomcfm_core.kube.platform import OWNER_POD, OWNER_UID
+from loomcfm_core.kube.platform import ON_TERMINATE, OWNER_POD, OWNER_UID
 from loomcfm_core.kube.status import Observation
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ def _orphaned(api: KubeApi, job: dict) -> str | None:
         stopped_and_kept = obs.deployment == "Complete" and obs.job == "STOPPED" and \
             (job["spec"].get("deletionStrategy") or {}).get("deletionRules")
         return "its Ray job was stopped and no deletion rule can remove its cluster" if stopped_and_kept else None
-    if OWNER_POD not in notes:
+    if OWNER_POD not in notes or notes.get(ON_TERMINATE) == "leave":
         return None
     namespace, _, name = notes[OWNER_POD].partition("/")
     try:

@@ -110,7 +110,8 @@ def parse_time(text: str) -> datetime.datetime:
 class ApiError(Exception):
     """An answer other than 2xx, as the ``Status`` object the API server sends."""
 
-    PHRASES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict", 422: "Invalid",
+    PHRASES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict", 415: "UnsupportedMediaType",
+               422: "Invalid",
                429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
 
     def __init__(self, code: int, reason: str, message: str, details: dict | None = None, headers=None):
@@ -409,6 +410,30 @@ class Store:
                 self._remove(key)
             return copy.deepcopy(updated)
 
+    def patch(self, resource: str, namespace: str, name: str, patch: dict) -> dict:
+        """A JSON merge patch (RFC 7386: objects merge, ``null`` removes, anything else replaces) of an object's
+        metadata and spec, as a PATCH with ``application/merge-patch+json``; a custom resource is validated
+        again (``admit``)."""
+        def merge(target, change):
+            if not isinstance(change, dict):
+                return copy.deepcopy(change)
+            out = dict(target) if isinstance(target, dict) else {}
+            for key, value in change.items():
+                if value is None:
+                    out.pop(key, None)
+                else:
+                    out[key] = merge(out.get(key), value)
+            return out
+
+        with self.lock:
+            current = self.get(resource, namespace, name)
+            patched = merge(current, {k: v for k, v in patch.items() if k != "status"})
+            patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            spec = RESOURCES[resource]
+            if spec.group == "ray.io":
+                admit(spec.kind, patched, False, current)
+            return self.update(resource, namespace, patched)
+
     def delete(self, resource: str, namespace: str, name: str) -> dict:
         with self.lock:
             key = (resource, namespace, name)
@@ -613,6 +638,13 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, store.update(resource, ns, payload, status_only=sub == "status"))
         if verb == "delete" and name:
             return self._send(200, store.delete(resource, ns, name))
+        if verb == "patch" and name and not sub:
+            kind = self.headers.get("Content-Type", "")
+            if kind != "application/merge-patch+json":
+                raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
+                               f"accepted media types include: application/json-patch+json, application/merge-patch"
+                               f"+json, application/apply-patch+yaml (got {kind})")
+            return self._send(200, store.patch(resource, ns, name, payload))
         raise ApiError(405, "MethodNotAllowed", f"{self.command} is not supported here")
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle

@@ -236,6 +236,13 @@ def head_ready_condition(head: dict | None) -> dict:
     return out
 
 
+def _set_condition(old: list[dict], new: dict) -> dict:
+    """``meta.SetStatusCondition``: ``lastTransitionTime`` is now when the status changes, else kept."""
+    before = next((c for c in old if c["type"] == new["type"]), None)
+    keep = before is not None and before["status"] == new["status"] and before.get("lastTransitionTime")
+    return {**new, "lastTransitionTime": before["lastTransitionTime"] if keep else rfc3339()}
+
+
 class RayClusterController:
     """Reconciles every RayCluster in ``store`` once per :meth:`tick`."""
 
@@ -319,7 +326,8 @@ class RayClusterController:
                            "message": "All Ray Pods are ready for the first time"} if all_running(pods) else {
                 "type": "RayClusterProvisioned", "status": "False", "reason": "RayClusterPodsProvisioning",
                 "message": "RayCluster Pods are being provisioned for first time"}
-        status["conditions"] = [head_ready_condition(head), provisioned]
+        status["conditions"] = [_set_condition(old.get("conditions", []), c) for c in
+                                (head_ready_condition(head), provisioned)]
         if head is not None:
             status["head"] = {"podName": head["metadata"]["name"], "podIP": head.get("status", {}).get("podIP", ""),
                               "serviceName": f"{name}-head-svc"}

@@ -8,12 +8,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import threading
+import time
 
 import pytest
 
 from loomcfm_core.cli import main
+from loomcfm_core.kube.platform import OWNER_UID
 from tests.k8s.apiserver import ApiServer
-from tests.k8s.kuberay_sim import KubeRaySimulator
+from tests.k8s.kuberay_sim import KubeRaySimulator, Scripted
 from tests.k8s.platform import RUNNER, crds, install, token
 
 NS = "loomcfm"
@@ -24,7 +27,7 @@ IMAGE = "registry.example/ml/loomcfm:1.0"
 def platform(tmp_path, monkeypatch, as_runner: bool = False, **setup):
     """The API double with KubeRay, the platform (``setup`` leaves pieces out), and a kubeconfig: the admin's,
     or (``as_runner``) the token of KFP's pipeline-runner, which the Role and ClusterRole of k8s/base bind."""
-    sim_args = {k: setup.pop(k) for k in ("nodes", "missing_images") if k in setup}
+    sim_args = {k: setup.pop(k) for k in ("nodes", "missing_images", "attempt") if k in setup}
     with ApiServer() as server, KubeRaySimulator(server.store, **sim_args) as sim:
         install(server.store, NS, **setup)
         who = token(server.store, *RUNNER) if as_runner else None
@@ -144,24 +147,58 @@ def test_the_probe_pod_reports_an_image_that_does_not_pull_and_a_small_shm(tmp_p
                      r"sizeLimit: 4Ti\} at /dev/shm", text), text
 
 
-def test_a_rayjob_whose_step_pod_is_gone_is_reaped(tmp_path, monkeypatch, capsys):
+def test_a_rayjob_whose_step_pod_is_gone_is_reaped_unless_a_retry_adopted_it_or_it_was_left(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """The reaper (part of the check) deletes a running RayJob whose KFP step pod (in KFP's namespace: no owner
+    reference can cross namespaces) is gone; a retried step that adopted the RayJob named its own pod, and a
+    ``kube.on_terminate=leave`` RayJob is left on purpose."""
     from loomcfm_core.config import load_config
+    from loomcfm_core.errors import RayJobError
+    from loomcfm_core.kube.client import connect
+    from loomcfm_core.kube.launcher import run_rayjob
     from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, load_template
 
-    cfg = load_config("digits", ["storage.root=s3://b/x", f"kube.namespace={NS}"])
-    with platform(tmp_path, monkeypatch) as (store, sim):
-        step = store.create("pods", "kubeflow", {"metadata": {"name": "run-train-123"}, "spec": {
-            "containers": [{"name": "main", "image": IMAGE, "command": ["sleep", "600"]}]}})[0]
-        owner = ("kubeflow", "run-train-123", step["metadata"]["uid"])
-        body = build_rayjob(load_template(), cfg, RunIdentity("s3://b/x/runs/r", "run", "train"), [], owner=owner)
+    hold = threading.Event()
+
+    def pod(store, name):
+        return store.create("pods", "kubeflow", {"metadata": {"name": name}, "spec": {"containers": [
+            {"name": "main", "image": IMAGE, "command": ["sleep", "600"]}]}})[0]["metadata"]["uid"]
+
+    def rayjob(store, owner, *overrides, task="train"):
+        cfg = load_config("digits", ["storage.root=s3://b/x", f"kube.namespace={NS}", "kube.poll_s=0.05", *overrides])
+        body = build_rayjob(load_template(), cfg, RunIdentity("s3://b/x/runs/r", "run-1", task), [],
+                            owner=("kubeflow", owner, pod(store, owner)))
         assert "ownerReferences" not in body["metadata"], "no owner across namespaces: the GC would delete it"
-        store.create("rayjobs", NS, body)
-        code, text = _check(capsys, "--no-probe")
-        assert store.list("rayjobs", NS) and re.search(r"✓ RayJobs nobody watches\s+none", text)
-        store.delete("pods", "kubeflow", "run-train-123")
-        code, text = _check(capsys, "--no-probe")
-    assert re.search(r"✓ RayJobs nobody watches\s+deleted RayJob loomcfm/loomcfm-train-\w+: its step pod "
-                     r"kubeflow/run-train-123 is gone", text), text
+        return cfg, body
+
+    with platform(tmp_path, monkeypatch, attempt=lambda job, n: Scripted(hold=hold)) as (store, sim):
+        try:
+            cfg, first = rayjob(store, "run-train-try-1")
+            store.create("rayjobs", NS, first)
+            cfg, retry = rayjob(store, "run-train-try-2")  # the same task's retry: the same RayJob
+            watching = threading.Thread(target=lambda: pytest.raises(RayJobError, run_rayjob, connect(NS), retry,
+                                                                     cfg.kube, patience_s=2.0), daemon=True)
+            watching.start()
+            name = first["metadata"]["name"]
+            deadline = time.monotonic() + 60
+            while store.get("rayjobs", NS, name)["metadata"]["annotations"][OWNER_UID] != \
+                    retry["metadata"]["annotations"][OWNER_UID]:
+                assert time.monotonic() < deadline, "the adopting step names itself the watcher"
+                time.sleep(0.05)
+            _, left = rayjob(store, "run-other-1", "kube.on_terminate=leave", task="other")
+            store.create("rayjobs", NS, left)
+            store.delete("pods", "kubeflow", "run-train-try-1")
+            store.delete("pods", "kubeflow", "run-other-1")
+            _, text = _check(capsys, "--no-probe")
+            assert re.search(r"✓ RayJobs nobody watches\s+none", text), text
+            assert len(store.list("rayjobs", NS)) == 2
+            store.delete("pods", "kubeflow", "run-train-try-2")  # the retried step's pod goes too
+            _, text = _check(capsys, "--no-probe")
+            watching.join(timeout=60)
+        finally:
+            hold.set()
+    assert re.search(rf"✓ RayJobs nobody watches\s+deleted RayJob loomcfm/{name}: its step pod "
+                     r"kubeflow/run-train-try-2 is gone\n", text), text
 
 
 def test_in_kfp_local_with_the_local_launcher_there_is_nothing_to_check(tmp_path, monkeypatch, capsys):

@@ -41,7 +41,8 @@ INPUTS = {"dataset_uri": "s3://loomcfm/loomcfm/datasets/digits-0123456789ab",
           "pairs_uri": "s3://loomcfm/loomcfm/datasets/digits-pairs-ba9876543210"}
 # RBAC: all the pipeline's launcher may do (loomcfm_core/kube/launcher.py creates, adopts, watches and deletes
 # RayJobs; loomcfm_core/kube/logs.py lists the submitter pods and reads their logs).
-ALLOWED_RULES = {("ray.io", "rayjobs"): {"create", "get", "list", "watch", "delete"}, ("", "pods"): {"get", "list"},
+ALLOWED_RULES = {("ray.io", "rayjobs"): {"create", "get", "list", "watch", "patch", "delete"},
+                 ("", "pods"): {"get", "list"},
                  ("", "pods/log"): {"get"}, ("", "events"): {"list"}, ("", "secrets"): {"get"},
                  ("", "configmaps"): {"get"}}
 # What `loomcfm cluster check` reads outside the namespace (ClusterRole loomcfm-preflight): read-only, by name
