@@ -32,6 +32,7 @@ MARKERS = {
     "ray": "starts a Ray cluster (in-process, in a loomcfm subprocess, in a kfp.local step, or `ray start` nodes)",
     "kfp_local": "runs a pipeline on kfp.local (a subprocess per step)",
 }
+_OWN = "LOOMCFM_TESTS_RAY_TMPDIR"  # the RAY_TMPDIR a test process made for itself
 _commands: list[list[str]] = []
 _fixture_costs: dict[str, set[str]] = {}
 
@@ -81,9 +82,21 @@ def pytest_configure(config) -> None:
     run on the host (another checkout, an xdist worker) is never found by ``ray.init``'s address lookup
     (``ray_current_cluster`` in the temp dir). Short: Ray's socket paths must stay under 108 bytes."""
     _install_popen_recorder()
-    if "RAY_TMPDIR" not in os.environ:
-        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-        config.add_cleanup(lambda: shutil.rmtree(os.environ.pop("RAY_TMPDIR"), ignore_errors=True))
+    inherited = os.environ.get("RAY_TMPDIR")
+    if inherited is None or inherited == os.environ.get(_OWN):  # an xdist worker inherits its controller's
+        own = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+        os.environ["RAY_TMPDIR"] = os.environ[_OWN] = own
+        config.add_cleanup(lambda: shutil.rmtree(own, ignore_errors=True))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
+def pytest_collection_modifyitems(items) -> None:
+    """Under ``pytest -n 2 --dist loadgroup`` (``make test``) the tests that start Ray or kfp.local run one at a
+    time on one worker (``xdist_group``): two Ray clusters at once on 2 cores would starve each other's
+    heartbeats; the rest share the other worker and the first one's waits."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in MARKERS):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
 
 
 @pytest.hookimpl(hookwrapper=True)
