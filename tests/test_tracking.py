@@ -18,17 +18,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from loomcfm_core.config import Config, load_config_text
-from loomcfm_core.tracking import (
-    CONFIG_ARTIFACT,
-    STAGE_TAG,
-    TrackingError,
-    artifact_location,
-    config_params,
-    experiment_id,
-    log_config,
-    start_run,
-    tracking_uri,
-)
+from loomcfm_core.run_record import CONFIG_ARTIFACT, config_params, log_config
+from loomcfm_core.tracking import STAGE_TAG, TrackingError, artifact_location, experiment_id, start_run, tracking_uri
 from tests.conftest import free_port
 
 
@@ -62,7 +53,7 @@ def _png(path, size=(6, 4)):
 
 def test_config_params_are_flat_strings_with_json_values():
     params = config_params(Config())
-    assert params.keys() == Config().flat().keys()
+    assert params.keys() == {k for k in Config().flat() if not k.startswith("kube.")}
     assert params["data.source"] == "builtin:digits"
     assert params["model.channel_mult"] == "[1, 2]"
     assert params["train.max_steps"] == "null"
@@ -198,17 +189,4 @@ def test_deleted_experiment_is_a_clear_error():
 def test_log_config_outside_a_run_is_an_error():
     with pytest.raises(TrackingError, match="active run"):
         log_config(Config())
-    assert mlflow.active_run() is None
-
-
-def test_unreachable_server_fails_fast_naming_the_uri(monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    uri = f"http://127.0.0.1:{free_port()}"
-    cfg = Config(tracking={"uri": uri})
-    started = time.monotonic()
-    with pytest.raises(TrackingError, match=f"cannot reach the MLflow tracking server at {uri};"):
-        with start_run(cfg.tracking, cfg.experiment, "train"):
-            pytest.fail("the body must not run without a tracking server")
-    assert time.monotonic() - started < 5
     assert mlflow.active_run() is None
