@@ -128,7 +128,8 @@ class MetricSink:
                     self.lost += [item] if lost else []
 
     def close(self, grace: float = 20.0) -> int:
-        """Send what is queued, waiting ``grace`` seconds at most; say once what could not be sent.
+        """Send what is queued, waiting ``grace`` seconds at most (a few when the server is down already); say
+        once what could not be sent.
 
         Returns:
             The number of values lost.
@@ -136,7 +137,7 @@ class MetricSink:
         with self._wake:
             self._closing = True
             self._wake.notify()
-        self._thread.join(grace)
+        self._thread.join(grace if self._down_since is None else 2 * RETRY_SECONDS + 1)  # a last try or two
         self._give_up.set()
         with self._wake:
             self.lost += list(self._queue)
