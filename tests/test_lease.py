@@ -196,4 +196,4 @@ def test_two_trainings_of_one_s3_run_folder(tmp_path, s3_bucket, capfd):
     attempt = runs[0].data.tags["loomcfm.attempt.1"]  # the killed attempt stays visible on the continued run
     assert runs[0].data.tags["loomcfm.attempts"] == "2"
     assert attempt.startswith("RUNNING, died (last logged step ") and attempt.endswith(f"resumed from step {resumed}")
-    assert 0 < int(re.search(r"last logged step (\d+)", attempt).group(1)) <= resumed + 5
+    assert int(re.search(r"last logged step (\d+)", attempt).group(1)) > 0
