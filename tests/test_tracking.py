@@ -8,8 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
+from pathlib import Path
 
 import boto3
 import mlflow
@@ -19,8 +19,8 @@ from PIL import Image
 
 from loomcfm_core.config import Config, load_config_text
 from loomcfm_core.run_record import CONFIG_ARTIFACT, config_params, log_config
-from loomcfm_core.tracking import STAGE_TAG, TrackingError, artifact_location, experiment_id, start_run, tracking_uri
-from tests.conftest import free_port
+from loomcfm_core.tracking import (STAGE_TAG, TrackingError, artifact_location, browse_lines, experiment_id, start_run,
+                                   tracking_uri)
 
 
 @pytest.fixture(autouse=True)
@@ -190,3 +190,28 @@ def test_log_config_outside_a_run_is_an_error():
     with pytest.raises(TrackingError, match="active run"):
         log_config(Config())
     assert mlflow.active_run() is None
+
+
+def test_the_printed_browse_command_works_as_printed_from_anywhere(tmp_path):
+    """The `mlflow ui` line names this environment's mlflow by its absolute path: it runs from another folder
+    with a PATH that does not have the venv (a shell that never activated it); the page opens the experiment
+    in MLflow's model-training view."""
+    cfg = Config(tracking={"local_dir": str(tmp_path / "runs")})
+    command, page = browse_lines(tracking_uri(cfg.tracking), "7")
+    argv = command.split()
+    assert Path(argv[0]).is_absolute() and argv[1:] == ["ui", "--backend-store-uri", tracking_uri(cfg.tracking),
+                                                         "--host", "127.0.0.1", "--port", "5000"]
+    assert page == "then open http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    (tmp_path / "elsewhere").mkdir()
+    done = subprocess.run([argv[0], "ui", "--help"], cwd=tmp_path / "elsewhere", capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=120)
+    assert done.returncode == 0 and "--backend-store-uri" in done.stdout, done.stderr[-2000:]
+    assert browse_lines("http://mlflow.loomcfm.svc:5000", "3") == \
+        ["open http://mlflow.loomcfm.svc:5000/#/experiments/3/runs?workflowType=machine_learning"]
+
+
+def test_a_new_experiment_opens_in_the_model_training_view_with_a_description():
+    cfg = Config()
+    experiment = MlflowClient(tracking_uri(cfg.tracking)).get_experiment(experiment_id(cfg.tracking, cfg.experiment))
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"].startswith("# loomcfm-digits\n")

@@ -24,6 +24,7 @@ from loomcfm_core.checkpoint import load_checkpoint
 from loomcfm_core.config import Config
 from loomcfm_core.data.latents import image_dataset_of
 from loomcfm_core.data.manifest import read_manifest
+from loomcfm_core.errors import MetricsError, UsageError
 from loomcfm_core.evaluation.metrics import FeatureStats, frechet_distance, reference_stats
 from loomcfm_core.evaluation.samples import HEAD, feature_network
 from loomcfm_core.sampling import generate, sample_seeds, save_grid, to_uint8
@@ -65,19 +66,21 @@ class DuringTraining:
     which a training does not load.
     """
 
-    def __init__(self, cfg: Config, dataset_uri: str, device: torch.device, rank: int = 0,
+    def __init__(self, cfg: Config, dataset_uri: str, device: torch.device, last_step: int, rank: int = 0,
                  world_size: int = 1) -> None:
-        self.cfg, self.device, self.rank = cfg, device, rank
-        self.every, self.network = cfg.eval.every_steps, None
+        self.cfg, self.device, self.rank, self.last_step = cfg, device, rank, last_step
+        self.every = cfg.eval.every_steps if cfg.eval.every_steps and last_step >= cfg.eval.every_steps else 0
         if not self.every:
             return
         images = None if cfg.is_latent else reference_images(cfg, dataset_uri)
-        if images is None:
-            log.warning("eval.every_steps=%d: no evaluation during this training (%s)", self.every,
-                        "a latent model" if cfg.is_latent else f"no image dataset behind {dataset_uri}")
+        try:
+            if images is None:
+                raise UsageError("a latent model" if cfg.is_latent else f"no image dataset behind {dataset_uri}")
+            self.network = feature_network(cfg, images, device)
+        except (MetricsError, UsageError) as exc:  # the training itself does not need it: say so, and train
+            log.warning("eval.every_steps=%d: no evaluation during this training: %s", self.every, exc)
             self.every = 0
             return
-        self.network = feature_network(cfg, images, device)
         if rank == 0:  # computed once and stored beside the images, if the cache stage did not already
             self.reference = reference_stats(images, self.network, cfg.data.local_cache)
         barrier()
@@ -87,9 +90,10 @@ class DuringTraining:
         ranges = worker_ranges(len(seeds), cfg.eval.batch_size, world_size)
         self.seeds = seeds[ranges[rank].start:ranges[rank].stop] if rank < len(ranges) else seeds[:0]
 
-    def due(self, step: int, last_step: int) -> bool:
-        """Whether this step is an evaluation step: every ``eval.every_steps`` and the last."""
-        return bool(self.every) and (step % self.every == 0 or step == last_step)
+    def due(self, step: int) -> bool:
+        """Whether this step is an evaluation step: every ``eval.every_steps``, and the last of a training that
+        long (a shorter one is not evaluated while it trains)."""
+        return bool(self.every) and (step % self.every == 0 or step == self.last_step)
 
     @torch.no_grad()
     def score(self, model: torch.nn.Module) -> Score | None:

@@ -158,7 +158,7 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
     tracker = Tracker(cfg, state, rank, sampler.steps_per_epoch, parent_run_id,
                       {"loomcfm.run_uri": run_uri, "loomcfm.dataset_uri": dataset_uri}, resume_uri, run_id,
                       attach=mlflow_run_id is not None)
-    evaluator = DuringTraining(cfg, dataset_uri, device, rank, world_size)
+    evaluator = DuringTraining(cfg, dataset_uri, device, last_step, rank, world_size)
     planner = CouplingPlanner(state.coupling, cfg.train.batch_size, cfg.train.checkpoint_every, last_step,
                               cfg.coupling.pipelined, device, state.targets)
     last_ckpt = resume_uri
@@ -173,7 +173,7 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
             for x1, index, assigned in planner.batches(loader, state.step):
                 metrics = train_step(state, x1.to(device, non_blocking=True), index, assigned)
                 tracker.step_done(metrics, len(x1) * world_size)
-                if evaluator.due(state.step, last_step):
+                if evaluator.due(state.step):
                     tracker.scored(evaluator.score(state.ema.model))
                 bar.update(1)
                 if state.step % cfg.train.checkpoint_every == 0 or state.step == last_step:
