@@ -56,11 +56,12 @@ def _kill(processes: list[Holder]) -> list[Holder]:
     return alive
 
 
-def record_processes() -> Path:
-    """Write (or refresh) this process's record of the local Ray it started: every descendant now."""
+def record_processes(before: set[int] = frozenset()) -> Path:
+    """Write (or refresh) this process's record of the local Ray it started: every descendant now but those in
+    ``before`` (what it had started already: a server a test runs beside it, which is not Ray's)."""
     me = Holder.me()
     processes = [Holder(me.host, pid, started) for pid in descendants(me.pid)
-                 if (started := start_time(pid)) is not None]
+                 if pid not in before and (started := start_time(pid)) is not None]
     path = _records() / f"{me.pid}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -98,8 +99,9 @@ def start_local_ray(**init_kwargs) -> None:
 
     clean_orphans()
     stay_offline()
+    before = set(descendants(os.getpid()))
     ray.init(**init_kwargs)
-    record_processes()
+    record_processes(before)
 
 
 def stop_local_ray() -> None:

@@ -107,6 +107,7 @@ class Tracker:
     def scored(self, score: Score | None) -> None:
         """Log an evaluation during training at this step (rank 0, which gets the score)."""
         if self.rank == 0 and score is not None:
+            self.last[score.key] = score.distance  # the last one reaches the result (and the registered version)
             self.sink.metrics({score.key: score.distance}, step=self.state.step)
             self.sink.image(score.grid, key=f"during_training/{score.method}", step=self.state.step)
 
