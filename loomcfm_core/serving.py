@@ -126,16 +126,17 @@ def checkpoint_versions(settings: TrackingConfig, name: str, checkpoint_uri: str
     """The versions of the registered model ``name`` made from this checkpoint (none when it was never
     registered, e.g. evaluated before training ended), oldest first."""
     client = MlflowClient(tracking_uri(settings))
-    found = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(CHECKPOINT_TAG) == checkpoint_uri]
+    found = [v for v in client.search_model_versions(f"name = '{name}'")
+             if v.tags.get(CHECKPOINT_TAG) == checkpoint_uri]
     return sorted(found, key=lambda v: int(v.version))
 
 
 def describe_checkpoint(settings: TrackingConfig, name: str, checkpoint_uri: str, text: str | None,
                         scores: dict[str, float] | None = None, samples: int | None = None) -> list[str]:
-    """Make ``text`` (an evaluation's table; None: leave it) the description of every version of the registered model ``name``
-    made from this checkpoint, and tag it with each method's distance (``scores``: ``{"fd_digits/euler-2":
-    ...}``, from ``samples`` samples) so the registry can be searched and sorted by quality; returns those
-    versions.
+    """Make ``text`` (an evaluation's table; None: leave it) the description of every version of the registered
+    model ``name`` made from this checkpoint, and tag it with each method's distance (``scores``:
+    ``{"fd_digits/euler-2": ...}``, from ``samples`` samples), so the registry can be filtered (and, on the
+    client, sorted) by quality; returns those versions.
 
     Args:
         settings: the ``tracking`` section (the store the registry is in).

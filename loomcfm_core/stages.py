@@ -27,7 +27,7 @@ from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.data.latents import cache_latents, image_dataset_of
 from loomcfm_core.data.manifest import read_manifest
-from loomcfm_core.errors import UsageError
+from loomcfm_core.errors import TrackingError, UsageError
 from loomcfm_core.evaluation.scoring import evaluate as score_checkpoint
 from loomcfm_core.evaluation.scoring import prepare_reference
 from loomcfm_core.evaluation.summary import base_rows, curve_points, record_summary, summary_table
@@ -140,8 +140,16 @@ def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None
     result = run_on_ray(cfg, dataset_uri, parent_run_id, wait=wait, resume_step=resume_step)
     result.model_alias = "reflow" if cfg.is_reflow else "base"
     model = load_model(cfg, result.checkpoint_uri, torch.device("cpu"))
-    result.model_version = serving.register_model(cfg, result.mlflow_run_id, model, result.model_alias,
-                                                  result.checkpoint_uri, checkpoint_sha256(result.checkpoint_uri))
+    uri = tracking.tracking_uri(cfg.tracking)
+    try:  # the registry is MLflow's: a server that went away during the training is said now, in one line
+        tracking.check_reachable(uri, again=True)
+        with tracking.named_failures(uri):
+            sha256 = checkpoint_sha256(result.checkpoint_uri)
+            result.model_version = serving.register_model(cfg, result.mlflow_run_id, model, result.model_alias,
+                                                          result.checkpoint_uri, sha256)
+    except TrackingError as exc:
+        raise type(exc)(f"{exc}; the training finished ({result.checkpoint_uri}), only its registration is "
+                        "missing: run the same command again to register it") from None
     scores = {k: v for k, v in result.metrics.items() if k.startswith("during_training/")}
     if scores:  # the last evaluation during training, on the version: registry lists can be sorted by it
         serving.describe_checkpoint(cfg.tracking, cfg.registered_model, result.checkpoint_uri, None, scores)

@@ -114,11 +114,11 @@ def _is_connection_failure(exc: BaseException | None) -> bool:
     return False
 
 
-def check_reachable(uri: str) -> None:
+def check_reachable(uri: str, again: bool = False) -> None:
     """Fail within seconds, naming ``tracking.uri``, when a tracking server does not answer (MLflow's own
-    client retries for minutes first); once per server and process. Any HTTP answer counts: this asks
-    whether something listens, the first real call whether it lets us in."""
-    if not is_server(uri) or uri in _reachable:
+    client retries for minutes first); once per server and process, unless ``again``. Any HTTP answer
+    counts: this asks whether something listens, the first real call whether it lets us in."""
+    if not is_server(uri) or (uri in _reachable and not again):
         return
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=PROBE_SECONDS)
@@ -143,7 +143,7 @@ def quick_calls(retries: int = 1, timeout: int = 5) -> Iterator[None]:
 
 
 @contextmanager
-def _name_unreachable_server(uri: str) -> Iterator[None]:
+def named_failures(uri: str) -> Iterator[None]:
     """Turn "API request to .../experiments/get-by-name failed with exception HTTPConnectionPool..." into
     an error that says which tracking server is down, before any stage work starts."""
     try:
@@ -188,7 +188,7 @@ def experiment_id(settings: TrackingConfig, name: str) -> str:
     """
     uri = tracking_uri(settings)
     check_reachable(uri)
-    with _name_unreachable_server(uri), _first_store_use(uri):
+    with named_failures(uri), _first_store_use(uri):
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -302,7 +302,7 @@ def find_pipeline_run(settings: TrackingConfig, experiment: str, kfp_run_id: str
     """
     uri = tracking_uri(settings)
     query = f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}' and tags.`{STAGE_TAG}` = '{PIPELINE_STAGE}'"
-    with _name_unreachable_server(uri):
+    with named_failures(uri):
         runs = MlflowClient(uri).search_runs([experiment_id(settings, experiment)], query, max_results=1,
                                              order_by=["attributes.start_time DESC"])
     if not runs:
