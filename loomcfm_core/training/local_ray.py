@@ -56,9 +56,10 @@ def _kill(processes: list[Holder]) -> list[Holder]:
     return alive
 
 
-def record_processes(before: set[int] = frozenset()) -> Path:
-    """Write (or refresh) this process's record of the local Ray it started: every descendant now but those in
-    ``before`` (what it had started already: a server a test runs beside it, which is not Ray's)."""
+def record_processes(before: frozenset[int] = frozenset()) -> Path:
+    """Write (or refresh) this process's record of the local Ray it started: every descendant now but those
+    in ``before`` (what ran before ``ray.init``: a server a test or a notebook started is not Ray's, and
+    :func:`stop_local_ray` must not kill it)."""
     me = Holder.me()
     processes = [Holder(me.host, pid, started) for pid in descendants(me.pid)
                  if pid not in before and (started := start_time(pid)) is not None]
@@ -99,7 +100,7 @@ def start_local_ray(**init_kwargs) -> None:
 
     clean_orphans()
     stay_offline()
-    before = set(descendants(os.getpid()))
+    before = frozenset(descendants(os.getpid()))
     ray.init(**init_kwargs)
     record_processes(before)
 
