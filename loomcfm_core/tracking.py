@@ -19,10 +19,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import mlflow
 import requests
@@ -30,6 +31,7 @@ from mlflow.entities import LifecycleStage
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from loomcfm_core.chart_view import own_views
 from loomcfm_core.choices import TRACKING_SERVER_SCHEMES
 from loomcfm_core.config import TrackingConfig
 from loomcfm_core.errors import TrackingError, TrackingUnavailable
@@ -73,24 +75,30 @@ def is_server(uri: str) -> bool:
     return urlparse(uri).scheme in TRACKING_SERVER_SCHEMES
 
 
-def browse_lines(uri: str, experiment_id: str) -> list[str]:
+def browse_lines(uri: str, experiment_id: str, views: dict[str, str] | None = None) -> list[str]:
     """How a person opens the experiment's runs in MLflow's model-training view: for a local store, the
     ``mlflow ui`` of this environment by its absolute path (it works from any folder, activated or not) and
-    the page to open; for a server, the page."""
+    the page to open; for a server, the page; then each saved view of ``views`` (id → name, the charts
+    :mod:`loomcfm_core.chart_view` overlays) by its link."""
     page = f"/#/experiments/{experiment_id}/runs?{VIEW_QUERY}"
-    if not uri.startswith("sqlite:"):
-        return [f"open {uri.rstrip('/')}{page}"]
-    import sys
-
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    command = str(mlflow_bin) if mlflow_bin.is_file() else f"{sys.executable} -m mlflow"
-    return [f"{command} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000",
-            f"then open {UI_ADDRESS}{page}"]
+    address = uri.rstrip("/") if not uri.startswith("sqlite:") else UI_ADDRESS
+    lines = [f"open {address}{page}"]
+    if uri.startswith("sqlite:"):
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        command = str(mlflow_bin) if mlflow_bin.is_file() else f"{sys.executable} -m mlflow"
+        lines = [f"{command} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000", f"then {lines[0]}"]
+    for key, name in (views or {}).items():
+        lines.append(f"{name}: {address}/#/experiments/{experiment_id}/runs?compareRunsMode=CHART&"
+                     f"viewStateShareKey={quote(key)}&{VIEW_QUERY}")
+    return lines
 
 
 def browse_text(settings: TrackingConfig, experiment: str, parent_run_id: str) -> str:
-    """What a command that ran a pipeline prints last: how to browse its runs (:func:`browse_lines`)."""
-    lines = browse_lines(tracking_uri(settings), experiment_id(settings, experiment))
+    """What a command that ran a pipeline prints last: how to browse its runs (:func:`browse_lines`), with
+    the experiment's saved chart views."""
+    uri, eid = tracking_uri(settings), experiment_id(settings, experiment)
+    views = own_views(MlflowClient(uri).get_experiment(eid).tags)
+    lines = browse_lines(uri, eid, views)
     return f"Browse the runs (parent run {parent_run_id}) in MLflow:\n" + "\n".join(f"  {line}" for line in lines)
 
 

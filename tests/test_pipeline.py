@@ -69,6 +69,8 @@ def test_mlflow_says_what_each_run_is_read_back_from_the_server(pipeline):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert experiment.tags["mlflow.note.content"].startswith(f"# {EXPERIMENT}\n")
     assert f"/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" in out
+    assert f"runs?compareRunsMode=CHART&viewStateShareKey=loomcfm-fd_digits-base-vs-reflow&" in out, "overlaid"
+    assert "mlflow.sharedViewState.loomcfm-fd_digits-base-vs-reflow" in experiment.tags
 
     assert sorted(children) == ["cache", "evaluate", "evaluate_reflow", "pairs", "train", "train_reflow"]
     runs = [parent, *children.values()]

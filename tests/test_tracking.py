@@ -18,9 +18,11 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from loomcfm_core.config import Config, load_config_text
+from loomcfm_core.evaluation.summary import log_curves
+from loomcfm_core.results import MethodResult
 from loomcfm_core.run_record import CONFIG_ARTIFACT, config_params, log_config
-from loomcfm_core.tracking import (STAGE_TAG, TrackingError, artifact_location, browse_lines, experiment_id, start_run,
-                                   tracking_uri)
+from loomcfm_core.tracking import (STAGE_TAG, TrackingError, artifact_location, browse_lines, browse_text, experiment_id,
+                                   start_run, tracking_uri)
 
 
 @pytest.fixture(autouse=True)
@@ -215,3 +217,31 @@ def test_a_new_experiment_opens_in_the_model_training_view_with_a_description():
     experiment = MlflowClient(tracking_uri(cfg.tracking)).get_experiment(experiment_id(cfg.tracking, cfg.experiment))
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert experiment.tags["mlflow.note.content"].startswith("# loomcfm-digits\n")
+
+
+def test_the_models_curves_are_overlaid_in_a_saved_view_that_the_printed_link_opens(server_cfg, mlflow_server):
+    """MLflow generates one chart per metric key; a parent run's curves of base and reflow are overlaid, one
+    chart per solver (x = NFE), in the experiment's saved view, in the envelope MLflow 3.17.2's UI decodes (the
+    view was looked at in that UI through headless Chromium); the browse text links it; recording again
+    rewrites that view rather than adding one."""
+    eid = experiment_id(server_cfg.tracking, server_cfg.experiment)
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.create_run(eid).info.run_id
+    rows = [MethodResult("euler-2", 2.0, 5.0, 0.1), MethodResult("dopri5-1", 20.3, 3.0, 0.2)]
+    for _ in range(2):
+        log_curves(client, run_id, "fd_digits", {"base": rows, "reflow": rows})
+    views = {k: v for k, v in client.get_experiment(eid).tags.items() if k.startswith("mlflow.sharedViewState.")}
+    assert list(views) == ["mlflow.sharedViewState.loomcfm-fd_digits-base-vs-reflow"]
+    envelope = json.loads(views.popitem()[1])
+    assert envelope["name"] == "fd_digits vs NFE, base vs reflow" and {"createdAt", "updatedAt"} <= set(envelope)
+    state = json.loads(envelope["state"])
+    charts, (section,) = state["compareRunCharts"], state["compareRunSections"]
+    assert [c["selectedMetricKeys"] for c in charts] == [["base/fd_digits/euler", "reflow/fd_digits/euler"],
+                                                        ["base/fd_digits/dopri5", "reflow/fd_digits/dopri5"]]
+    assert all(c["type"] == "LINE" and c["xAxisKey"] == "step" and c["metricSectionId"] == section["uuid"]
+               for c in charts)
+    assert [m.step for m in client.get_metric_history(run_id, "reflow/fd_digits/dopri5")] == [20, 20]
+    link = (f"{mlflow_server.url}/#/experiments/{eid}/runs?compareRunsMode=CHART&"
+            "viewStateShareKey=loomcfm-fd_digits-base-vs-reflow&workflowType=machine_learning")
+    assert f"  fd_digits vs NFE, base vs reflow: {link}" in browse_text(server_cfg.tracking, server_cfg.experiment,
+                                                                         run_id).splitlines()

@@ -19,6 +19,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core import tracking
+from loomcfm_core.chart_view import save_overlay_view
+from loomcfm_core.choices import parse_method
 from loomcfm_core.config import TrackingConfig
 from loomcfm_core.evaluation.plot import plot_fd_vs_nfe
 from loomcfm_core.results import MethodResult
@@ -43,8 +45,6 @@ def curve_points(metric: str, rows: list[MethodResult], prefix: str = "") -> lis
     """The rows as MLflow metrics MLflow charts as distance-vs-NFE curves: ``<prefix><metric>/<solver>`` at
     step = the method's NFE (rounded: an adaptive solver's mean), one series per solver; with ``seconds``
     per solver beside them when there is no prefix (an evaluation's own run)."""
-    from loomcfm_core.choices import parse_method
-
     now, out = int(time.time() * 1000), []
     for row in rows:
         solver, step = parse_method(row.method)[0], max(1, round(row.nfe))
@@ -56,9 +56,13 @@ def curve_points(metric: str, rows: list[MethodResult], prefix: str = "") -> lis
 
 def log_curves(client: MlflowClient, run_id: str, metric: str, curves: dict[str, list[MethodResult]]) -> None:
     """Log each model's rows on a run as :func:`curve_points` under ``<model>/``: how a parent run carries the
-    curves of its models (the pipeline's base and reflow, the ablation's arms), to overlay in one chart."""
+    curves of its models (the pipeline's base and reflow, the ablation's arms); with several models, the
+    experiment's saved view overlaying them in one chart per solver (:mod:`loomcfm_core.chart_view`)."""
     points = [point for model, rows in curves.items() for point in curve_points(metric, rows, f"{model}/")]
     client.log_batch(run_id, metrics=points)
+    if len(curves) > 1:
+        solvers = list(dict.fromkeys(parse_method(row.method)[0] for rows in curves.values() for row in rows))
+        save_overlay_view(client, client.get_run(run_id).info.experiment_id, metric, list(curves), solvers)
 
 
 def base_rows(settings: TrackingConfig, experiment: str, parent_run_id: str) -> list[MethodResult]:
@@ -85,7 +89,8 @@ def record_summary(settings: TrackingConfig, parent_run_id: str, metric: str, ba
     log_curves(client, parent_run_id, metric, curves)
     client.set_tag(parent_run_id, tracking.NOTE_TAG,
                    f"**{metric} vs NFE, base vs reflow** (lower is better)\n\n{table}\n\nCharts: `base/{metric}/*` "
-                   f"and `reflow/{metric}/*`, step = NFE; `fd_vs_nfe.png` under Artifacts draws both.")
+                   f"and `reflow/{metric}/*`, step = NFE, overlaid in the experiment's saved view \"{metric} vs "
+                   f"NFE, base vs reflow\" (Runs, chart view, Views menu); `fd_vs_nfe.png` under Artifacts draws both.")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / SUMMARY_FILE).write_text(table + "\n")
         client.log_artifact(parent_run_id, str(Path(tmp) / SUMMARY_FILE))
