@@ -32,6 +32,11 @@ def view_key(metric: str, models: Iterable[str]) -> str:
     return f"{OWN_PREFIX}{metric}-" + "-vs-".join(models)
 
 
+def view_name(metric: str, models: Iterable[str]) -> str:
+    """The view's name in the Views menu (and in the links a command prints)."""
+    return f"{metric} vs NFE, " + " vs ".join(models)
+
+
 def _uuid(*parts: str) -> str:
     return uuid.uuid5(uuid.NAMESPACE_URL, "/".join(parts)).hex
 
@@ -59,12 +64,12 @@ def save_overlay_view(client: MlflowClient, experiment_id: str, metric: str, mod
     key = view_key(metric, models)
     section = _uuid(key)
     state = {"compareRunCharts": [_chart(key, section, metric, models, solver) for solver in solvers],
-             "compareRunSections": [{"uuid": section, "name": f"{metric} vs NFE: {' vs '.join(models)}",
+             "compareRunSections": [{"uuid": section, "name": view_name(metric, models),
                                      "display": True, "isReordered": True, "deleted": False,
                                      "isGenerated": False}],
              "isAccordionReordered": True}
     now = int(time.time() * 1000)
-    envelope = json.dumps({"name": f"{metric} vs NFE, {' vs '.join(models)}", "createdAt": now, "updatedAt": now,
+    envelope = json.dumps({"name": view_name(metric, models), "createdAt": now, "updatedAt": now,
                            "state": json.dumps(state)})
     if len(envelope) > MAX_TAG_CHARS:
         return None

@@ -1,5 +1,6 @@
 """A pipeline's result on its parent MLflow run: the distance per solver of the base and the reflowed model as
-curves MLflow draws itself (``base/fd_digits/euler`` and ``reflow/fd_digits/euler``, step = NFE), the table
+curves MLflow draws itself (``base/fd_digits/euler`` and ``reflow/fd_digits/euler``, step = NFE; overlaid in the
+experiment's saved view, :mod:`loomcfm_core.chart_view`), the table
 ``loomcfm run`` and ``loomcfm pipeline run-local`` print as the run's description and ``summary.md``, and
 ``fd_vs_nfe.png`` with both curves.
 
@@ -19,7 +20,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core import tracking
-from loomcfm_core.chart_view import save_overlay_view
+from loomcfm_core.chart_view import save_overlay_view, view_name
 from loomcfm_core.choices import parse_method
 from loomcfm_core.config import TrackingConfig
 from loomcfm_core.evaluation.plot import plot_fd_vs_nfe
@@ -87,10 +88,11 @@ def record_summary(settings: TrackingConfig, parent_run_id: str, metric: str, ba
     curves = {name: rows for name, rows in (("base", base), ("reflow", reflowed)) if rows}
     client = MlflowClient(tracking.tracking_uri(settings))
     log_curves(client, parent_run_id, metric, curves)
+    overlaid = (f", overlaid in the experiment's saved view \"{view_name(metric, curves)}\" (its Runs page's "
+                "Views menu)") if len(curves) > 1 else ""
     client.set_tag(parent_run_id, tracking.NOTE_TAG,
                    f"**{metric} vs NFE, base vs reflow** (lower is better)\n\n{table}\n\nCharts: `base/{metric}/*` "
-                   f"and `reflow/{metric}/*`, step = NFE, overlaid in the experiment's saved view \"{metric} vs "
-                   f"NFE, base vs reflow\" (Runs, chart view, Views menu); `fd_vs_nfe.png` under Artifacts draws both.")
+                   f"and `reflow/{metric}/*`, step = NFE{overlaid}; `fd_vs_nfe.png` under Artifacts draws both.")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / SUMMARY_FILE).write_text(table + "\n")
         client.log_artifact(parent_run_id, str(Path(tmp) / SUMMARY_FILE))
