@@ -6,8 +6,8 @@ import json
 
 import h5py
 import numpy as np
-from mlflow.tracking import MlflowClient
 import pytest
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from loomcfm_core.checkpoint import load_checkpoint
