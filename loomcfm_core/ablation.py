@@ -22,7 +22,7 @@ from loomcfm_core import tracking
 from loomcfm_core.config import Config, TrackingConfig
 from loomcfm_core.errors import UsageError
 from loomcfm_core.evaluation.plot import plot_fd_vs_nfe
-from loomcfm_core.evaluation.summary import curve_metrics
+from loomcfm_core.evaluation.summary import log_curves
 from loomcfm_core.results import MethodResult
 
 ARMS = ("independent", "minibatch_ot", "fixed", "loom", "loom_converge")
@@ -111,8 +111,8 @@ def html_report(table: str, plot: Path) -> str:
 def record_comparison(settings: TrackingConfig, parent_run_id: str, arms: list[ArmResult],
                       workdir: Path) -> dict[str, Path]:
     """Draw and write the comparison into ``workdir`` and log it to the parent run in the store of
-    ``settings`` (the ``tracking`` section): the files, and ``<arm>/<metric>/<method>`` metrics; returns the
-    files by name."""
+    ``settings`` (the ``tracking`` section): the files, the table as the run's description, and each arm's
+    curve ``<arm>/<metric>/<solver>`` (step = NFE); returns the files by name."""
     arms = sorted(arms, key=lambda a: ARMS.index(a.arm))
     if len({a.metric for a in arms}) != 1:
         raise UsageError(f"ablation arms were scored with different metrics: {sorted({a.metric for a in arms})}")
@@ -123,8 +123,8 @@ def record_comparison(settings: TrackingConfig, parent_run_id: str, arms: list[A
     files["ablation.md"].write_text(f"**{metric} vs NFE per coupling**\n\n{table}\n")
     files["ablation.html"].write_text(html_report(table, files["ablation.png"]))
     client = MlflowClient(tracking.tracking_uri(settings))
-    for key, value in curve_metrics(metric, {arm.arm: arm.rows for arm in arms}).items():
-        client.log_metric(parent_run_id, key, value)
+    log_curves(client, parent_run_id, metric, {arm.arm: arm.rows for arm in arms})
+    client.set_tag(parent_run_id, tracking.NOTE_TAG, files["ablation.md"].read_text())
     for path in files.values():
         client.log_artifact(parent_run_id, str(path), "ablation")
     return files

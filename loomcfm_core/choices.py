@@ -50,6 +50,29 @@ def check_method(method: str) -> str:
     return method
 
 
+# tracking.uri: the stores MLflow's client opens (a server, or a database it writes itself); ``None`` = the local
+# SQLite store. ``server`` schemes need a host, and are the ones probed before work (loomcfm_core.tracking).
+TRACKING_SERVER_SCHEMES = ("http", "https")
+TRACKING_SCHEMES = (*TRACKING_SERVER_SCHEMES, "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
+def check_tracking_uri(uri: str | None) -> str | None:
+    """``uri`` when MLflow can open it (what the config checks ``tracking.uri`` with); a :class:`UsageError`
+    naming the forms otherwise. ``127.0.0.1:5000`` would be taken by MLflow for a local folder of that name,
+    and ``http://`` without a host fails deep inside its HTTP client."""
+    if uri is None:
+        return uri
+    scheme, sep, rest = uri.partition("://")
+    base = scheme.split("+", 1)[0].lower()  # postgresql+psycopg2://
+    if sep and base in TRACKING_SERVER_SCHEMES and rest.split("/", 1)[0]:
+        return uri
+    if base in TRACKING_SCHEMES and base not in TRACKING_SERVER_SCHEMES and (sep or uri.startswith(f"{base}:")):
+        return uri
+    hint = f"; did you mean http://{uri}?" if not sep and re.match(r"^[\w.-]+:\d+(/.*)?$", uri) else ""
+    raise UsageError(f"{uri!r} is not an MLflow tracking URI: expected http(s)://host:port, sqlite:///path, "
+                     f"postgresql://..., or no value for the local store{hint}")
+
+
 def source_forms() -> list[str]:
     """The ``data.source`` strings there are readers for, e.g. ``cifar10:<dir>``."""
     return [f"{kind}:{form}" for kind, form in SOURCE_FORMS.items()]

@@ -29,7 +29,7 @@ from loomcfm_core.offline import stay_offline
 from loomcfm_core.processes import stop_on_signal, stopped_by
 from loomcfm_core.reference.flags import add_pairs_flags, add_train_flags, flag_notes, flag_overrides, positive
 from loomcfm_core.storage import check_uri
-from loomcfm_core.tracking import tracking_uri, ui_command
+from loomcfm_core.tracking import browse_text, tracking_uri
 
 COMMANDS_GROUP = "loomcfm.commands"  # entry points that add subcommands
 
@@ -185,8 +185,7 @@ def run(args: argparse.Namespace) -> int:
                                args.batch_size or cfg.sample.batch_size, args.nrows)
     else:
         result = stages.run(cfg)
-        print(f"\n{result.summary}\n\nBrowse the runs (parent run {result.parent_run_id}):\n"
-              f"  {ui_command(result.tracking_uri)}")
+        print(f"\n{result.summary}\n\n{browse_text(cfg.tracking, cfg.experiment, result.parent_run_id)}")
         return 0
     print(json.dumps(dataclasses.asdict(result), indent=2))
     return 0

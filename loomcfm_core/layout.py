@@ -12,6 +12,7 @@ training run, a checkpoint and an evaluation. Everything else asks here.
         set-aside/step-00002000.pt                         checkpoints ``--resume-step`` moved out of the way
         eval/<checkpoint>/<metric>-n<samples>-<hash>/      an evaluation of one of its checkpoints
     <storage.root>/eval/<checkpoint>/<metric>-n<samples>-<hash>/   an evaluation of a checkpoint from elsewhere
+    <storage.root>/holders/<mlflow run id>.json            which process holds an open MLflow run (run_status.py)
 
 Every location is absolute (a local root is resolved), so it means the same to every process of a run.
 """
@@ -102,6 +103,12 @@ def convergence_uri(run: str) -> str:
 def set_aside_uri(run: str, checkpoint: str) -> str:
     """Where ``--resume-step`` moves a checkpoint later than the step resumed from."""
     return join(run, SET_ASIDE, checkpoint.rsplit("/", 1)[-1])
+
+
+def holders_uri(cfg: Config) -> str:
+    """The folder of the records that say which process holds each open MLflow stage run, with its heartbeat
+    (:mod:`loomcfm_core.run_status`): beside the data every process of a pipeline shares, not in MLflow."""
+    return join(root(cfg), "holders")
 
 
 # ---- evaluations ------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
@@ -33,6 +34,7 @@ from loomcfm_core.tracking import tracking_uri
 
 EXAMPLE_IMAGES = 2
 CHECKPOINT_TAG, CHECKPOINT_SHA_TAG = "loomcfm.checkpoint_uri", "loomcfm.checkpoint_sha256"
+SAMPLES_TAG = "loomcfm.eval_num_samples"  # how many samples the distance tags of a version were scored with
 log = logging.getLogger(__name__)
 
 
@@ -120,17 +122,51 @@ def register_model(cfg: Config, run_id: str, model: torch.nn.Module, alias: str,
     return version
 
 
-def describe_checkpoint(settings: TrackingConfig, name: str, checkpoint_uri: str, text: str) -> list[str]:
-    """Make ``text`` (an evaluation's table) the description of every version of the registered model ``name``
-    made from this checkpoint; returns those versions (none when the checkpoint was never registered, e.g.
-    evaluated before training ended).
+def checkpoint_versions(settings: TrackingConfig, name: str, checkpoint_uri: str) -> list[ModelVersion]:
+    """The versions of the registered model ``name`` made from this checkpoint (none when it was never
+    registered, e.g. evaluated before training ended), oldest first."""
+    client = MlflowClient(tracking_uri(settings))
+    found = [v for v in client.search_model_versions(f"name = '{name}'")
+             if v.tags.get(CHECKPOINT_TAG) == checkpoint_uri]
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def describe_checkpoint(settings: TrackingConfig, name: str, checkpoint_uri: str, text: str | None,
+                        scores: dict[str, float] | None = None, samples: int | None = None) -> list[str]:
+    """Make ``text`` (an evaluation's table; None: leave it) the description of every version of the registered
+    model ``name`` made from this checkpoint, and tag it with each method's distance (``scores``:
+    ``{"fd_digits/euler-2": ...}``, from ``samples`` samples), so the registry can be filtered (and, on the
+    client, sorted) by quality; returns those versions.
 
     Args:
         settings: the ``tracking`` section (the store the registry is in).
     """
     client = MlflowClient(tracking_uri(settings))
-    versions = [str(v.version) for v in client.search_model_versions(f"name = '{name}'")
-                if v.tags.get(CHECKPOINT_TAG) == checkpoint_uri]
+    versions = [str(v.version) for v in checkpoint_versions(settings, name, checkpoint_uri)]
     for version in versions:
-        client.update_model_version(name, version, description=text)
+        if text is not None:
+            client.update_model_version(name, version, description=text)
+        for key, value in (scores or {}).items():
+            client.set_model_version_tag(name, version, key, f"{value:.6g}")
+        if samples:
+            client.set_model_version_tag(name, version, SAMPLES_TAG, str(samples))
     return versions
+
+
+def best_alias(method: str) -> str:
+    """The alias of the version that samples best with ``method``: ``best-euler-2``."""
+    return f"best-{method}"
+
+
+def move_best_alias(settings: TrackingConfig, name: str, key: str, method: str) -> str | None:
+    """Point :func:`best_alias` of ``method`` at the version with the lowest distance tag ``key``
+    (``fd_digits/euler-2``) among those scored with as many samples as the newest scored one (a distance from
+    fewer samples is biased upwards: not comparable); returns that version."""
+    client = MlflowClient(tracking_uri(settings))
+    scored = [v for v in client.search_model_versions(f"name = '{name}'") if key in v.tags]
+    if not scored:
+        return None
+    samples = max(scored, key=lambda v: int(v.version)).tags.get(SAMPLES_TAG)
+    best = min((v for v in scored if v.tags.get(SAMPLES_TAG) == samples), key=lambda v: float(v.tags[key]))
+    client.set_registered_model_alias(name, best_alias(method), best.version)
+    return str(best.version)

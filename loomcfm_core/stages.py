@@ -17,8 +17,9 @@ from pathlib import Path
 
 import mlflow
 import torch
+from mlflow.entities import LoggedModelInput
 
-from loomcfm_core import ablation, kfp_env, reflow, serving, tracking
+from loomcfm_core import ablation, kfp_env, provenance, reflow, run_record, serving, tracking
 from loomcfm_core.ablation import ArmResult
 from loomcfm_core.checkpoint import checkpoint_sha256
 from loomcfm_core.choices import LAUNCHERS, check_method
@@ -26,19 +27,19 @@ from loomcfm_core.config import Config
 from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.data.latents import cache_latents, image_dataset_of
 from loomcfm_core.data.manifest import read_manifest
-from loomcfm_core.errors import UsageError
+from loomcfm_core.errors import TrackingError, UsageError
 from loomcfm_core.evaluation.scoring import evaluate as score_checkpoint
 from loomcfm_core.evaluation.scoring import prepare_reference
-from loomcfm_core.evaluation.summary import base_rows, record_summary, summary_table
+from loomcfm_core.evaluation.summary import base_rows, curve_points, record_summary, summary_table
 from loomcfm_core.kube import cluster_check
 from loomcfm_core.kube.client import connect
 from loomcfm_core.kube.launcher import run_rayjob
 from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, cluster_config, load_template
-from loomcfm_core.layout import run_uri
+from loomcfm_core.layout import holders_uri, run_uri
 from loomcfm_core.models.loading import check_buildable, default_device, fitting_weights, load_flow, load_model
 from loomcfm_core.results import CacheResult, EvalResult, MethodResult, PairsResult, RunResult, SampleResult
 from loomcfm_core.sampling import generate, sample_seeds, save_grid
-from loomcfm_core.storage import is_remote, join, storage_for
+from loomcfm_core.storage import absolute, is_remote, join, storage_for
 from loomcfm_core.training.driver import rewind_run, run_on_ray
 from loomcfm_core.training.result import TrainResult, read_result, write_registration
 
@@ -46,11 +47,16 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None,
-              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """The stage's MLflow run, with the config recorded on it."""
-    with tracking.start_run(cfg.tracking, cfg.experiment, stage, parent_run_id=parent_run_id, tags=tags) as run:
-        tracking.log_config(cfg)
+def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+              system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
+    """The stage's MLflow run (``<config> <stage> <date>``, tagged with where it came from), with the settings
+    that define the stage recorded on it (:mod:`loomcfm_core.run_record`); ``system_metrics``: sampled every
+    ``tracking.system_metrics_seconds``."""
+    tags = {**run_record.stage_tags(cfg, stage), **(tags or {})}
+    seconds = cfg.tracking.system_metrics_seconds if system_metrics else 0.0
+    with tracking.start_run(cfg.tracking, cfg.experiment, provenance.run_name(cfg.name, stage), parent_run_id,
+                            tags, holders=holders_uri(cfg), metrics_seconds=seconds) as run:
+        run_record.log_config(cfg, tags[tracking.STAGE_TAG])
         yield run
 
 
@@ -69,7 +75,7 @@ def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
             result.dataset_uri, result.images_uri = latents.uri, cached.uri
             result.created = cached.created or latents.created
             result.latent_scale = latents.manifest["latent_space"]["scale"]
-            tracking.log_latent_space(latents.manifest["latent_space"])
+            run_record.log_latent_space(latents.manifest["latent_space"])
         mlflow.set_tag("loomcfm.dataset_uri", result.dataset_uri)
         numbers = {"num_train": result.num_train, "num_val": result.num_val,
                    "classifier_val_accuracy": result.classifier_val_accuracy}
@@ -136,8 +142,19 @@ def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None
     result = run_on_ray(cfg, dataset_uri, parent_run_id, wait=wait, resume_step=resume_step)
     result.model_alias = "reflow" if cfg.is_reflow else "base"
     model = load_model(cfg, result.checkpoint_uri, torch.device("cpu"))
-    result.model_version = serving.register_model(cfg, result.mlflow_run_id, model, result.model_alias,
-                                                  result.checkpoint_uri, checkpoint_sha256(result.checkpoint_uri))
+    uri = tracking.tracking_uri(cfg.tracking)
+    try:  # the registry is MLflow's: a server that went away during the training is said now, in one line
+        tracking.check_reachable(uri, again=True)
+        with tracking.named_failures(uri):
+            sha256 = checkpoint_sha256(result.checkpoint_uri)
+            result.model_version = serving.register_model(cfg, result.mlflow_run_id, model, result.model_alias,
+                                                          result.checkpoint_uri, sha256)
+    except TrackingError as exc:
+        raise type(exc)(f"{exc}; the training finished ({result.checkpoint_uri}), only its registration is "
+                        "missing: run the same command again to register it") from None
+    scores = {k: v for k, v in result.metrics.items() if k.startswith("during_training/")}
+    if scores:  # the last evaluation during training, on the version: registry lists can be sorted by it
+        serving.describe_checkpoint(cfg.tracking, cfg.registered_model, result.checkpoint_uri, None, scores)
     write_registration(result)  # beside result.json: a launcher in another process reads both
     return result
 
@@ -203,28 +220,52 @@ def _evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None, methods
     methods = [check_method(method) for method in (methods or cfg.eval.methods)]
     fitting_weights(cfg, checkpoint_uri)
     dataset_uri = dataset_uri or image_dataset_uri(cfg, parent_run_id)
-    with stage_run(cfg, run_name, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
+    versions = serving.checkpoint_versions(cfg.tracking, cfg.registered_model, checkpoint_uri)
+    cfg = cfg.model_copy(deep=True)
+    cfg.eval.methods = methods  # what the run's params say it scored (``--methods`` may differ from the config)
+    with stage_run(cfg, run_name, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri},
+                   system_metrics=True) as run:
+        _link_evaluated(cfg, checkpoint_uri, dataset_uri, versions[-1] if versions else None)
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
             scored = score_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
             result = EvalResult(scored.metric, scored.output_uri, checkpoint_uri, scored.rows, scored.table())
-            tracking.log_latent_space(scored.latent_space)
-            mlflow.log_metrics({**result.metrics(), **{f"seconds/{row.method}": row.seconds for row in result.rows}})
+            run_record.log_latent_space(scored.latent_space)
+            mlflow.MlflowClient().log_batch(run.info.run_id, metrics=curve_points(result.metric, result.rows))
             for path in scored.files:
                 mlflow.log_artifact(str(path), "eval")
-        mlflow.set_tag("loomcfm.eval_uri", result.eval_uri)
-    serving.describe_checkpoint(cfg.tracking, cfg.registered_model, checkpoint_uri,
-                                f"{result.metric} vs NFE of {checkpoint_uri}:\n\n{result.table}")
+        text = f"**{result.metric} vs NFE** of `{checkpoint_uri}` (lower is better)\n\n{result.table}"
+        mlflow.set_tags({"loomcfm.eval_uri": result.eval_uri, tracking.NOTE_TAG: text})
+    scores = {f"{result.metric}/{row.method}": row.distance for row in result.rows}
+    serving.describe_checkpoint(cfg.tracking, cfg.registered_model, checkpoint_uri, text, scores, cfg.eval.num_samples)
+    best = cfg.eval.during_training.method
+    if versions and best in methods:
+        serving.move_best_alias(cfg.tracking, cfg.registered_model, f"{result.metric}/{best}", best)
     print(result.table)
     return result
+
+
+def _link_evaluated(cfg: Config, checkpoint_uri: str, dataset_uri: str, version) -> None:
+    """On an evaluation's run: what it scored (the checkpoint, the registered version and the run that trained
+    it, the model itself as the run's input) and against which images (a dataset input)."""
+    images = image_dataset_of(dataset_uri)
+    mlflow.log_params({"checkpoint_uri": absolute(checkpoint_uri), "dataset_uri": absolute(images),
+                       "model_version": f"{cfg.registered_model}/{version.version}" if version else "",
+                       "training_run_id": (version.run_id or "") if version else ""})
+    run_record.log_dataset(images, read_manifest(images) or {}, context="evaluation")
+    if version is not None and version.source.startswith("models:/"):
+        mlflow.MlflowClient().log_inputs(mlflow.active_run().info.run_id,
+                                         models=[LoggedModelInput(version.source.removeprefix("models:/"))])
 
 
 def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None,
           output: str | None = None) -> PairsResult:
     """Generate reflow (noise seed, sample) pairs from a checkpoint with ``reflow.method``, into ``output``
     (default: the content-addressed URI under the storage root)."""
-    with stage_run(cfg, "pairs", parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
+    with stage_run(cfg, "pairs", parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri},
+                   system_metrics=True):
+        mlflow.log_param("checkpoint_uri", absolute(checkpoint_uri))
         uri, manifest = reflow.generate_pairs(cfg, checkpoint_uri, output=output)
-        tracking.log_latent_space(manifest.get("latent_space"))
+        run_record.log_latent_space(manifest.get("latent_space"))
         count = manifest["splits"]["train"]["count"]
         mlflow.set_tag("loomcfm.pairs_uri", uri)
         mlflow.log_metric("num_pairs", count)

@@ -15,7 +15,7 @@ from loomcfm_core.choices import LAUNCHERS
 from loomcfm_core.cli import check_locations
 from loomcfm_core.config import load_config_text
 from loomcfm_core.evaluation.summary import read_summary_table
-from loomcfm_core.tracking import tracking_uri, ui_command
+from loomcfm_core.tracking import browse_text
 
 LOCATIONS = {"checkpoint": ("--checkpoint", False), "pipeline_root": ("--pipeline-root", True)}
 
@@ -65,9 +65,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     parent_run_id = runner.run_local(args.pipeline, pipeline_args, str(Path(args.pipeline_root).resolve()), args.cache,
                                      args.launcher)
-    settings = load_config_text(pipeline_args["config_yaml"], args.overrides).tracking
+    cfg = load_config_text(pipeline_args["config_yaml"], args.overrides)
     read_table = read_comparison if args.pipeline == "ablation" else read_summary_table
-    print(f"\n{read_table(settings, parent_run_id)}\n\npipeline {args.pipeline} finished; step outputs under "
-          f"{args.pipeline_root}/\nBrowse the runs (parent run {parent_run_id}):\n"
-          f"  {ui_command(tracking_uri(settings))}")
+    print(f"\n{read_table(cfg.tracking, parent_run_id)}\n\npipeline {args.pipeline} finished; step outputs under "
+          f"{args.pipeline_root}/\n{browse_text(cfg.tracking, cfg.experiment, parent_run_id)}")
     return 0

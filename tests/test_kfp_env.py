@@ -22,9 +22,10 @@ def _mlflow_state(monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def test_steps_find_their_pipelines_parent_run_by_kfp_run_id(mlflow_server, monkeypatch):
+def test_steps_find_their_pipelines_parent_run_by_kfp_run_id(mlflow_server, s3_bucket, monkeypatch):
+    """(The storage is a real S3 store, moto: a stage run's holder record lives there, beside the data.)"""
     cfg = Config(name="digits", tracking={"uri": mlflow_server.url, "experiment": f"kfp-{uuid.uuid4().hex[:8]}"},
-                 storage={"root": "s3://bucket/prefix"})
+                 storage={"root": f"s3://{s3_bucket}/prefix"})
     assert kfp_env.pipeline_parent(cfg) is None, "outside a pipeline run there is no parent"
     monkeypatch.setenv("KFP_POD_NAME", "loomcfm-x-system-container-impl-1")  # a cluster-ready config passes
     parents = {}

@@ -192,3 +192,8 @@ def test_two_trainings_of_one_s3_run_folder(tmp_path, s3_bucket, capfd):
                               filter_string="tags.`loomcfm.stage` = 'train'")
     assert [r.info.status for r in runs] == ["KILLED"], "one MLflow run, continued by the resume, then KILLED"
     assert runs[0].data.tags["loomcfm.ended_by"] == "stopped by SIGTERM"
+    resumed = int(re.search(r"resumed from .*step-(\d+)\.pt", err).group(1))
+    attempt = runs[0].data.tags["loomcfm.attempt.1"]  # the killed attempt stays visible on the continued run
+    assert runs[0].data.tags["loomcfm.attempts"] == "2"
+    assert attempt.startswith("RUNNING, died (last logged step ") and attempt.endswith(f"resumed from step {resumed}")
+    assert int(re.search(r"last logged step (\d+)", attempt).group(1)) > 0

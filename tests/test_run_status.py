@@ -3,7 +3,6 @@ marked FAILED by the next one, and the parent (pipeline) run takes the status of
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 
@@ -12,6 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from loomcfm_core import stages
 from loomcfm_core.config import load_config
+from loomcfm_core.layout import holders_uri
+from loomcfm_core.run_status import read_holder
 from tests.conftest import SMALL
 from tests.run_cli import call, error_line, sets, start, wait_for
 
@@ -60,16 +61,19 @@ def test_a_stage_killed_outright_is_marked_failed_by_the_next(tmp_path, checkpoi
     wait_for(lambda: _stage_runs(client, cfg, "evaluate", "RUNNING"), proc, what="the running evaluate run")
     os.kill(proc.pid, signal.SIGKILL)
     proc.proc.wait()
-    (dead,) = _stage_runs(client, cfg, "evaluate")  # created with its holder: there is no moment without one
+    (dead,) = _stage_runs(client, cfg, "evaluate")
     assert dead.info.status == "RUNNING", "nobody was left to say otherwise"
-    holder = json.loads(dead.data.tags["loomcfm.holder"])
-    assert holder["pid"] == proc.pid
+    assert not any(key.startswith(("loomcfm.holder", "loomcfm.heartbeat")) for key in dead.data.tags), \
+        "who holds a run is bookkeeping beside the data, not in MLflow"
+    holder, _ = read_holder(holders_uri(cfg), dead.info.run_id)
+    assert holder.pid == proc.pid
 
     again = call("cache", *sets(*overrides))
     assert again.returncode == 0, again.stderr[-3000:]
     dead = client.get_run(dead.info.run_id)
     assert dead.info.status == "FAILED"
-    assert dead.data.tags["loomcfm.ended_by"].endswith(f"its process (pid {proc.pid} on {holder['host']}) was gone")
+    assert dead.data.tags["loomcfm.ended_by"].endswith(f"its process ({holder}) was gone")
+    assert read_holder(holders_uri(cfg), dead.info.run_id) is None, "the record went with the run it held"
     assert client.get_run(parent).info.status == "FAILED"
     assert f"MLflow run {dead.info.run_id} (evaluate) was left RUNNING by pid {proc.pid}" in again.stderr
 

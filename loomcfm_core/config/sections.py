@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator, model_serializer, model_validator
 
 from loomcfm_core.choices import (ASSIGNMENT_SOLVERS, AUTOENCODERS, COSTS, COUPLINGS, FEATURE_NETWORKS, TARGET_DTYPES,
-                                  check_method, check_source, source_forms)
+                                  check_method, check_source, check_tracking_uri, source_forms)
 from loomcfm_core.config.tree import Section as _Section
 from loomcfm_core.errors import did_you_mean
 from loomcfm_core.identity import SCHEDULE_KEYS
@@ -177,7 +177,18 @@ class SampleConfig(_Section):
     nrows: int = Field(8, ge=1)
 
 
+class DuringTrainingConfig(_Section):
+    """The cheap evaluation a training runs every ``eval.every_steps`` (its EMA model, on the training run)."""
+
+    method: Method = Field("euler-2", description="<solver>-<steps>, a cheap one: its distance is the training "
+                           "run's during_training/<metric>/<method> (step = training step), with a sample grid")
+    num_samples: int = Field(1000, ge=2, description="samples per evaluation, shared among the training's workers")
+
+
 class EvalConfig(_Section):
+    every_steps: int = Field(0, ge=0, description="score the EMA model during training every this many steps "
+                             "(and at the last), with eval.during_training; 0: never")
+    during_training: DuringTrainingConfig = DuringTrainingConfig()
     methods: list[Method] = Field(["euler-1", "euler-2", "euler-4", "euler-8", "dopri5-1"], min_length=1)
     num_samples: int = Field(2000, ge=2)
     batch_size: int = Field(500, ge=1)
@@ -207,9 +218,14 @@ class StorageConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite under local_dir")
+    uri: Annotated[str | None, AfterValidator(check_tracking_uri)] = Field(
+        None, description="MLflow tracking URI (http(s)://host:port, sqlite:///path, postgresql://...); default: "
+        "SQLite under local_dir")
     local_dir: LocalDir = Field("loomcfm-runs", description="folder of the default local MLflow store")
     experiment: str | None = Field(None, description="default: loomcfm-<config name>")
+    system_metrics_seconds: float = Field(10.0, ge=0.0, description="MLflow system metrics (CPU, memory, disk, "
+                                          "network, GPU with nvidia-ml-py) on training, pairs and evaluation runs, "
+                                          "sampled this often; 0: off")
 
 
 class RayConfig(_Section):

@@ -1,7 +1,8 @@
-"""A pipeline's result on its parent MLflow run: distance and NFE per method for the base and the reflowed
-model, as metrics (``base/fd_digits/euler-4``, ``reflow/nfe/euler-4``, ...) that compare across pipeline
-runs in the runs table, plus ``summary.md`` (the table ``loomcfm run`` and ``loomcfm pipeline run-local``
-print) and ``fd_vs_nfe.png`` with both curves.
+"""A pipeline's result on its parent MLflow run: the distance per solver of the base and the reflowed model as
+curves MLflow draws itself (``base/fd_digits/euler`` and ``reflow/fd_digits/euler``, step = NFE; overlaid in the
+experiment's saved view, :mod:`loomcfm_core.chart_view`), the table
+``loomcfm run`` and ``loomcfm pipeline run-local`` print as the run's description and ``summary.md``, and
+``fd_vs_nfe.png`` with both curves.
 
 The last stage of both pipelines records it (:func:`loomcfm_core.stages.evaluate_reflow`), wherever it runs:
 ``loomcfm run``'s process, which hands it the base evaluation's rows, or a KFP step that finds them among its
@@ -12,11 +13,15 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core import tracking
+from loomcfm_core.chart_view import save_overlay_view, view_name
+from loomcfm_core.choices import parse_method
 from loomcfm_core.config import TrackingConfig
 from loomcfm_core.evaluation.plot import plot_fd_vs_nfe
 from loomcfm_core.results import MethodResult
@@ -37,15 +42,28 @@ def summary_table(metric: str, base: list[MethodResult], reflowed: list[MethodRe
     return "\n".join(lines)
 
 
-def curve_metrics(metric: str, curves: dict[str, list[MethodResult]]) -> dict[str, float]:
-    """``<model>/<metric>/<method>`` and ``<model>/nfe/<method>`` for each model's rows: how a parent run
-    carries the curves of its models (the pipeline's base and reflow, the ablation's arms)."""
-    out = {}
-    for model, rows in curves.items():
-        for row in rows:
-            out[f"{model}/{metric}/{row.method}"] = row.distance
-            out[f"{model}/nfe/{row.method}"] = row.nfe
+def curve_points(metric: str, rows: list[MethodResult], prefix: str = "") -> list[Metric]:
+    """The rows as MLflow metrics MLflow charts as distance-vs-NFE curves: ``<prefix><metric>/<solver>`` at
+    step = the method's NFE (rounded: an adaptive solver's mean), one series per solver; with ``seconds``
+    per solver beside them when there is no prefix (an evaluation's own run)."""
+    now, out = int(time.time() * 1000), []
+    for row in rows:
+        solver, step = parse_method(row.method)[0], max(1, round(row.nfe))
+        out.append(Metric(f"{prefix}{metric}/{solver}", row.distance, now, step))
+        if not prefix:
+            out.append(Metric(f"seconds/{solver}", row.seconds, now, step))
     return out
+
+
+def log_curves(client: MlflowClient, run_id: str, metric: str, curves: dict[str, list[MethodResult]]) -> None:
+    """Log each model's rows on a run as :func:`curve_points` under ``<model>/``: how a parent run carries the
+    curves of its models (the pipeline's base and reflow, the ablation's arms); with several models, the
+    experiment's saved view overlaying them in one chart per solver (:mod:`loomcfm_core.chart_view`)."""
+    points = [point for model, rows in curves.items() for point in curve_points(metric, rows, f"{model}/")]
+    client.log_batch(run_id, metrics=points)
+    if len(curves) > 1:
+        solvers = list(dict.fromkeys(parse_method(row.method)[0] for rows in curves.values() for row in rows))
+        save_overlay_view(client, client.get_run(run_id).info.experiment_id, metric, list(curves), solvers)
 
 
 def base_rows(settings: TrackingConfig, experiment: str, parent_run_id: str) -> list[MethodResult]:
@@ -64,12 +82,17 @@ def base_rows(settings: TrackingConfig, experiment: str, parent_run_id: str) -> 
 
 def record_summary(settings: TrackingConfig, parent_run_id: str, metric: str, base: list[MethodResult],
                    reflowed: list[MethodResult]) -> str:
-    """Log the summary metrics, ``summary.md`` and the two-curve plot to the parent run; returns the table."""
+    """Log the curves, the table (as the run's description and ``summary.md``) and the two-curve plot to the
+    parent run; returns the table."""
     table = summary_table(metric, base, reflowed)
     curves = {name: rows for name, rows in (("base", base), ("reflow", reflowed)) if rows}
     client = MlflowClient(tracking.tracking_uri(settings))
-    for key, value in curve_metrics(metric, curves).items():
-        client.log_metric(parent_run_id, key, value)
+    log_curves(client, parent_run_id, metric, curves)
+    overlaid = (f", overlaid in the experiment's saved view \"{view_name(metric, curves)}\" (its Runs page's "
+                "Views menu)") if len(curves) > 1 else ""
+    client.set_tag(parent_run_id, tracking.NOTE_TAG,
+                   f"**{metric} vs NFE, base vs reflow** (lower is better)\n\n{table}\n\nCharts: `base/{metric}/*` "
+                   f"and `reflow/{metric}/*`, step = NFE{overlaid}; `fd_vs_nfe.png` under Artifacts draws both.")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / SUMMARY_FILE).write_text(table + "\n")
         client.log_artifact(parent_run_id, str(Path(tmp) / SUMMARY_FILE))

@@ -16,13 +16,16 @@ import json
 import logging
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
-from loomcfm_core import tracking
+from loomcfm_core import provenance, run_record, tracking
 from loomcfm_core.checkpoint import rewind
 from loomcfm_core.config import Config, load_config_text
-from loomcfm_core.layout import run_uri, with_absolute_paths
+from loomcfm_core.data.manifest import read_manifest
+from loomcfm_core.layout import holders_uri, run_uri, with_absolute_paths
 from loomcfm_core.lease import Lease
 from loomcfm_core.processes import kept_signal_handlers
+from loomcfm_core.run_status import Attempt, record_attempt
 from loomcfm_core.training.local_ray import connect
 from loomcfm_core.training.loop import fit
 from loomcfm_core.training.preflight import Resume, check_inputs, plan_resume
@@ -47,13 +50,18 @@ def _ray_worker(loop_config: dict) -> None:
         loop_config.get("parent_run_id"), loop_config.get("mlflow_run_id"), loop_config.get("lease_token"))
 
 
-def _record_start(cfg: Config, resume: Resume) -> None:
-    """On the driver's run: the config of a new run, or what a resume continues and changes (MLflow params
-    are immutable, so a changed schedule key is a new param ``<key>/step_<N>`` and a tag saying old -> new)."""
+def _record_start(cfg: Config, resume: Resume, dataset_uri: str, earlier: Attempt | None) -> None:
+    """On the driver's run: the config and dataset of a new run, or what a resume continues and changes: the
+    attempt before it (how it ended, the last step it logged), and the schedule changes (MLflow params are
+    immutable, so a changed schedule key is a new param ``<key>/step_<N>`` and a tag saying old -> new)."""
+    run_record.log_dataset(dataset_uri, read_manifest(dataset_uri) or {}, context="training")
     if resume.checkpoint_uri is None:
-        tracking.log_config(cfg)
+        run_record.log_config(cfg, train_label(cfg))
         return
     mlflow.set_tag("loomcfm.resumed_from", resume.checkpoint_uri)
+    if earlier is not None:
+        record_attempt(MlflowClient(tracking.tracking_uri(cfg.tracking)), mlflow.active_run().info.run_id, earlier,
+                       resume.step)
     for key, (old, new) in resume.schedule_changes.items():
         mlflow.set_tag(f"loomcfm.changed.{key}", f"{json.dumps(old)} -> {json.dumps(new)} at step {resume.step}")
         mlflow.log_param(f"{key}/step_{resume.step}", json.dumps(new))
@@ -93,6 +101,7 @@ def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, 
     from loomcfm_core.training.ray_trainer import LoomcfmTrainer, worker_error
 
     cfg = with_absolute_paths(cfg)  # Ray workers run in their own working directories
+    tracking.check_reachable(tracking.tracking_uri(cfg.tracking))
     run = run_uri(cfg, dataset_uri)
     last_step = check_inputs(cfg, dataset_uri)
     with Lease(run, cfg.train.lease_seconds, wait=wait) as lease:
@@ -102,10 +111,13 @@ def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, 
         if resume.step >= last_step and finished(run) and read_result(run).checkpoint_uri == resume.checkpoint_uri:
             log.info("%s finished at step %d already (%s): nothing to train", run, resume.step, resume.checkpoint_uri)
             return read_result(run)
-        tags = {"loomcfm.run_uri": run, "loomcfm.dataset_uri": dataset_uri}
-        with tracking.start_run(cfg.tracking, cfg.experiment, train_label(cfg), parent_run_id, tags,
-                                run_id=resume.mlflow_run_id) as mlflow_run:
-            _record_start(cfg, resume)
+        stage = train_label(cfg)
+        tags = {**run_record.stage_tags(cfg, stage), "loomcfm.run_uri": run, "loomcfm.dataset_uri": dataset_uri}
+        earlier = Attempt.of(MlflowClient(tracking.tracking_uri(cfg.tracking)), resume.mlflow_run_id) \
+            if resume.mlflow_run_id else None
+        with tracking.start_run(cfg.tracking, cfg.experiment, provenance.run_name(cfg.name, stage), parent_run_id,
+                                tags, run_id=resume.mlflow_run_id, holders=holders_uri(cfg)) as mlflow_run:
+            _record_start(cfg, resume, dataset_uri, earlier)
             connect(cfg.ray)
             trainer = LoomcfmTrainer.of(cfg.ray, run.rsplit("/", 1)[-1], _ray_worker, {
                 "config_yaml": cfg.to_yaml(), "dataset_uri": dataset_uri, "run_uri": run,

@@ -18,6 +18,7 @@ from loomcfm_core.coupling import Coupling
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.data.latents import training_targets
 from loomcfm_core.errors import TrainingError
+from loomcfm_core.evaluation.during_training import DuringTraining
 from loomcfm_core.layout import checkpoint_step, checkpoint_uri
 from loomcfm_core.lease import check_held
 from loomcfm_core.training.converge import converge, progress_run_id
@@ -114,7 +115,8 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
     """Train one rank to ``train.max_steps`` (or ``train.epochs``), resuming from the run's latest checkpoint.
 
     Rank 0 logs to MLflow, writes checkpoints and commits the result to ``<run_uri>/result.json``; every
-    rank must call this (collectives inside). A resume must continue the same training
+    rank must call this (collectives inside), and scores the EMA model every ``eval.every_steps``
+    (:mod:`loomcfm_core.evaluation.during_training`). A resume must continue the same training
     (:func:`~loomcfm_core.training.preflight.check_resume`) and follows the current schedule.
 
     Args:
@@ -156,6 +158,7 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
     tracker = Tracker(cfg, state, rank, sampler.steps_per_epoch, parent_run_id,
                       {"loomcfm.run_uri": run_uri, "loomcfm.dataset_uri": dataset_uri}, resume_uri, run_id,
                       attach=mlflow_run_id is not None)
+    evaluator = DuringTraining(cfg, dataset_uri, device, last_step, rank, world_size)
     planner = CouplingPlanner(state.coupling, cfg.train.batch_size, cfg.train.checkpoint_every, last_step,
                               cfg.coupling.pipelined, device, state.targets)
     last_ckpt = resume_uri
@@ -170,6 +173,8 @@ def fit(cfg: Config, dataset_uri: str, run_uri: str, device: torch.device, rank:
             for x1, index, assigned in planner.batches(loader, state.step):
                 metrics = train_step(state, x1.to(device, non_blocking=True), index, assigned)
                 tracker.step_done(metrics, len(x1) * world_size)
+                if evaluator.due(state.step):
+                    tracker.scored(evaluator.score(state.ema.model))
                 bar.update(1)
                 if state.step % cfg.train.checkpoint_every == 0 or state.step == last_step:
                     last_ckpt = _save(state, run_uri, dataset_uri, rank, tracker, lease_token)

@@ -1,7 +1,10 @@
-"""Rank 0's MLflow run for the train stage: params once, interval-averaged metrics, checkpoint URIs.
+"""Rank 0's MLflow run for the train stage: interval-averaged metrics, evaluations during training, the latest
+checkpoint, system metrics.
 
 Every rank calls :meth:`Tracker.step_done` (the interval means are averaged across ranks, a collective), but
-only rank 0 opens the run and logs, so a multi-worker training is one MLflow run.
+only rank 0 opens the run and logs, so a multi-worker training is one MLflow run. What rank 0 logs goes
+through a :class:`~loomcfm_core.metric_sink.MetricSink`: a tracking server that is slow or gone never holds
+a step up. System metrics are those of rank 0's machine.
 """
 
 from __future__ import annotations
@@ -11,14 +14,20 @@ import time
 import mlflow
 import torch
 
-from loomcfm_core import tracking
+from loomcfm_core import provenance, run_record, tracking
 from loomcfm_core.config import Config
+from loomcfm_core.evaluation.during_training import Score
+from loomcfm_core.layout import holders_uri
+from loomcfm_core.metric_sink import MetricSink
+from loomcfm_core.system_metrics import system_metrics
 from loomcfm_core.training.distributed import mean_across_ranks
 from loomcfm_core.training.step import TrainState
 
+LATEST_CHECKPOINT_TAG = "loomcfm.latest_checkpoint"
+
 
 def train_label(cfg: Config) -> str:
-    """The train stage's MLflow run name: ``train_reflow`` for a reflow training, else ``train``."""
+    """The train stage's name: ``train_reflow`` for a reflow training, else ``train``."""
     return "train_reflow" if cfg.is_reflow else "train"
 
 
@@ -39,6 +48,8 @@ class Tracker:
         self.parent_run_id, self.tags, self.resumed_from, self.run_id = parent_run_id, tags, resumed_from, run_id
         self.attach = attach
         self.last: dict[str, float] = {}
+        # The pairs coupling serves stored noise: its costs before and after are one number, and nothing swaps.
+        self.coupling_metrics = cfg.coupling.kind != "pairs"
         self._reset()
 
     def _reset(self) -> None:
@@ -47,20 +58,28 @@ class Tracker:
 
     def __enter__(self) -> Tracker:
         if self.rank == 0:
-            self._run = tracking.start_run(self.cfg.tracking, self.cfg.experiment, train_label(self.cfg),
-                                           parent_run_id=self.parent_run_id,
-                                           tags=self.tags, run_id=self.run_id, attach=self.attach)
+            stage = train_label(self.cfg)
+            self._run = tracking.start_run(
+                self.cfg.tracking, self.cfg.experiment, provenance.run_name(self.cfg.name, stage),
+                parent_run_id=self.parent_run_id, tags={**run_record.stage_tags(self.cfg, stage), **self.tags},
+                run_id=self.run_id, attach=self.attach, holders=None if self.attach else holders_uri(self.cfg))
             self.run_id = self._run.__enter__().info.run_id
             if not self.attach and self.resumed_from is None:
-                tracking.log_config(self.cfg)
+                run_record.log_config(self.cfg, stage)
             elif not self.attach:
                 mlflow.set_tag("loomcfm.resumed_from", self.resumed_from)
             # Only the workers know the latent space (the dataset's); the params are the same on every resume.
-            tracking.log_latent_space(self.state.targets.space)
+            run_record.log_latent_space(self.state.targets.space)
+            uri = tracking.tracking_uri(self.cfg.tracking)
+            self.sink = MetricSink(uri, self.run_id)
+            self._system = system_metrics(uri, self.run_id, self.cfg.tracking.system_metrics_seconds)
+            self._system.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.rank == 0:
+            self._system.__exit__(*exc)
+            self.sink.close()
             self._run.__exit__(*exc)
 
     def step_done(self, metrics: dict, global_images: int) -> None:
@@ -75,16 +94,23 @@ class Tracker:
                                                dtype=torch.float64, device=self.state.device))
         elapsed = time.perf_counter() - self.started
         loss, grad_norm, before, after, swaps = means.cpu().tolist()
-        self.last = {"train/loss": loss, "train/grad_norm": grad_norm, "coupling/cost_before": before,
-                     "coupling/cost_after": after, "coupling/swaps": swaps,
+        coupling = {"coupling/cost_before": before, "coupling/cost_after": after, "coupling/swaps": swaps}
+        self.last = {"train/loss": loss, "train/grad_norm": grad_norm,
+                     **(coupling if self.coupling_metrics else {}),
                      "throughput/images_per_s": self.images / elapsed,
                      "train/lr": self.state.scheduler.get_last_lr()[0],
                      "train/epoch": self.state.step / self.steps_per_epoch}
         if self.rank == 0:
-            mlflow.log_metrics(self.last, step=self.state.step)
+            self.sink.metrics(self.last, step=self.state.step)
         self._reset()
+
+    def scored(self, score: Score | None) -> None:
+        """Log an evaluation during training at this step (rank 0, which gets the score)."""
+        if self.rank == 0 and score is not None:
+            self.last[score.key] = score.distance  # the last one reaches the result (and the registered version)
+            self.sink.metrics({score.key: score.distance}, step=self.state.step)
+            self.sink.image(score.grid, key=f"during_training/{score.method}", step=self.state.step)
 
     def checkpoint_saved(self, uri: str) -> None:
         """Point the run at its newest checkpoint (rank 0, which writes checkpoints)."""
-        mlflow.set_tag("loomcfm.latest_checkpoint", uri)
-        mlflow.log_metric("checkpoint/step", self.state.step, step=self.state.step)
+        self.sink.tag(LATEST_CHECKPOINT_TAG, uri, step=self.state.step)

@@ -74,5 +74,5 @@ def test_five_trainings_one_plot_one_table_under_one_parent(ablation_run):
     assert "<table" in (report / "page").read_text() and "data:image/png;base64," in (report / "page").read_text()
     assert "| loom + convergence |" in printed, "run-local prints the table"
 
-    assert all(parent.data.metrics[f"{arm}/fd_digits/euler-1"] > 0 for arm in ARMS), "each arm scored on the parent"
+    assert all(parent.data.metrics[f"{arm}/fd_digits/euler"] > 0 for arm in ARMS), "each arm's curve on the parent"
     assert json.loads(next((root / "kfp").glob("*/ablation-plan/executor_output.json")).read_text())

@@ -38,8 +38,11 @@ def _finish(proc, timeout=600):
 
 
 @pytest.mark.ray
-def test_two_ray_workers_keep_identical_tables_and_loss_falls(tmp_path):
-    summary = _finish(_cli(tmp_path, "ray.num_workers=2", "train.max_steps=40", "train.lr=2e-3"))
+def test_two_ray_workers_keep_identical_tables_and_loss_falls(tmp_path, store):
+    """Two Ray Train workers: identical LOOM tables, a falling loss, and the evaluation during training done
+    together (each samples its share of the seeds, rank 0 scores)."""
+    summary = _finish(_cli(tmp_path, "ray.num_workers=2", "train.max_steps=40", "train.lr=2e-3",
+                           "eval.every_steps=20", "eval.during_training.num_samples=64"))
     hashes = summary["table_hashes"]
     assert len(hashes) == 2 and hashes[0] == hashes[1] != "-"
     ckpt = load_checkpoint(summary["checkpoint_uri"])
@@ -50,6 +53,8 @@ def test_two_ray_workers_keep_identical_tables_and_loss_falls(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     history = [m.value for m in client.get_metric_history(summary["mlflow_run_id"], "train/loss")]
     assert len(history) == 8 and history[-1] < 0.8 * history[0], history
+    scored = client.get_metric_history(summary["mlflow_run_id"], "during_training/fd_digits/euler-2")
+    assert [m.step for m in scored] == [20, 40] and all(m.value > 0 for m in scored)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.data.params["coupling.kind"] == "loom"
     assert run.data.tags["loomcfm.latest_checkpoint"] == summary["checkpoint_uri"]

@@ -15,18 +15,20 @@ from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint
 from tests.run_cli import TINY, call, error_line, inside, sets, store_sets
 
 pytestmark = pytest.mark.ray
+SCORED = ["eval.every_steps=5", "eval.during_training.num_samples=64"]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, digits_dataset):
     """A 10-step training under the default run name, then the same command with ``train.max_steps=20`` and
-    other free keys (logging, checkpoints, loader workers)."""
+    other free keys (logging, checkpoints, loader workers); both evaluate during training every 5 steps."""
     root = tmp_path_factory.mktemp("resume")
     shutil.copytree(digits_dataset, root / "store" / "datasets" / digits_dataset.name)
     with inside(root):
-        first = call("train", *sets(*TINY, "train.max_steps=10", "train.checkpoint_every=5"), *store_sets(root))
+        first = call("train", *sets(*TINY, *SCORED, "train.max_steps=10", "train.checkpoint_every=5"),
+                     *store_sets(root))
         assert first.returncode == 0, first.stderr[-4000:]
-        longer = call("train", *sets(*TINY, "train.max_steps=20", "train.checkpoint_every=4", "train.log_every=2",
+        longer = call("train", *sets(*TINY, *SCORED, "train.max_steps=20", "train.checkpoint_every=4", "train.log_every=2",
                                      "data.num_workers=1"), *store_sets(root))
     assert longer.returncode == 0, longer.stderr[-4000:]
     return root, _result(first), _result(longer), longer.stderr
@@ -46,8 +48,13 @@ def test_train_longer_resumes_the_same_run_from_its_last_step(trained):
     assert f"resumed from {first['run_uri']}/checkpoints/step-00000010.pt (step 10)" in stderr
     assert longer["step"] == 20 and longer["mlflow_run_id"] == first["mlflow_run_id"]
     assert [s for s, _ in list_checkpoints(first["run_uri"])] == [12, 16, 20]
-    history = _mlflow(root).get_metric_history(first["mlflow_run_id"], "checkpoint/step")
-    assert sorted(m.value for m in history) == [5, 10, 12, 16, 20], "one MLflow run across both commands"
+    run = _mlflow(root).get_run(first["mlflow_run_id"])
+    steps = [m.step for m in _mlflow(root).get_metric_history(first["mlflow_run_id"], "train/loss")]
+    assert steps == [5, 10, 12, 14, 16, 18, 20], "one MLflow run across both commands"
+    scored = _mlflow(root).get_metric_history(first["mlflow_run_id"], "during_training/fd_digits/euler-2")
+    assert [m.step for m in scored] == [5, 10, 15, 20], "the evaluation during training continues its curve"
+    assert run.data.tags["loomcfm.attempts"] == "2", "each attempt is recorded on the run it continues"
+    assert run.data.tags["loomcfm.attempt.1"] == "FINISHED (last logged step 10); resumed from step 10"
 
 
 def test_a_changed_identity_is_refused_listing_the_keys(trained):
