@@ -53,22 +53,27 @@ def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None,
         yield run
 
 
-def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
+def cache(cfg: Config, parent_run_id: str | None = None, *, latents: bool = True) -> CacheResult:
     """Cache ``cfg.data.source`` as HDF5 shards (a no-op when already cached), with what evaluation needs
     beside it: the digits classifier and the reference feature statistics of the train split. With
-    ``model.autoencoder`` the train split is then encoded into a latent cache, which is what training reads."""
+    ``model.autoencoder`` the train split is then encoded into a latent cache, which is what training reads.
+
+    Args:
+        latents: encode the latent cache too (evaluation compares with images only, and a reference
+            checkpoint brings its own autoencoder, so it asks for the images alone).
+    """
     with stage_run(cfg, "cache", parent_run_id):
         cached = cache_dataset(cfg)
         splits = cached.manifest["splits"]
         result = CacheResult(cached.uri, cached.created, splits["train"]["count"],
                              splits.get("val", {}).get("count", 0))
         result.classifier_val_accuracy = prepare_reference(cfg, cached.uri)
-        if cfg.is_latent:
-            latents = cache_latents(cfg, cached)
-            result.dataset_uri, result.images_uri = latents.uri, cached.uri
-            result.created = cached.created or latents.created
-            result.latent_scale = latents.manifest["latent_space"]["scale"]
-            tracking.log_latent_space(latents.manifest["latent_space"])
+        if cfg.is_latent and latents:
+            encoded = cache_latents(cfg, cached)
+            result.dataset_uri, result.images_uri = encoded.uri, cached.uri
+            result.created = cached.created or encoded.created
+            result.latent_scale = encoded.manifest["latent_space"]["scale"]
+            tracking.log_latent_space(encoded.manifest["latent_space"])
         mlflow.set_tag("loomcfm.dataset_uri", result.dataset_uri)
         numbers = {"num_train": result.num_train, "num_val": result.num_val,
                    "classifier_val_accuracy": result.classifier_val_accuracy}
@@ -93,7 +98,7 @@ def image_dataset_uri(cfg: Config, parent_run_id: str | None = None) -> str:
         if manifest is not None and manifest.get("kind", "images") != "pairs":
             return image_dataset_of(cfg.data.uri)
     log.info("no image dataset given: caching %s first (the cache stage) to compare with", cfg.data.source)
-    return image_dataset_of(cache(cfg, parent_run_id).dataset_uri)
+    return cache(cfg, parent_run_id, latents=False).dataset_uri
 
 
 def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None, *, launcher: str = "local",
