@@ -7,10 +7,12 @@ resolved YAML ``prepare`` emits) plus ``key=value`` overrides, validated exactly
 
 from components.ablation import ablation_arm, ablation_plan, ablation_report
 from components.cache import cache
+from components.cluster_check import cluster_check
 from components.evaluate import evaluate, evaluate_reflow
 from components.pairs import pairs
 from components.prepare import prepare
 from components.train import train
 
-__all__ = ["ablation_arm", "ablation_plan", "ablation_report", "cache", "evaluate", "evaluate_reflow", "pairs",
+__all__ = ["ablation_arm", "ablation_plan", "ablation_report", "cache", "cluster_check", "evaluate",
+           "evaluate_reflow", "pairs",
            "prepare", "train"]

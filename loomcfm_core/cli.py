@@ -107,6 +107,17 @@ def build_parser(plugins: Iterable[metadata.EntryPoint] | None = None) -> argpar
     commands.add_parser("run", parents=[common], help="the whole pipeline: cache, train, evaluate, pairs, "
                         "reflow train, evaluate")
 
+    cluster = commands.add_parser("cluster", help="the Kubernetes cluster the RayJobs and pipelines run on")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True)
+    check = cluster_commands.add_parser("check", parents=[common], help="preflight: KubeRay, RBAC, Secrets, nodes and "
+                                        "a probe pod, as a table of checks; exits 1 on any failure")
+    check.add_argument("--launcher", choices=LAUNCHERS, default="rayjob",
+                       help="what the runs will use: rayjob (default) checks KubeRay too; local only the steps' needs")
+    check.add_argument("--inside", action="store_true", help="only the checks a pod makes (MLflow, storage, "
+                       "/dev/shm): what the probe pod runs")
+    check.add_argument("--no-probe", dest="probe", action="store_false", help="skip the probe pod")
+    check.add_argument("--shm", default=None, metavar="QUANTITY", help="the /dev/shm size to expect (--inside)")
+
     weights = commands.add_parser("weights", help="feature-network weights for FID")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True)
     fetch = weights_commands.add_parser("fetch", help="download the TF-Inception weights once into storage "
@@ -155,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
         print(note, file=sys.stderr)
     if args.command == "config":
         print(cfg.to_yaml(), end="")
+        return 0
+    if args.command == "cluster":
+        stages.check_cluster(cfg, args.launcher, inside=args.inside, probe=args.probe, shm=args.shm)
         return 0
     if args.command == "cache":
         result = stages.cache(cfg, args.parent_run_id)

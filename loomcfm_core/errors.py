@@ -95,6 +95,10 @@ class RayJobError(LoomcfmError, RuntimeError):
     """The RayJob failed, was stopped, or did not finish in time; the message carries KubeRay's reason."""
 
 
+class ClusterCheckError(LoomcfmError, RuntimeError):
+    """``loomcfm cluster check`` found what a run on this cluster would fail on (its table says what)."""
+
+
 class TrainingError(LoomcfmError, RuntimeError):
     """Training reached a state it must not continue from (ranks whose coupling tables diverged)."""
 

@@ -19,11 +19,28 @@ from loomcfm_core.storage import is_remote
 from loomcfm_core.tracking import find_pipeline_run, is_server
 
 POD_ENV = "KFP_POD_NAME"
+POD_UID_ENV = "KFP_POD_UID"  # argocompiler/common.go commonEnvs: fieldRef metadata.uid
 RUN_ID_ENV = "KFP_RUN_ID"
+# where the kubelet mounts a pod's ServiceAccount: its namespace is the pod's
+NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 def in_kfp_pod() -> bool:
     return bool(os.environ.get(POD_ENV))
+
+
+def step_pod(namespace_file: str | None = None) -> tuple[str, str, str] | None:
+    """(namespace, name, uid) of the KFP step pod this runs in, or None outside one (or when its namespace
+    cannot be read: no ServiceAccount token mounted)."""
+    name, uid = os.environ.get(POD_ENV, ""), os.environ.get(POD_UID_ENV, "")
+    if not (name and uid):
+        return None
+    try:
+        with open(namespace_file or NAMESPACE_FILE) as handle:
+            namespace = handle.read().strip()
+    except OSError:
+        return None
+    return (namespace, name, uid) if name and uid and namespace else None
 
 
 def kfp_run_id() -> str:

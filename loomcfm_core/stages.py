@@ -30,9 +30,10 @@ from loomcfm_core.errors import UsageError
 from loomcfm_core.evaluation.scoring import evaluate as score_checkpoint
 from loomcfm_core.evaluation.scoring import prepare_reference
 from loomcfm_core.evaluation.summary import base_rows, record_summary, summary_table
+from loomcfm_core.kube import cluster_check
 from loomcfm_core.kube.client import connect
 from loomcfm_core.kube.launcher import run_rayjob
-from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, load_template
+from loomcfm_core.kube.rayjob import RunIdentity, build_rayjob, cluster_config, load_template
 from loomcfm_core.layout import run_uri
 from loomcfm_core.models.loading import check_buildable, default_device, fitting_weights, load_flow, load_model
 from loomcfm_core.results import CacheResult, EvalResult, MethodResult, PairsResult, RunResult, SampleResult
@@ -132,9 +133,10 @@ def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None
     check_buildable(cfg)  # before a dataset is cached for a network that cannot exist
     dataset_uri = dataset_uri or dataset_to_train_on(cfg, parent_run_id)
     if launcher == "rayjob":
+        trained = cluster_config(cfg)  # what the RayJob trains with: its run folder is this config's
         if resume_step is not None:
-            rewind_run(cfg, dataset_uri, resume_step, wait=wait)
-        identity = RunIdentity(run_uri(cfg, dataset_uri), kfp_run_id, kfp_task)
+            rewind_run(trained, dataset_uri, resume_step, wait=wait)
+        identity = RunIdentity(run_uri(trained, dataset_uri), kfp_run_id, kfp_task)
         return train_on_kubernetes(cfg, dataset_uri, parent_run_id, identity)
     result = run_on_ray(cfg, dataset_uri, parent_run_id, wait=wait, resume_step=resume_step)
     result.model_alias = "reflow" if cfg.is_reflow else "base"
@@ -156,12 +158,20 @@ def train_on_kubernetes(cfg: Config, dataset_uri: str, parent_run_id: str | None
         identity: what names the RayJob; default: the run folder.
         api: a :class:`loomcfm_core.kube.client.KubeApi`; default: this pod's or the kubeconfig's cluster.
     """
-    run = run_uri(cfg, dataset_uri)
+    run = run_uri(cluster_config(cfg), dataset_uri)  # the RayJob trains with the cluster's ray.*
     args = ["--dataset", dataset_uri] + (["--parent-run-id", parent_run_id] if parent_run_id else [])
     body = build_rayjob(load_template(), cfg, identity or RunIdentity(run), args,
-                        stage="reflow" if cfg.is_reflow else "train")
+                        stage="reflow" if cfg.is_reflow else "train", owner=kfp_env.step_pod())
     run_rayjob(api or connect(cfg.kube.namespace), body, cfg.kube)
     return read_result(run, registered=True)
+
+
+def check_cluster(cfg: Config, launcher: str = "rayjob", inside: bool = False, probe: bool = True,
+                  shm: str | None = None, step: bool = False) -> None:
+    """``loomcfm cluster check`` (and a pipeline's first step, ``step``): prints the table of checks and raises
+    :class:`~loomcfm_core.errors.ClusterCheckError` on any ✗ (:mod:`loomcfm_core.kube.cluster_check`)."""
+    where = "inside the cluster" if inside else f"namespace {cfg.kube.namespace}, launcher {launcher}"
+    cluster_check.report(cluster_check.run(cfg, launcher, inside, probe, shm, step), where, mark=inside)
 
 
 def evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None = None, methods: list[str] | None = None,

@@ -1,10 +1,10 @@
-"""The paper's coupling ablation: cache, then the same config trained and evaluated with each coupling in
-parallel (``dsl.ParallelFor``), then one comparison (distance vs NFE per coupling) on the parent run."""
+"""The paper's coupling ablation: check the cluster, cache, then the same config trained and evaluated with each
+coupling in parallel (``dsl.ParallelFor``), then one comparison (distance vs NFE per coupling) on the parent run."""
 
 from kfp import dsl
 
 from components import ablation_arm, ablation_plan, ablation_report, cache, prepare
-from pipelines.common import STEP_RESOURCES, documented, preparing, step
+from pipelines.common import STEP_RESOURCES, checking, documented, preparing, step
 
 
 def build(parallelism: int = 0):
@@ -24,7 +24,9 @@ def build(parallelism: int = 0):
                           prepare_cpu: str = "500m", prepare_memory: str = "1Gi", cache_cpu: str = "2",
                           cache_memory: str = "8Gi"):
         p = dict(locals())
-        config = preparing(prepare(config_yaml=config_yaml, overrides=overrides), p).outputs["config_yaml"]
+        checked = checking(p, "local", config_yaml, overrides)
+        config = preparing(prepare(config_yaml=config_yaml, overrides=overrides), p).after(checked)
+        config = config.outputs["config_yaml"]
         dataset_uri = step(cache(config_yaml=config, overrides=[]), p, "cache").outputs["Output"]
         planned = step(ablation_plan(config_yaml=config, overrides=[], dataset_uri=dataset_uri), p,
                        "ablation_plan", kind="prepare")

@@ -58,12 +58,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     local = args.pipeline_command == "run-local"
     config = args.config or (None if local else "cluster")
-    pipeline_args = runner.arguments(args.pipeline, config, args.overrides, args.checkpoint, args.launcher)
+    pipeline_args = runner.arguments(args.pipeline, config, args.overrides, args.checkpoint)
     if not local:
         print(runner.submit(args.host, args.pipeline, pipeline_args, args.experiment, args.schedule,
-                            args.service_account))
+                            args.service_account, args.launcher))
         return 0
-    parent_run_id = runner.run_local(args.pipeline, pipeline_args, str(Path(args.pipeline_root).resolve()), args.cache)
+    parent_run_id = runner.run_local(args.pipeline, pipeline_args, str(Path(args.pipeline_root).resolve()), args.cache,
+                                     args.launcher)
     settings = load_config_text(pipeline_args["config_yaml"], args.overrides).tracking
     read_table = read_comparison if args.pipeline == "ablation" else read_summary_table
     print(f"\n{read_table(settings, parent_run_id)}\n\npipeline {args.pipeline} finished; step outputs under "

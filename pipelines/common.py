@@ -17,18 +17,21 @@ Rules from the KFP v2 backend (kubeflow/pipelines 2.17.0) that shape this module
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 
+from components import cluster_check, train
+
 from loomcfm_core.kfp_env import RUN_ID_ENV
+from loomcfm_core.kube.platform import ENV_CONFIG_KEYS, MLFLOW_SECRET_KEYS, S3_SECRET_KEYS, STEP_SHM
 from loomcfm_core.kube.rayjob import GPU_TOLERATION
 
-# Secrets and the ConfigMap created with k8s/ (kubectl apply -k k8s/overlays/...): env name -> key.
-S3_SECRET_KEYS = {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-MLFLOW_SECRET_KEYS = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-ENV_CONFIG_KEYS = {k: k for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_S3_ENDPOINT_URL",
-                                  "LOOMCFM_STORAGE_ROOT", "LOOMCFM_TRACKING_URI")}
+# The Secrets and the ConfigMap created with k8s/ (kubectl apply -k k8s/overlays/...) and what each step reads
+# from them (env name -> key) are loomcfm_core/kube/platform.py's: `loomcfm cluster check` checks the same.
 RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
-# The pipeline parameters a train step passes on: how and where its RayJob runs (components/train.py).
-CLUSTER_PARAMETERS = ("launcher", "namespace", "keep_cluster", "image", "ray_workers", "gpus_per_worker",
-                      "worker_cpu", "worker_memory", "gpu_node_selector")
+# The pipeline parameters a train step passes on: how and where its RayJob runs (components/train.py). The
+# launcher is not one: each package is built for one (pipelines/runner.py), because a step that only watches
+# a RayJob is sized differently and kfp 2.17's compiler cannot branch on it (a dsl.If sub-DAG does not get the
+# parameters its tasks use only in their resources: the compiled package references inputs it never passes).
+CLUSTER_PARAMETERS = ("namespace", "keep_cluster", "image", "ray_workers", "gpus_per_worker", "worker_cpu",
+                      "worker_memory", "gpu_node_selector")
 # What names a train step's RayJob. Each placeholder is a whole argument: the KFP driver substitutes one only
 # when it is the entire value (kubeflow/pipelines 2.17.0 backend/src/v2/driver/resolve.go resolveInputParameter).
 RUN_IDENTITY = {"kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "kfp_task": dsl.PIPELINE_TASK_NAME_PLACEHOLDER}
@@ -38,11 +41,15 @@ TRAIN_RETRIES = 2
 # counts against the container's limit).
 STEP_RESOURCES = {"prepare": ("500m", "1Gi"), "cache": ("2", "8Gi"), "train": ("4", "16Gi"),
                   "evaluate": ("4", "16Gi"), "pairs": ("4", "16Gi")}
-# /dev/shm of the steps that run DataLoader workers or Ray (its object store lives there; a container's
-# default is 64 MiB). The size is static: kfp-kubernetes 2.17 takes no parameter here.
-SHM_SIZE = "2Gi"
+# Steps sized by what they are, not by a parameter: the cluster check, and a train step that only watches its
+# RayJob (launcher rayjob: the training runs on the RayJob's own pods; no /dev/shm, no GPU).
+FIXED_RESOURCES = {"check": ("250m", "512Mi"), "watch": ("500m", "512Mi")}
+# /dev/shm of the steps that run DataLoader workers or Ray (platform.STEP_SHM). The size is static:
+# kfp-kubernetes 2.17 takes no parameter here.
+SHM_SIZE = STEP_SHM
 GPU_TOLERATIONS = [GPU_TOLERATION]
-DISPLAY = {"prepare": "validate config", "cache": "cache dataset", "train": "train (LOOM)",
+DISPLAY = {"check": "check cluster", "prepare": "validate config", "cache": "cache dataset", "train": "train (LOOM)",
+           "train_rayjob": "train (LOOM) as RayJob", "reflow_rayjob": "train (reflow) as RayJob",
            "evaluate": "evaluate", "pairs": "reflow pairs", "reflow": "train (reflow)",
            "evaluate_reflow": "evaluate (reflow)", "ablation_plan": "plan ablation arms",
            "ablation_arm": "train + evaluate (one coupling)", "ablation_report": "compare couplings"}
@@ -54,7 +61,6 @@ PARAMETER_DOCS = {
     "checkpoint_uri": "The trained model's checkpoint (s3://.../checkpoints/step-N.pt).",
     "config_yaml": "A preset name (cluster: digits on the k8s/ platform) or a whole loomcfm config as YAML.",
     "overrides": "key=value config overrides, e.g. [\"train.lr=1e-4\"] or [\"reflow.method=euler-4\"].",
-    "launcher": "Where training runs: local (Ray inside the train step) or rayjob (a KubeRay RayJob).",
     "namespace": "Namespace of the RayJobs (launcher rayjob).",
     "keep_cluster": "Keep a failed RayJob's head pod for post-mortem.",
     "image": "Image of the RayJob's pods.",
@@ -100,11 +106,14 @@ def step(task: PipelineTask, params: dict, name: str, kind: str | None = None,
 
     Returns:
         The task, with credentials (Secrets), endpoints and storage/tracking settings (ConfigMap), the run
-        id, CPU/memory requests and limits, /dev/shm for all but ``prepare``, and for GPU steps the GPU
+        id, CPU/memory requests and limits (``FIXED_RESOURCES`` for the check and a watch-only train step),
+        /dev/shm for the steps that compute (not ``prepare``, the check, a watcher), and for GPU steps the GPU
         limit, toleration and node selector. Caching stays on (KFP's default) unless the caller turns it off.
     """
     kind = kind or name
     task.set_display_name(DISPLAY[name])
+    if kind in FIXED_RESOURCES:
+        params = {**params, **dict(zip((f"{kind}_cpu", f"{kind}_memory"), FIXED_RESOURCES[kind]))}
     kubernetes.use_secret_as_env(task, secret_name=params["s3_secret"], secret_key_to_env=S3_SECRET_KEYS,
                                  optional=True)
     kubernetes.use_secret_as_env(task, secret_name=params["mlflow_secret"], secret_key_to_env=MLFLOW_SECRET_KEYS,
@@ -114,7 +123,7 @@ def step(task: PipelineTask, params: dict, name: str, kind: str | None = None,
     kubernetes.use_field_path_as_env(task, env_name=RUN_ID_ENV, field_path=RUN_ID_FIELD)
     cpu, memory = params[f"{kind}_cpu"], params[f"{kind}_memory"]
     task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
-    if kind != "prepare":
+    if kind not in ("prepare", "watch", "check"):
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=SHM_SIZE)
     if gpus is not None:
@@ -124,19 +133,38 @@ def step(task: PipelineTask, params: dict, name: str, kind: str | None = None,
     return task
 
 
-def cluster_arguments(parameters: dict) -> dict:
-    """The train component's RayJob arguments, picked from a pipeline's parameters (its ``locals()``), and
-    the run and task placeholders that name the RayJob."""
-    return {**{name: parameters[name] for name in CLUSTER_PARAMETERS}, **RUN_IDENTITY}
+def cluster_arguments(parameters: dict, launcher: str) -> dict:
+    """The train component's RayJob arguments, picked from a pipeline's parameters (its ``locals()``), the
+    package's launcher, and the run and task placeholders that name the RayJob."""
+    return {**{name: parameters[name] for name in CLUSTER_PARAMETERS}, "launcher": launcher, **RUN_IDENTITY}
 
 
-def training(task: PipelineTask, params: dict, name: str) -> PipelineTask:
+def training(params: dict, name: str, launcher: str, **inputs) -> PipelineTask:
     """A train step: never cached (it has side effects), retried when its pod fails or is evicted: the retry
     has the same run id and task name, so it adopts the step's RayJob or starts one that resumes from the
-    latest checkpoint. Its GPUs (``train_accelerator_limit``) are for a training inside the step."""
-    task = step(task, params, name, kind="train", gpus="train_accelerator_limit")
+    latest checkpoint. With ``launcher`` rayjob it only watches (``FIXED_RESOURCES['watch']``: no /dev/shm, no
+    GPU); with ``local`` it trains inside itself with the train resources and ``train_accelerator_limit`` GPUs.
+
+    Args:
+        params: the pipeline function's parameters (channels).
+        name: ``train`` or ``reflow`` (the display names).
+        inputs: the train component's other inputs.
+    """
+    task = train(**inputs, **cluster_arguments(params, launcher))
+    if launcher == "rayjob":
+        task = step(task, params, f"{name}_rayjob", kind="watch")
+    else:
+        task = step(task, params, name, kind="train", gpus="train_accelerator_limit")
     return task.set_caching_options(False).set_retry(num_retries=TRAIN_RETRIES, backoff_duration="60s",
                                                      backoff_factor=2.0)
+
+
+def checking(params: dict, launcher: str, config_yaml, overrides) -> PipelineTask:
+    """The first step: ``loomcfm cluster check`` for the package's launcher and this run's cluster shape; never
+    cached (the cluster changes, and it reaps RayJobs of terminated runs)."""
+    cluster = {k: params[k] for k in CLUSTER_PARAMETERS if k in params and k != "keep_cluster"}
+    task = cluster_check(config_yaml=config_yaml, overrides=overrides, launcher=launcher, **cluster)
+    return step(task, params, "check").set_caching_options(False)
 
 
 def preparing(task: PipelineTask, params: dict) -> PipelineTask:

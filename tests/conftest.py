@@ -27,6 +27,16 @@ from tests.run_cli import forget_ray_token
 
 pytest_plugins = ["tests.cost"]
 
+
+def pytest_configure(config):
+    """One intra-op thread in this process and in every process it starts (a ``loomcfm`` command, a kfp.local
+    step; Ray gives its workers one per CPU already): the networks here are tiny, where a second thread only
+    adds synchronisation, and two threads spinning on a loaded 2-core machine (or beside an xdist worker)
+    make every step several times slower. Nothing a test checks depends on the thread count."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # A digits network small enough to train a few steps of on a CPU in a test, as ``--set`` overrides.
 SMALL = ["model.channels=32", "model.channel_mult=[1,2]", "model.attn_resolutions=[]", "train.max_steps=3",
          "train.batch_size=16"]

@@ -8,7 +8,6 @@ import torch
 
 from loomcfm_core.checkpoint import save_checkpoint
 from loomcfm_core.config import load_config
-from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.data.dataset import ShardedDataset
 from loomcfm_core.evaluation.scoring import evaluate
 from loomcfm_core.models.loading import build_model
@@ -43,7 +42,7 @@ def test_two_ray_workers_equal_one_worker(tmp_path, store, one_thread):
               "eval.methods=[euler-1,midpoint-1]", "ray.cpus_per_worker=1"]
     one = load_config("digits", [*common, f"storage.root={store}"])
     two = load_config("digits", [*common, f"storage.root={tmp_path}/two", "ray.num_workers=2"])
-    dataset_uri = cache_dataset(one).uri  # the session's, with its classifier
+    dataset_uri = str(next((store / "datasets").iterdir()))  # the session's, with its classifier
     torch.manual_seed(0)
     model = build_model(one).eval()
     for p in model.out.parameters():  # a network that does not output zeros everywhere

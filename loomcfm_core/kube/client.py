@@ -44,10 +44,22 @@ class KubeApi:
                                                            field_validation="Strict",
                                                            _request_timeout=REQUEST_TIMEOUT)
 
-    def delete(self, name: str) -> None:
+    def patch(self, name: str, patch: dict) -> dict:
+        """A JSON merge patch (RFC 7386) of the RayJob's metadata."""
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, patch,
+                                                          _request_timeout=REQUEST_TIMEOUT)
+
+    def delete(self, name: str, timeout: tuple[float, float] = REQUEST_TIMEOUT) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name,
-                                                    propagation_policy="Background",
-                                                    _request_timeout=REQUEST_TIMEOUT)
+                                                    propagation_policy="Background", _request_timeout=timeout)
+
+    def fresh(self) -> KubeApi:
+        """The same API over a new connection pool: what a signal handler uses, since the main thread it
+        interrupts may hold the old pool's lock."""
+        from kubernetes import client
+
+        api = client.ApiClient(configuration=self.core.api_client.configuration)
+        return KubeApi(client.CustomObjectsApi(api), client.CoreV1Api(api), self.namespace)
 
 
 def connect(namespace: str) -> KubeApi:

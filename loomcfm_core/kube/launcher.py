@@ -14,9 +14,20 @@ A successful RayJob is deleted (unless ``kube.keep_cluster``); a failed one stay
 of the error show its events and its submitter's log (its cluster is already gone: ``ttlSecondsAfterFinished``
 0, :mod:`loomcfm_core.kube.rayjob`), until a retry of the step replaces it.
 
-SIGTERM (KFP terminating the run, the step's pod evicted; the pod's grace period is 30 s by default) stops
-the watch; ``kube.on_terminate`` then deletes the RayJob (KubeRay's finalizer stops the Ray job and the
-cluster goes with it) or leaves it for the retried step to adopt.
+While the Ray job is not running yet, the launcher also reads the pods below the RayJob
+(:mod:`loomcfm_core.kube.pods`), logs their progress and ends the step with one line naming the pod, the
+cause and the ``kubectl`` command to see more once a cause that waiting cannot fix (an image that does not
+pull, a missing Secret or key, a crash loop) has lasted ``kube.fail_fast_s``; the RayJob is then deleted or
+left per ``kube.on_terminate``.
+
+SIGTERM (KFP terminating the run, the step's pod evicted) stops the watch. With ``kube.on_terminate=delete``
+the handler itself deletes the RayJob first, over a connection of its own (KubeRay's finalizer stops the Ray
+job and the cluster goes with it): a terminated KFP step's process has about a second before the container
+dies with its PID 1 (loomcfm_core/kube/reaper.py says why, and what catches the cases no signal reaches);
+``leave`` keeps it for the retried step to adopt.
+
+A ``kube.keep_cluster`` RayJob whose Ray job was stopped is deleted: no KubeRay deletion rule can match
+STOPPED, so its cluster would otherwise stay.
 """
 
 from __future__ import annotations
@@ -27,10 +38,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Callable
 
 from loomcfm_core.errors import RayJobError
 from loomcfm_core.kube.client import KubeApi, Patience, describe, reason, status_code
 from loomcfm_core.kube.logs import DriverLog
+from loomcfm_core.kube.pods import PROGRESS_S, Cause, PodWatch
+from loomcfm_core.kube.platform import ON_TERMINATE, OWNER_POD, OWNER_UID
 from loomcfm_core.kube.rayjob import RUN_KEY_LABEL
 from loomcfm_core.kube.settings import KubeConfig
 from loomcfm_core.kube.status import Observation, Progress
@@ -38,6 +52,11 @@ from loomcfm_core.kube.status import Observation, Progress
 TEARDOWN_S = 300.0  # per retry: KubeRay deletes the old cluster and submitter before the next attempt starts
 MARGIN_S = 600.0  # the submitter finishing, KubeRay's 3 s requeues, API hiccups
 MESSAGE_CHARS = 2000
+STARTED_JOB = ("RUNNING", "STOPPED", "SUCCEEDED", "FAILED")  # a Ray job that got past its submission
+# what usually makes KubeRay's dashboard checks fail (rayjob_controller.go checkJobStatusCheckTimeoutAndUpdateStatusIfNeeded)
+STATUS_CHECK_HINT = ("KubeRay's operator could not reach the head's dashboard (port 8265) for its status checks: usually a "
+                     "NetworkPolicy or a service mesh (an Istio/Linkerd sidecar) between the operator's namespace and "
+                     "this one; allow ingress to port 8265 of the RayJob's head pods from the operator")
 log = logging.getLogger(__name__)
 
 
@@ -47,13 +66,20 @@ def time_bound(kube: KubeConfig, teardown_s: float = TEARDOWN_S, margin_s: float
 
 
 @contextmanager
-def sigterm_sets(stop: threading.Event) -> Iterator[None]:
-    """While inside, SIGTERM sets ``stop`` instead of killing the process (whose ``finally`` blocks would not
-    run). Signal handlers belong to the main thread; elsewhere this does nothing."""
+def sigterm_sets(stop: threading.Event, first: Callable[[], None] | None = None) -> Iterator[None]:
+    """While inside, SIGTERM runs ``first`` (once) and sets ``stop`` instead of killing the process (whose
+    ``finally`` blocks would not run). Signal handlers belong to the main thread; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+
+    def handle(signum, frame) -> None:
+        if first is not None and not stop.is_set():
+            stop.set()
+            first()
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, handle)
     try:
         yield
     finally:
@@ -72,12 +98,14 @@ class Launcher:
     """One RayJob's launch and watch; see the module docstring. The keyword arguments tune the waits."""
 
     def __init__(self, api: KubeApi, kube: KubeConfig, patience_s: float = 300.0, retry_base_s: float = 1.0,
-                 teardown_s: float = TEARDOWN_S, margin_s: float = MARGIN_S, gone_wait_s: float = 300.0):
-        self.api, self.kube = api, kube
+                 teardown_s: float = TEARDOWN_S, margin_s: float = MARGIN_S, gone_wait_s: float = 300.0,
+                 progress_s: float = PROGRESS_S):
+        self.api, self.kube, self.progress_s = api, kube, progress_s
         self.stop = threading.Event()
         self.patience = Patience(patience_s, self.stop, base_s=retry_base_s)
         self.bound = time_bound(kube, teardown_s, margin_s)
         self.teardown_s, self.margin_s, self.gone_wait_s = teardown_s, margin_s, gone_wait_s
+        self.deleted_on_signal = False
 
     def where(self, name: str) -> str:
         return f"{self.api.namespace}/{name}"
@@ -85,7 +113,7 @@ class Launcher:
     def run(self, body: dict) -> dict:
         """Create or adopt ``body``'s RayJob and wait for its end; returns its final ``status``."""
         name, ended = body["metadata"]["name"], None
-        with sigterm_sets(self.stop):
+        with sigterm_sets(self.stop, first=lambda: self._delete_on_signal(name)):
             try:
                 ended = self._run(body)
             except KeyboardInterrupt:
@@ -96,6 +124,9 @@ class Launcher:
         if self.stop.is_set() or ended is None:
             self._terminated(name)
         obs, driver, status = ended
+        if self.kube.keep_cluster and obs.deployment == "Complete" and obs.job == "STOPPED":
+            self._delete(name, "its Ray job was stopped; KubeRay's deletion rules cannot match STOPPED, so "
+                               "keep_cluster would leave its cluster forever")
         if obs.succeeded_run:
             if not self.kube.keep_cluster:
                 self._delete(name, "it succeeded")
@@ -107,6 +138,8 @@ class Launcher:
         if self._create_or_adopt(body) is None:
             return None
         progress, driver = Progress(name, self.kube.attempts), DriverLog(self.api, name)
+        pods = PodWatch(self.api, name, self.kube.fail_fast_s, self.progress_s)
+        workers = body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].get("replicas", 1)
         started = time.monotonic()
         while not self.stop.is_set():
             status = self._read(name)
@@ -115,6 +148,9 @@ class Launcher:
             driver.copy_new()
             if obs.ended:
                 return obs, driver, status
+            if obs.deployment in ("Initializing", "Running") and obs.job not in STARTED_JOB:
+                if (cause := pods.check(obs.cluster, workers)) is not None:
+                    self._cannot_start(name, cause)
             if time.monotonic() - started > self.bound:
                 if not self.kube.keep_cluster:
                     self._delete(name, "the launcher's time bound passed")
@@ -178,9 +214,27 @@ class Launcher:
             else:
                 log.info("adopting RayJob %s (%s): an earlier try of this step created it", self.where(name),
                          obs.summary())
+                self._watch_as(body, existing)
                 return existing
             self._wait_gone(name)
         return None
+
+    def _watch_as(self, body: dict, existing: dict) -> None:
+        """Adopting: this step's pod becomes the RayJob's watcher (owner annotations and reference), so the
+        reaper does not take the earlier try's ended pod for an orphan's."""
+        from kubernetes.client.exceptions import ApiException
+
+        mine, theirs = body["metadata"].get("annotations", {}), existing["metadata"].get("annotations", {})
+        if OWNER_UID not in mine or mine.get(OWNER_UID) == theirs.get(OWNER_UID):
+            return
+        patch = {"metadata": {"annotations": {k: mine[k] for k in (OWNER_POD, OWNER_UID, ON_TERMINATE) if k in mine},
+                              "ownerReferences": body["metadata"].get("ownerReferences")}}
+        try:
+            name = existing["metadata"]["name"]
+            self.patience.call(f"patch RayJob {self.where(name)}", self.api.patch, name, patch)
+        except ApiException as exc:
+            log.warning("could not make this step the watcher of RayJob %s: %s", self.where(existing["metadata"][
+                "name"]), describe(exc))
 
     def _wait_gone(self, name: str) -> None:
         deadline = time.monotonic() + self.gone_wait_s
@@ -205,14 +259,35 @@ class Launcher:
         log.info("deleted RayJob %s (%s)", self.where(name), why)
         return True
 
+    def _delete_on_signal(self, name: str) -> None:
+        """SIGTERM's first act with ``on_terminate=delete``: one short DELETE on a connection of its own."""
+        if self.kube.on_terminate != "delete":
+            return
+        try:
+            self.api.fresh().delete(name, timeout=(2, 3))
+            self.deleted_on_signal = True
+        except Exception:  # noqa: BLE001 - the main thread tries again with its own connection
+            pass
+
     def _terminated(self, name: str) -> None:
         if self.kube.on_terminate == "delete":
-            done = self._delete(name, "the launcher was terminated")
+            done = self.deleted_on_signal or self._delete(name, "the launcher was terminated")
             outcome = ("deleted it: KubeRay stops the Ray job and removes its cluster" if done else
                        f"could not delete it: kubectl -n {self.api.namespace} delete rayjob {name}")
         else:
             outcome = "left it running (kube.on_terminate=leave): a retried step of the same run adopts it"
         raise RayJobError(f"terminated while watching RayJob {self.where(name)}; {outcome}")
+
+    def _cannot_start(self, name: str, cause: Cause) -> None:
+        """A deterministic cause lasted ``kube.fail_fast_s``: one line, and the RayJob per ``on_terminate``."""
+        ns = self.api.namespace
+        if self.kube.on_terminate == "delete":
+            done = self._delete(name, f"its {cause.role} pod cannot start")
+            outcome = "deleted it" if done else f"could not delete it: kubectl -n {ns} delete rayjob {name}"
+        else:
+            outcome = "left it (kube.on_terminate=leave)"
+        raise RayJobError(f"RayJob {self.where(name)} cannot start: {cause.line()} (for {self.kube.fail_fast_s} s, "
+                          f"kube.fail_fast_s); see: {cause.kubectl(ns)}; {outcome}")
 
     def _failure(self, name: str, obs: Observation, driver: DriverLog) -> RayJobError:
         ns = self.api.namespace
@@ -221,10 +296,14 @@ class Launcher:
                  f"(kube.backoff_limit={self.kube.backoff_limit}): {obs.reason or obs.job or 'no reason given'}"]
         if obs.message:
             lines.append(_clip(obs.message))
+        if obs.reason == "JobStatusCheckTimeoutExceeded":
+            lines.append(STATUS_CHECK_HINT)
         tail = driver.tail()
         if tail and tail[-200:] not in obs.message:
             lines.append(f"driver log, last lines:\n{tail}")
-        if self.kube.keep_cluster:
+        if self.kube.keep_cluster and obs.job == "STOPPED":
+            lines.append("it is deleted with its cluster: no KubeRay deletion rule can keep a stopped job's head")
+        elif self.kube.keep_cluster:
             lines.append(f"its head pod stays for kube.keep_cluster_s={self.kube.keep_cluster_s} s: kubectl -n {ns} "
                          f"logs -l ray.io/cluster={obs.cluster},ray.io/node-type=head")
         else:

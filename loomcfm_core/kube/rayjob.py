@@ -27,6 +27,7 @@ import yaml
 
 from loomcfm_core import IMAGE
 from loomcfm_core.errors import ConfigError, RayJobError
+from loomcfm_core.kube.platform import ON_TERMINATE, OWNER_POD, OWNER_UID
 from loomcfm_core.kube.settings import GPU_RESOURCE, KubeConfig, parse_quantity, parse_selector
 
 if TYPE_CHECKING:
@@ -177,7 +178,24 @@ def _shape_workers(cluster: dict, kube: KubeConfig) -> None:
         pod.pop("tolerations", None)
 
 
-def build_rayjob(template: dict, cfg: Config, identity: RunIdentity, args: list[str], stage: str = "train") -> dict:
+def watched_by(job: dict, owner: tuple[str, str, str] | None, on_terminate: str = "delete") -> None:
+    """Tie the RayJob to the KFP step pod that watches it (``owner``: namespace, name, uid): annotations the
+    reaper reads (:mod:`loomcfm_core.kube.reaper`), and, in the pod's own namespace, an ownerReference, so
+    the garbage collector deletes the RayJob once the pod is gone (Kubernetes allows no owner in another
+    namespace: the collector would treat it as absent and delete the RayJob at once). No
+    ``blockOwnerDeletion``: it would need ``update pods/finalizers`` under OwnerReferencesPermissionEnforcement."""
+    if owner is None:
+        return
+    namespace, name, uid = owner
+    meta = job["metadata"]
+    meta["annotations"] = {**meta.get("annotations", {}), OWNER_POD: f"{namespace}/{name}", OWNER_UID: uid,
+                           ON_TERMINATE: on_terminate}
+    if namespace == meta["namespace"]:
+        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}]
+
+
+def build_rayjob(template: dict, cfg: Config, identity: RunIdentity, args: list[str], stage: str = "train",
+                 owner: tuple[str, str, str] | None = None) -> dict:
     """The RayJob of one training.
 
     Args:
@@ -186,6 +204,7 @@ def build_rayjob(template: dict, cfg: Config, identity: RunIdentity, args: list[
             exactly what the caller validated.
         args: ``loomcfm train`` arguments after the template's own (``--dataset``, ``--parent-run-id``).
         stage: ``train`` or ``reflow``: part of the name when no KFP task names it.
+        owner: the KFP step pod that watches it (:func:`watched_by`), from :func:`loomcfm_core.kfp_env.step_pod`.
     """
     kube, job = cfg.kube, copy.deepcopy(template)
     meta = job["metadata"]
@@ -211,4 +230,5 @@ def build_rayjob(template: dict, cfg: Config, identity: RunIdentity, args: list[
         container["image"] = kube.image or IMAGE
     env = [e for e in heads[0].get("env", []) if e["name"] != CONFIG_ENV]
     heads[0]["env"] = [*env, {"name": CONFIG_ENV, "value": cluster_config(cfg).to_yaml()}]
+    watched_by(job, owner, kube.on_terminate)
     return job

@@ -63,6 +63,12 @@ class KubeConfig(BaseModel):
 
     namespace: str = Field("loomcfm", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
                            description="where the RayJob runs")
+    kfp_namespace: str = Field("kubeflow", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                               description="where KFP runs the pipeline steps (standalone KFP: kubeflow; "
+                               "multi-user Kubeflow: the profile namespace); `loomcfm cluster check` checks its "
+                               "Secrets")
+    operator: str = Field("kuberay-system/kuberay-operator", pattern=r"^[a-z0-9][-a-z0-9]*/[a-z0-9][-a-z0-9.]*$",
+                          description="<namespace>/<deployment> of KubeRay's operator, for `loomcfm cluster check`")
     image: str | None = Field(None, description="image of the RayJob's pods; default: the package's image "
                               "(LOOMCFM_IMAGE, else ghcr.io/loomcfm/loomcfm:<version>)")
     ray_workers: int = Field(1, ge=1, description="worker pods of the Ray cluster")
@@ -86,6 +92,8 @@ class KubeConfig(BaseModel):
                                 "go at once) and leave the RayJob in place")
     keep_cluster_s: int = Field(86400, ge=0, description="with keep_cluster: how long the failed head stays")
     poll_s: float = Field(10.0, gt=0, description="seconds between status reads")
+    fail_fast_s: int = Field(300, ge=0, description="end the step when a pod of the RayJob has had a cause that "
+                             "waiting cannot fix (image pull, missing Secret or key, crash loop) this long")
 
     @field_validator("worker_cpu", "worker_memory")
     @classmethod

@@ -56,11 +56,13 @@ def _kill(processes: list[Holder]) -> list[Holder]:
     return alive
 
 
-def record_processes() -> Path:
-    """Write (or refresh) this process's record of the local Ray it started: every descendant now."""
+def record_processes(before: frozenset[int] = frozenset()) -> Path:
+    """Write (or refresh) this process's record of the local Ray it started: every descendant now but those
+    in ``before`` (what ran before ``ray.init``: a server a test or a notebook started is not Ray's, and
+    :func:`stop_local_ray` must not kill it)."""
     me = Holder.me()
     processes = [Holder(me.host, pid, started) for pid in descendants(me.pid)
-                 if (started := start_time(pid)) is not None]
+                 if pid not in before and (started := start_time(pid)) is not None]
     path = _records() / f"{me.pid}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -98,8 +100,9 @@ def start_local_ray(**init_kwargs) -> None:
 
     clean_orphans()
     stay_offline()
+    before = frozenset(descendants(os.getpid()))
     ray.init(**init_kwargs)
-    record_processes()
+    record_processes(before)
 
 
 def stop_local_ray() -> None:

@@ -156,7 +156,9 @@ def test_digits_cache_then_noop(tmp_path, caplog):
 
 
 def test_cli_cache_to_s3(tmp_path, s3_bucket, capsys):
-    assert main(["cache", "--set", f"storage.root=s3://{s3_bucket}/prefix"]) == 0
+    # Inception features: nothing to train at cache time (the digits classifier is tests/evaluation's)
+    sets = ["--set", f"storage.root=s3://{s3_bucket}/prefix", "--set", "eval.feature_network=inception"]
+    assert main(["cache", *sets]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["dataset_uri"].startswith(f"s3://{s3_bucket}/prefix/datasets/digits-") and out["created"]
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
@@ -164,7 +166,7 @@ def test_cli_cache_to_s3(tmp_path, s3_bucket, capsys):
     assert f"prefix/datasets/{name}/manifest.json" in keys
     assert f"prefix/datasets/{name}/train/shard-00000.h5" in keys
     assert not [k for k in keys if ".tmp-" in k]
-    assert main(["cache", "--set", f"storage.root=s3://{s3_bucket}/prefix"]) == 0
+    assert main(["cache", *sets]) == 0
     assert json.loads(capsys.readouterr().out)["created"] is False
 
     # a node reads from a verified local copy; a corrupted object is refused

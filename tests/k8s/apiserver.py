@@ -38,7 +38,9 @@ import functools
 import json
 import re
 import threading
+import random
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -46,16 +48,45 @@ from urllib.parse import parse_qs, urlparse
 import jsonschema
 import yaml
 
+from tests.k8s.rbac import ADMIN, Request, User, authorize, forbidden
+
 SCHEMAS = Path(__file__).resolve().parents[3] / "shared" / "schemas" / "kuberay"
-# resource -> (API group, kind, has a status subresource)
-RESOURCES = {"rayjobs": ("ray.io", "RayJob", True), "rayclusters": ("ray.io", "RayCluster", True),
-             "jobs": ("batch", "Job", True), "pods": ("", "Pod", True), "services": ("", "Service", True)}
+
+
+@dataclass(frozen=True)
+class Kind:
+    group: str
+    version: str
+    kind: str
+    namespaced: bool = True
+    has_status: bool = True
+
+
+# resource -> its API group, version, kind, scope and whether it has a status subresource
+RESOURCES = {
+    "rayjobs": Kind("ray.io", "v1", "RayJob"), "rayclusters": Kind("ray.io", "v1", "RayCluster"),
+    "jobs": Kind("batch", "v1", "Job"), "pods": Kind("", "v1", "Pod"), "services": Kind("", "v1", "Service"),
+    "events": Kind("", "v1", "Event", has_status=False), "secrets": Kind("", "v1", "Secret", has_status=False),
+    "configmaps": Kind("", "v1", "ConfigMap", has_status=False),
+    "serviceaccounts": Kind("", "v1", "ServiceAccount", has_status=False),
+    "nodes": Kind("", "v1", "Node", namespaced=False), "namespaces": Kind("", "v1", "Namespace", namespaced=False),
+    "deployments": Kind("apps", "v1", "Deployment"),
+    "customresourcedefinitions": Kind("apiextensions.k8s.io", "v1", "CustomResourceDefinition", namespaced=False),
+    "roles": Kind("rbac.authorization.k8s.io", "v1", "Role", has_status=False),
+    "rolebindings": Kind("rbac.authorization.k8s.io", "v1", "RoleBinding", has_status=False),
+    "clusterroles": Kind("rbac.authorization.k8s.io", "v1", "ClusterRole", namespaced=False, has_status=False),
+    "clusterrolebindings": Kind("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", namespaced=False,
+                                has_status=False),
+    "selfsubjectaccessreviews": Kind("authorization.k8s.io", "v1", "SelfSubjectAccessReview", namespaced=False,
+                                     has_status=False),
+}
+KINDS = {spec.kind: resource for resource, spec in RESOURCES.items()}
 OBJECT_META = {"name", "generateName", "namespace", "labels", "annotations", "finalizers", "ownerReferences", "uid",
                "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp",
                "deletionGracePeriodSeconds", "managedFields"}
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_ROUTE = re.compile(r"^/(?:apis/(?P<group>[^/]+)/(?P<gv>[^/]+)|api/(?P<cv>v1))/namespaces/(?P<ns>[^/]+)/"
-                    r"(?P<resource>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>status|log))?$")
+SUBRESOURCES = ("status", "log", "exec", "finalizers")
+RAND = "bcdfghjklmnpqrstvwxz2456789"  # k8s.io/apimachinery/pkg/util/rand: generateName's 5 characters
 
 
 def now() -> datetime.datetime:
@@ -79,7 +110,8 @@ def parse_time(text: str) -> datetime.datetime:
 class ApiError(Exception):
     """An answer other than 2xx, as the ``Status`` object the API server sends."""
 
-    PHRASES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict", 422: "Invalid",
+    PHRASES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 409: "Conflict", 415: "UnsupportedMediaType",
+               422: "Invalid",
                429: "TooManyRequests", 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
 
     def __init__(self, code: int, reason: str, message: str, details: dict | None = None, headers=None):
@@ -94,7 +126,7 @@ class ApiError(Exception):
 
 
 def not_found(resource: str, name: str) -> ApiError:
-    group = RESOURCES[resource][0]
+    group = RESOURCES[resource].group
     qualified = f"{resource}.{group}" if group else resource
     return ApiError(404, "NotFound", f'{qualified} "{name}" not found', {"name": name, "group": group, "kind": resource})
 
@@ -222,6 +254,22 @@ def selector_matches(selector: str, labels: dict[str, str]) -> bool:
     return True
 
 
+def field_matches(selector: str, obj: dict) -> bool:
+    """``fieldSelector``: ``path=value``, ``path==value``, ``path!=value`` terms over dotted paths such as
+    ``involvedObject.name`` or ``status.phase`` (``pkg/fields/selector.go``); a missing field reads as ""."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        match = re.fullmatch(r"([\w.]+)\s*(==|=|!=)\s*(.*)", term)
+        if match is None:
+            raise ApiError(400, "BadRequest", f"invalid field selector: {term!r}")
+        path, op, value = match.groups()
+        current = obj
+        for key in path.split("."):
+            current = current.get(key, "") if isinstance(current, dict) else ""
+        if (str(current) == value) != (op != "!="):
+            return False
+    return True
+
+
 # ---- the store ---------------------------------------------------------------------------------------------
 
 class Store:
@@ -234,6 +282,8 @@ class Store:
         self.version = 0
         self.created: collections.Counter[str] = collections.Counter()
         self.requests: list[tuple[str, str]] = []
+        self.denied: list[str] = []  # the message of every 403 sent
+        self.tokens: dict[str, User] = {}  # bearer token -> user; no token: the cluster's admin
         self._faults: collections.deque[int] = collections.deque()
         self._commit_then_fail = 0
 
@@ -264,16 +314,47 @@ class Store:
                 raise not_found(resource, name)
             return copy.deepcopy(obj)
 
-    def list(self, resource: str, namespace: str, selector: str = "") -> list[dict]:
+    def list(self, resource: str, namespace: str | None, selector: str = "", fields: str = "") -> list[dict]:
+        """Objects of ``resource`` in ``namespace`` (None: every namespace; "" for cluster-scoped ones)."""
         with self.lock:
             return [copy.deepcopy(o) for (r, ns, _), o in sorted(self.objects.items())
-                    if r == resource and ns == namespace and selector_matches(selector, o["metadata"].get("labels", {}))]
+                    if r == resource and namespace in (None, ns)
+                    and selector_matches(selector, o["metadata"].get("labels", {})) and field_matches(fields, o)]
+
+    def apply(self, obj: dict) -> dict:
+        """Create ``obj`` (a manifest: its kind names the resource, its namespace where), or replace it."""
+        resource = KINDS[obj["kind"]]
+        namespace = obj["metadata"].get("namespace", "") if RESOURCES[resource].namespaced else ""
+        with self.lock:
+            current = self.objects.get((resource, namespace, obj["metadata"]["name"]))
+            if current is None:
+                created = self.create(resource, namespace, obj)[0]
+                if "status" in obj and RESOURCES[resource].has_status:
+                    created = self.update(resource, namespace, {**created, "status": obj["status"]}, True)
+                return created
+            self.objects[(resource, namespace, obj["metadata"]["name"])] = {**copy.deepcopy(obj),
+                                                                            "metadata": current["metadata"]}
+            return copy.deepcopy(self.objects[(resource, namespace, obj["metadata"]["name"])])
+
+    def authorize(self, user: User, req: Request) -> tuple[bool, str]:
+        """The RBAC decision for ``user`` on ``req``, from the Roles and bindings stored here."""
+        with self.lock:
+            bindings = [o for (r, ns, _), o in sorted(self.objects.items()) if r == "clusterrolebindings"
+                        or (r == "rolebindings" and ns == req.namespace)]
+
+        def lookup(resource, namespace, name):
+            return self.objects.get((resource, namespace, name))
+
+        return authorize(user, req, bindings, lookup)
 
     def create(self, resource: str, namespace: str, body: dict, strict: bool = False) -> tuple[dict, list[str]]:
-        group, kind, has_status = RESOURCES[resource]
+        spec = RESOURCES[resource]
+        group, kind, has_status = spec.group, spec.kind, spec.has_status
         body = copy.deepcopy(body)
         meta = body.setdefault("metadata", {})
-        if meta.get("namespace", namespace) != namespace:
+        if not meta.get("name") and meta.get("generateName"):  # names.SimpleNameGenerator
+            meta["name"] = meta["generateName"][:58] + "".join(random.choice(RAND) for _ in range(5))
+        if spec.namespaced and meta.get("namespace", namespace) != namespace:
             raise ApiError(400, "BadRequest", "the namespace of the provided object does not match the namespace "
                            "sent on the request")
         warnings = admit(kind, body, strict) if group == "ray.io" else []
@@ -292,7 +373,9 @@ class Store:
                 body.pop("status", None)
             for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion"):
                 meta.pop(field, None)
-            meta.update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=rfc3339(), generation=1)
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=rfc3339(), generation=1)
+            if spec.namespaced:
+                meta["namespace"] = namespace
             self._bump(body)
             self.objects[key] = body
             self.created[resource] += 1
@@ -305,7 +388,7 @@ class Store:
             if current is None:
                 raise not_found(resource, key[2])
             if body["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
-                group = RESOURCES[resource][0]
+                group = RESOURCES[resource].group
                 raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {resource}.{group} "{key[2]}": the '
                                "object has been modified; please apply your changes to the latest version and try "
                                "again", {"name": key[2], "group": group, "kind": resource})
@@ -327,6 +410,30 @@ class Store:
                 self._remove(key)
             return copy.deepcopy(updated)
 
+    def patch(self, resource: str, namespace: str, name: str, patch: dict) -> dict:
+        """A JSON merge patch (RFC 7386: objects merge, ``null`` removes, anything else replaces) of an object's
+        metadata and spec, as a PATCH with ``application/merge-patch+json``; a custom resource is validated
+        again (``admit``)."""
+        def merge(target, change):
+            if not isinstance(change, dict):
+                return copy.deepcopy(change)
+            out = dict(target) if isinstance(target, dict) else {}
+            for key, value in change.items():
+                if value is None:
+                    out.pop(key, None)
+                else:
+                    out[key] = merge(out.get(key), value)
+            return out
+
+        with self.lock:
+            current = self.get(resource, namespace, name)
+            patched = merge(current, {k: v for k, v in patch.items() if k != "status"})
+            patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            spec = RESOURCES[resource]
+            if spec.group == "ray.io":
+                admit(spec.kind, patched, False, current)
+            return self.update(resource, namespace, patched)
+
     def delete(self, resource: str, namespace: str, name: str) -> dict:
         with self.lock:
             key = (resource, namespace, name)
@@ -341,7 +448,7 @@ class Store:
                 return copy.deepcopy(obj)
             self._remove(key)
             return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                    "details": {"name": name, "group": RESOURCES[resource][0], "kind": resource,
+                    "details": {"name": name, "group": RESOURCES[resource].group, "kind": resource,
                                 "uid": obj["metadata"]["uid"]}}
 
     def _remove(self, key: tuple[str, str, str]) -> None:
@@ -350,9 +457,33 @@ class Store:
         if key[0] == "pods":
             self.logs.pop((key[1], key[2]), None)
         uid = gone["metadata"]["uid"]
-        for other, obj in list(self.objects.items()):
+        for other, obj in list(self.objects.items()):  # background propagation: a dependent's finalizers run
             if other in self.objects and any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences", [])):
-                self._remove(other)
+                self.delete(*other)
+
+    def collect_garbage(self) -> list[tuple[str, str, str]]:
+        """The garbage collector's sweep (kubernetes ``pkg/controller/garbagecollector``): an object all of whose
+        owners are absent is deleted. An owner is looked up by uid where it can be: in the dependent's namespace
+        for a namespaced kind (an owner in another namespace is therefore absent: cross-namespace owner
+        references are disallowed by design), at cluster scope otherwise. Returns what it deleted."""
+        with self.lock:
+            doomed = []
+            for (resource, namespace, name), obj in self.objects.items():
+                refs = obj["metadata"].get("ownerReferences") or []
+                if not refs or obj["metadata"].get("deletionTimestamp"):
+                    continue
+                present = []
+                for ref in refs:
+                    owner = KINDS.get(ref.get("kind", ""))
+                    where = namespace if owner and RESOURCES[owner].namespaced else ""
+                    found = self.objects.get((owner, where, ref.get("name", ""))) if owner else None
+                    present.append(found is not None and found["metadata"]["uid"] == ref.get("uid"))
+                if not any(present):
+                    doomed.append((resource, namespace, name))
+            for key in doomed:
+                if key in self.objects:
+                    self.delete(*key)
+            return doomed
 
     def log(self, namespace: str, pod: str, text: str) -> None:
         """What a container wrote: the kubelet stores (and timestamps) it line by line."""
@@ -381,6 +512,30 @@ class Store:
 VERBS = {"GET": "get", "POST": "create", "PUT": "update", "DELETE": "delete", "PATCH": "patch"}
 
 
+def route(path: str) -> tuple[str, str, str, str, str] | None:
+    """(API group, resource, namespace, name, subresource) of a request path; None if it names no resource
+    (``/api/v1/namespaces/<ns>`` is the namespace object itself, ``/api/v1/namespaces/<ns>/<res>/...`` in it)."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:2] == ["api", "v1"]:
+        group, rest = "", parts[2:]
+    elif len(parts) >= 3 and parts[0] == "apis":
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    namespace = ""
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        namespace, rest = rest[1], rest[2:]
+    if not rest or len(rest) > 3 or rest[0] not in RESOURCES or RESOURCES[rest[0]].group != group:
+        return None
+    if RESOURCES[rest[0]].namespaced != bool(namespace) and not (rest[0] in RESOURCES and len(rest) == 1
+                                                                  and RESOURCES[rest[0]].namespaced):
+        return None
+    sub = rest[2] if len(rest) == 3 else ""
+    if sub and sub not in SUBRESOURCES:
+        return None
+    return group, rest[0], namespace, rest[1] if len(rest) > 1 else "", sub
+
+
 class Handler(BaseHTTPRequestHandler):
     store: Store
 
@@ -397,38 +552,77 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _user(self) -> User:
+        """Bearer-token authentication (``pkg/authentication/request/bearertoken``); no token is the admin
+        of a kubeconfig with a client certificate."""
+        header = self.headers.get("Authorization", "")
+        if not header:
+            return ADMIN
+        token = header.removeprefix("Bearer ").strip()
+        if token not in self.store.tokens:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        return self.store.tokens[token]
+
     def _handle(self) -> None:
         url = urlparse(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         length = int(self.headers.get("Content-Length") or 0)
         payload = json.loads(self.rfile.read(length)) if length else None
         try:
-            route = _ROUTE.match(url.path)
-            if route is None or route["resource"] not in RESOURCES:
+            user = self._user()
+            found = route(url.path)
+            if found is None:
                 raise ApiError(404, "NotFound", f"the server could not find the requested resource ({url.path})")
-            resource, ns, name, sub = route["resource"], route["ns"], route["name"], route["sub"]
-            verb = "list" if self.command == "GET" and name is None else VERBS[self.command]
+            group, resource, ns, name, sub = found
+            verb = VERBS[self.command]
+            if self.command == "GET" and not name:
+                verb = "watch" if query.get("watch") in ("1", "true") else "list"
+            elif self.command == "DELETE" and not name:
+                verb = "deletecollection"
+            req = Request(verb, group, resource, sub, ns, name)
+            allowed, reason = self.store.authorize(user, req)
+            if not allowed:
+                message, details = forbidden(user, req, reason)
+                self.store.denied.append(message)
+                raise ApiError(403, "Forbidden", message, details)
             self.store.requests.append((verb, f"{resource}/{sub}" if sub else resource))
             if (code := self.store.take_fault()) is not None:
                 headers = {"Retry-After": "1"} if code == 429 else {}
                 raise ApiError(code, ApiError.PHRASES.get(code, "InternalError"),
                                "etcdserver: leader changed" if code >= 500 else "too many requests", headers=headers)
+            if resource == "selfsubjectaccessreviews":
+                return self._review(user, payload)
             self._route(verb, resource, ns, name, sub, query, payload)
         except ApiError as exc:
             self._send(exc.code, exc.body(), exc.headers)
 
+    def _review(self, user: User, payload: dict) -> None:
+        """``selfsubjectaccessreview/rest.go`` ``Create``: the requester's own RBAC decision, 201."""
+        attrs = (payload.get("spec") or {}).get("resourceAttributes")
+        if not attrs:
+            raise ApiError(422, "Invalid", 'SelfSubjectAccessReview.authorization.k8s.io "" is invalid: '
+                           "spec.resourceAttributes: Required value: exactly one of nonResourceAttributes or "
+                           "resourceAttributes must be specified")
+        req = Request(attrs.get("verb", ""), attrs.get("group", ""), attrs.get("resource", ""),
+                      attrs.get("subresource", ""), attrs.get("namespace", ""), attrs.get("name", ""))
+        allowed, reason = self.store.authorize(user, req)
+        status = {"allowed": allowed, **({"reason": reason} if reason else {})}
+        self._send(201, {**payload, "metadata": {}, "status": status})
+
     def _route(self, verb, resource, ns, name, sub, query, payload) -> None:
-        store = self.store
+        store, spec = self.store, RESOURCES[resource]
         if verb == "list":
-            items = store.list(resource, ns, query.get("labelSelector", ""))
-            group, kind, _ = RESOURCES[resource]
-            return self._send(200, {"apiVersion": f"{group}/v1" if group else "v1", "kind": f"{kind}List",
-                                    "metadata": {"resourceVersion": str(store.version)}, "items": items})
+            items = store.list(resource, ns if spec.namespaced else "", query.get("labelSelector", ""),
+                               query.get("fieldSelector", "")) if ns or not spec.namespaced else \
+                store.list(resource, None, query.get("labelSelector", ""), query.get("fieldSelector", ""))
+            return self._send(200, {"apiVersion": f"{spec.group}/{spec.version}" if spec.group else "v1",
+                                    "kind": f"{spec.kind}List", "metadata": {"resourceVersion": str(store.version)},
+                                    "items": items})
         if verb == "get" and sub == "log":
             return self._send(200, store.read_log(ns, name, query), text=True)
         if verb == "get":
             return self._send(200, store.get(resource, ns, name))
-        if verb == "create" and name is None:
+        if verb == "create" and not name:
             strict = query.get("fieldValidation") == "Strict"
             with store.lock:
                 fail_after = store._commit_then_fail > 0 and resource == "rayjobs"
@@ -439,26 +633,33 @@ class Handler(BaseHTTPRequestHandler):
                                "context deadline exceeded")
             return self._send(201, created, {"Warning": ", ".join(warnings)} if warnings else None)
         if verb == "update" and name:
-            if RESOURCES[resource][0] == "ray.io" and sub != "status":
-                admit(RESOURCES[resource][1], payload, query.get("fieldValidation") == "Strict",
-                      store.get(resource, ns, name))
+            if spec.group == "ray.io" and sub != "status":
+                admit(spec.kind, payload, query.get("fieldValidation") == "Strict", store.get(resource, ns, name))
             return self._send(200, store.update(resource, ns, payload, status_only=sub == "status"))
         if verb == "delete" and name:
             return self._send(200, store.delete(resource, ns, name))
+        if verb == "patch" and name and not sub:
+            kind = self.headers.get("Content-Type", "")
+            if kind != "application/merge-patch+json":
+                raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - "
+                               f"accepted media types include: application/json-patch+json, application/merge-patch"
+                               f"+json, application/apply-patch+yaml (got {kind})")
+            return self._send(200, store.patch(resource, ns, name, payload))
         raise ApiError(405, "MethodNotAllowed", f"{self.command} is not supported here")
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
 
 
 class ApiServer:
-    """The HTTP front of a :class:`Store`, on a free port of 127.0.0.1."""
+    """The HTTP front of a :class:`Store`, on a free port of ``host`` (127.0.0.1, or a bridge's address that
+    pod hosts reach)."""
 
-    def __init__(self, store: Store | None = None):
+    def __init__(self, store: Store | None = None, host: str = "127.0.0.1"):
         self.store = store or Store()
         handler = type("BoundHandler", (Handler,), {"store": self.store})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = ThreadingHTTPServer((host, 0), handler)
         self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        self.url = f"http://{host}:{self.httpd.server_port}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> ApiServer:
@@ -469,11 +670,12 @@ class ApiServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def kubeconfig(self, path: Path, namespace: str = "loomcfm") -> Path:
-        """A kubeconfig for this server (no credentials: it has no authentication), as a laptop has one."""
+    def kubeconfig(self, path: Path, namespace: str = "loomcfm", token: str | None = None) -> Path:
+        """A kubeconfig for this server, as a laptop has one: the admin's (no token), or a ServiceAccount's
+        bearer token registered in :attr:`Store.tokens`."""
         path.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "current-context": "sim",
             "clusters": [{"name": "sim", "cluster": {"server": self.url}}],
-            "users": [{"name": "sim", "user": {}}],
+            "users": [{"name": "sim", "user": {"token": token} if token else {}}],
             "contexts": [{"name": "sim", "context": {"cluster": "sim", "user": "sim", "namespace": namespace}}]}))
         return path

@@ -1,4 +1,8 @@
-"""KubeRay's RayJob controller, simulated against the API server of :mod:`tests.k8s.apiserver`.
+"""KubeRay's RayJob controller, simulated against the API server of :mod:`tests.k8s.apiserver`, with the cluster
+below it: KubeRay's RayCluster controller (:mod:`tests.k8s.raycluster_sim`), the scheduler
+(:mod:`tests.k8s.scheduler_sim`), the kubelets and the Job controller (:mod:`tests.k8s.kubelet_sim`) and a
+container runtime: simulated containers and dashboards (:mod:`tests.k8s.runtime_sim`), or pods that are real
+hosts in network namespaces running Ray (:mod:`tests.k8s.hosts`).
 
 Built from KubeRay **v1.7.0** (``ray-project/kuberay`` tag ``v1.7.0``, the version of the CRDs in
 ../shared/schemas/kuberay), ``ray-operator/controllers/ray/rayjob_controller.go``:
@@ -13,158 +17,66 @@ Built from KubeRay **v1.7.0** (``ray-project/kuberay`` tag ``v1.7.0``, the versi
   Initializing, ``startTime`` = now, so deadlines count per attempt). Initializing:
   ``updateStatusToSuspendingIfNeeded``, ``checkActiveDeadlineAndUpdateStatusIfNeeded``,
   ``checkPreRunningDeadlineAndUpdateStatusIfNeeded``, ``getOrCreateRayClusterInstance`` (spec copied, labels
-  and annotations from the RayJob, controller owner), wait for ``state: ready``, the dashboard URL,
-  ``createK8sJobIfNeed`` (a batch Job named like the RayJob), Running. Running: suspend, active deadline,
-  ``checkTransitionGracePeriodAndUpdateStatusIfNeeded`` (300 s), ``reconcileServices``,
+  and annotations from the RayJob, controller owner), wait for the RayCluster's ``state: ready`` (copying its
+  status into ``rayClusterStatus``), the dashboard URL from the head Service's port named ``dashboard``
+  (``utils.FetchHeadServiceURL``), ``createK8sJobIfNeed`` (a batch Job named like the RayJob, its container
+  from ``GetSubmitterTemplate``/``configureSubmitterContainer``: ``/bin/bash -ce --`` and
+  ``common/job.go`` ``BuildJobSubmitCommand`` joined with single spaces, plus ``PYTHONUNBUFFERED``,
+  ``RAY_DASHBOARD_ADDRESS``, ``RAY_JOB_SUBMISSION_ID``), Running. Running: suspend, active deadline,
+  ``checkTransitionGracePeriodAndUpdateStatusIfNeeded`` (300 s),
+  ``checkJobStatusCheckTimeoutAndUpdateStatusIfNeeded`` (``RAYJOB_STATUS_CHECK_TIMEOUT_SECONDS``, 300 s: Failed
+  with ``JobStatusCheckTimeoutExceeded``, never retried), ``reconcileServices``,
   ``checkSubmitterAndUpdateStatusIfNeeded`` (a ``Failed`` submitter Job: AppFailed if the Ray job failed,
   else SubmissionFailed), ``checkSubmitterFinishedTimeoutAndUpdateStatusIfNeeded`` (30 s), the dashboard's
-  job info, terminal only when the Ray job is terminal *and* the submitter finished. Retrying/Suspending:
-  ``deleteClusterResources`` and ``deleteSubmitterJob`` until both are gone, then the reset to New (or
-  Suspended). Complete/Failed: ``handleDeletionRules`` (the most impactful overdue rule per reconcile,
-  ``isDeletionActionCompleted``, ``suspendWorkerGroups``), ``handleLegacyDeletionPolicy``,
-  ``handleShutdownAfterJobFinishes``.
+  job info (a failed check records ``jobStatusCheckFailureStartTime``, a good one clears it), terminal only
+  when the Ray job is terminal *and* the submitter finished. Retrying/Suspending: ``deleteClusterResources``
+  and ``deleteSubmitterJob`` until both are gone, then the reset to New (or Suspended). Complete/Failed:
+  ``handleDeletionRules`` (the most impactful overdue rule per reconcile, ``isDeletionActionCompleted``,
+  ``suspendWorkerGroups``), ``handleLegacyDeletionPolicy``, ``handleShutdownAfterJobFinishes``.
 * ``checkBackoffLimitAndUpdateStatusIfNeeded``: ``failed``/``succeeded`` counted; a Failed attempt within
-  ``backoffLimit`` becomes Retrying unless its reason is DeadlineExceeded.
-* ``ray-operator/controllers/ray/utils/validation.go``: ``ValidateRayJobMetadata`` (47 characters, DNS-1035),
-  ``ValidateRayJobSpec`` in its order with ``validateDeletionConfiguration``, ``validateDeletionRules``
-  (errors joined with newlines), ``validateTTLConsistency``, ``validateLegacyDeletionPolicies``, the parts of
-  ``ValidateRayClusterSpec`` a RayJob of ours can reach, and ``ValidateRayJobStatus``. The
+  ``backoffLimit`` becomes Retrying unless its reason is DeadlineExceeded or JobStatusCheckTimeoutExceeded.
+* the garbage collector of kube-controller-manager runs each tick too (:meth:`Store.collect_garbage`).
+* ``ray-operator/controllers/ray/utils/validation.go`` (:mod:`tests.k8s.kuberay_rules`). The
   ``RayJobDeletionPolicy`` feature gate is on, as in v1.7.0 (``pkg/features/features.go``).
 
-What stands in for what KubeRay talks to: a RayCluster becomes ``ready`` ``cluster_ready_after_s`` after its
-creation (None: never), with no pods; the submitter Job's pod appears at once (label ``job-name``), and its log
-is the Ray job's output followed by ``ray job logs --follow``'s last words (``ray/dashboard/modules/job/cli.py``
-``_log_job_status``); the Job then completes, also when the Ray job failed. The Ray job of an attempt (the
-dashboard, ``ray/dashboard/modules/job/job_supervisor.py``) is an :class:`Attempt`: by default the RayJob's
-entrypoint as a process (words as the submitter's bash makes them, run through a shell with the head container's
-literal ``env`` over this process's environment; Secrets and ConfigMaps are not simulated, the test's
-environment stands in for them). No Ray processes run for the cluster: ``RAY_ADDRESS=local`` makes the
-driver's ``ray.init(address="auto")`` start a private Ray (``RAY_ADDRESS`` wins over the argument,
-``ray/_private/services.py`` ``get_ray_address_from_environment``) where KubeRay's job supervisor would point it
-at the cluster. The dashboard never fails, so ``JobStatusCheckTimeoutExceeded`` does not occur.
+Nothing runs ``RAY_ADDRESS=local``: a Ray job is what the submitter pod submits to its cluster's dashboard.
 """
 
 from __future__ import annotations
 
 import copy
 import datetime
-import os
 import random
-import shlex
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 from tests.k8s.apiserver import ApiError, Store, now, parse_time, rfc3339
+from tests.k8s.kubelet_sim import Kubelet, job_controller
 from tests.k8s.kuberay_rules import validate_rayjob
+from tests.k8s.raycluster_sim import DASHBOARD_PORT, RayClusterController, fqdn
+from tests.k8s.runtime_sim import (TERMINAL_JOB, Attempt, Dashboards, Image, RayJobRun, Scripted,
+                                   SimulatedRuntime, Unreachable)
+from tests.k8s.scheduler_sim import node, schedule
+
+__all__ = ["FINALIZER", "RAND", "KubeRaySimulator", "RayJobRun", "Scripted", "Image", "go_time", "default_nodes"]
 
 FINALIZER = "ray.io/rayjob-finalizer"  # utils/constant.go RayJobStopJobFinalizer
 GRACE_S = 300  # RAYJOB_DEPLOYMENT_STATUS_TRANSITION_GRACE_PERIOD_SECONDS default
+STATUS_CHECK_TIMEOUT_S = 300  # utils/constant.go DEFAULT_RAYJOB_STATUS_CHECK_TIMEOUT_SECONDS
 SUBMITTER_FINISHED_TIMEOUT_S = 30  # rayjob_controller.go DefaultSubmitterFinishedTimeout
 RAND = "bcdfghjklmnpqrstvwxz2456789"  # k8s.io/apimachinery/pkg/util/rand
-TERMINAL_JOB = ("STOPPED", "SUCCEEDED", "FAILED")  # rayjob_types.go IsJobTerminal
 IMPACT = {"DeleteSelf": 4, "DeleteCluster": 3, "DeleteWorkers": 2, "DeleteNone": 1}
+HEALTH = 'python -c "import urllib.request; r=urllib.request.urlopen(\'%s\', timeout=%d); exit(0 if b\'success\' in ' \
+         'r.read() else 1)"'  # utils/constant.go BasePythonHealthCommand
 
 
 def rand5() -> str:
     return "".join(random.choice(RAND) for _ in range(5))
 
 
-class Attempt(Protocol):
-    """The Ray job of one attempt, as the dashboard sees it."""
-
-    submission_fails: bool
-
-    def start(self, command: str, env: dict[str, str], emit: Callable[[str], None]) -> None: ...
-
-    def poll(self) -> int | None: ...
-
-    def kill(self) -> None: ...
-
-
-class EntrypointProcess:
-    """The entrypoint run as a process group (the driver and its local Ray), its output line by line."""
-
-    submission_fails = False
-
-    def __init__(self, workdir: str):
-        self.workdir, self.proc, self.reader = workdir, None, None
-
-    def start(self, command, env, emit):
-        self.proc = subprocess.Popen(command, shell=True, env=env, cwd=self.workdir, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.reader = threading.Thread(target=lambda: [emit(line.rstrip("\n")) for line in self.proc.stdout],
-                                       daemon=True)
-        self.reader.start()
-
-    def poll(self):
-        if self.proc is None or self.proc.poll() is None:
-            return None
-        self.reader.join(timeout=10)
-        return self.proc.returncode
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-@dataclass
-class Scripted:
-    """A Ray job that prints ``lines`` and ends with ``exit_code`` once ``hold`` (if any) is set; or, with
-    ``submission_fails``, a submitter that never manages to submit (its Job fails: BackoffLimitExceeded)."""
-
-    exit_code: int = 0
-    lines: tuple[str, ...] = ("training...",)
-    hold: threading.Event | None = None
-    submission_fails: bool = False
-    code: int | None = field(default=None, init=False)
-
-    def start(self, command, env, emit):
-        def run():
-            for line in self.lines:
-                emit(line)
-            if self.hold is not None:
-                self.hold.wait()
-            if self.code is None:
-                self.code = self.exit_code
-
-        threading.Thread(target=run, daemon=True).start()
-
-    def poll(self):
-        return self.code
-
-    def kill(self):
-        self.code = -9
-        if self.hold is not None:
-            self.hold.set()
-
-
-@dataclass
-class RayJobRun:
-    """One Ray job on a (simulated) cluster: the dashboard's ``JobInfo``."""
-
-    job_id: str
-    cluster: str
-    namespace: str
-    pod: str
-    rayjob: str
-    attempt: Attempt
-    number: int
-    status: str = "PENDING"
-    message: str = "Job has not started yet."
-    start_ms: int = 0
-    end_ms: int = 0
-    lines: list[str] = field(default_factory=list)
-    reported: bool = False  # the submitter has printed its last lines and exited
-
-
-def _ms() -> int:
-    return int(now().timestamp() * 1000)
+def default_nodes() -> list[dict]:
+    """Three CPU nodes of 16 cores and 64 GiB: room for our default RayJob, not for a GPU."""
+    return [node(f"node-{i}") for i in (1, 2, 3)]
 
 
 def go_time(stamp: str) -> str:
@@ -178,20 +90,49 @@ def _clean(status: dict) -> dict:
     return {k: v for k, v in status.items() if v not in ("", None, {})}
 
 
+def submit_command(job: dict) -> str:
+    """``BuildJobSubmitCommand`` (K8sJobMode) joined with single spaces, as the submitter's bash runs it."""
+    address = "http://" + job["status"]["dashboardURL"]
+    job_id, entrypoint = job["status"]["jobId"], job["spec"].get("entrypoint", "").strip()
+    wait = ["until", HEALTH % (f"{address}/api/gcs_healthz", 10), ">/dev/null", "2>&1", ";", "do", "echo",
+            f'"Waiting for Ray Dashboard GCS to become healthy at {address} ..."', ";", "sleep", "2", ";", "done", ";"]
+    cmd = [*wait, "if", "!", "ray", "job", "status", "--address", address, job_id, ">/dev/null", "2>&1", ";", "then",
+           "ray", "job", "submit", "--address", address, "--no-wait", "--submission-id", job_id, "--", entrypoint, ";",
+           "fi", ";", "ray", "job", "logs", "--address", address, "--follow", job_id]
+    return " ".join(cmd)
+
+
 class KubeRaySimulator:
     """Reconciles every RayJob of ``store`` each ``tick_s`` in a thread (KubeRay requeues every 3 s; sooner is
-    the same machine, faster). ``attempt(rayjob, number)`` makes each attempt's Ray job; ``kill_when(run)``,
-    asked each tick while a Ray job runs, kills its driver (SIGKILL) when true."""
+    the same machine, faster), with the cluster below it.
+
+    Args:
+        attempt: ``(rayjob, number) -> Attempt``, the work of each Ray job a simulated submitter submits
+            (default: one that succeeds).
+        kill_when: asked each tick while a simulated Ray job runs; true kills its driver.
+        nodes: the cluster's Node objects (default :func:`default_nodes`), created unless the store has nodes.
+        runtime: the container runtime (default: :class:`SimulatedRuntime` with ``images``/``missing_images``);
+            pods as hosts pass :class:`tests.k8s.hosts.HostRuntime`, whose ``dashboards`` answer for real.
+        status_check_timeout_s: the operator's ``RAYJOB_STATUS_CHECK_TIMEOUT_SECONDS``.
+        backoff_scale: the kubelet's restart back-off, as a fraction of the real one.
+    """
 
     def __init__(self, store: Store, attempt: Callable[[dict, int], Attempt] | None = None,
-                 kill_when: Callable[[RayJobRun], bool] | None = None, cluster_ready_after_s: float | None = 0.0,
-                 deletion_policy_gate: bool = True, tick_s: float = 0.05):
-        self.store, self.kill_when, self.gate = store, kill_when, deletion_policy_gate
-        self.ready_after, self.tick_s = cluster_ready_after_s, tick_s
-        self.workdir = tempfile.mkdtemp(prefix="kuberay-sim-")
-        self.attempt = attempt or (lambda rayjob, number: EntrypointProcess(self.workdir))
-        self.runs: dict[str, RayJobRun] = {}
-        self.attempts: dict[str, int] = {}  # RayJob uid -> attempts started
+                 kill_when: Callable[[RayJobRun], bool] | None = None, deletion_policy_gate: bool = True,
+                 tick_s: float = 0.05, nodes: list[dict] | None = None, runtime=None,
+                 images: dict[str, Image] | None = None, missing_images: set[str] | None = None,
+                 status_check_timeout_s: float = STATUS_CHECK_TIMEOUT_S, backoff_scale: float = 0.01):
+        self.store, self.gate, self.tick_s = store, deletion_policy_gate, tick_s
+        self.status_check_timeout_s = status_check_timeout_s
+        self.dashboards = Dashboards(attempt or (lambda rayjob, number: Scripted()), kill_when)
+        self.runtime = runtime or SimulatedRuntime(self, images, missing_images)
+        if runtime is not None and hasattr(runtime, "dashboards"):
+            self.dashboards = runtime.dashboards
+        if not store.list("nodes", ""):
+            for obj in nodes if nodes is not None else default_nodes():
+                store.apply(obj)
+        self.kubelet = Kubelet(store, self.runtime, backoff_scale)
+        self.rayclusters = RayClusterController(store)
         self.history: dict[str, list[str]] = {}  # RayJob name -> every jobDeploymentStatus written
         self.statuses: dict[str, list[dict]] = {}  # RayJob name -> every status written, whole
         # called (in the operator's thread) after each status write: a test can hold the operator there until
@@ -204,6 +145,18 @@ class KubeRaySimulator:
         self._lock = threading.RLock()  # one tick at a time; a test's stop_job waits for it
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
+    @property
+    def runs(self) -> dict[str, RayJobRun]:
+        return self.dashboards.runs
+
+    @property
+    def attempt(self) -> Callable[[dict, int], Attempt]:
+        return self.dashboards.attempt
+
+    @attempt.setter
+    def attempt(self, factory: Callable[[dict, int], Attempt]) -> None:
+        self.dashboards.attempt = factory
+
     def __enter__(self) -> KubeRaySimulator:
         self.thread.start()
         return self
@@ -211,6 +164,12 @@ class KubeRaySimulator:
     def __exit__(self, *exc) -> None:
         self.stopping.set()
         self.thread.join(timeout=30)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Every container stopped, every Ray job killed."""
+        for uid in list(self.kubelet.pods):
+            self.kubelet._stop(uid)
         for run in self.runs.values():
             run.attempt.kill()
 
@@ -232,105 +191,24 @@ class KubeRaySimulator:
                 raise
 
     def tick(self) -> None:
-        """One round: the cluster, submitter and dashboard move on, then every RayJob is reconciled once. Tests
-        of the controller's own rules call it directly (no thread: each step is deterministic)."""
+        """One round: the RayCluster controller, the Job controller, the scheduler, the kubelets and the
+        dashboards move on, then every RayJob is reconciled once. Tests of the controller's own rules call it
+        directly (no thread: each step is deterministic)."""
         with self._lock:
-            self._clusters_and_runs()
-            for rayjob in self._all("rayjobs"):
+            self.store.collect_garbage()
+            self.dashboards.tick()
+            self.rayclusters.tick()
+            job_controller(self.store)
+            schedule(self.store)
+            self.kubelet.tick()
+            job_controller(self.store)
+            for rayjob in self.store.list("rayjobs", None):
                 self.reconcile(rayjob["metadata"]["namespace"], rayjob["metadata"]["name"])
-
-    def _all(self, resource: str) -> list[dict]:
-        with self.store.lock:
-            return [copy.deepcopy(o) for (r, _, _), o in self.store.objects.items() if r == resource]
-
-    # ---- what KubeRay talks to: the cluster, the submitter, the dashboard ----------------------------------
-
-    def _clusters_and_runs(self) -> None:
-        for cluster in self._all("rayclusters"):  # the RayCluster controller, as far as readiness goes
-            age = (now() - parse_time(cluster["metadata"]["creationTimestamp"])).total_seconds()
-            ready = cluster.get("status", {}).get("state") == "ready"
-            if self.ready_after is not None and age >= self.ready_after and not ready:
-                cluster["status"] = {"state": "ready", "readyWorkerReplicas": sum(
-                    g.get("replicas", 0) for g in cluster["spec"].get("workerGroupSpecs", []))}
-                self._write(lambda c=cluster: self.store.update("rayclusters", c["metadata"]["namespace"], c, True))
-        clusters = {(c["metadata"]["namespace"], c["metadata"]["name"]) for c in self._all("rayclusters")}
-        for run in list(self.runs.values()):
-            if (run.namespace, run.cluster) not in clusters and run.status in ("PENDING", "RUNNING"):
-                run.attempt.kill()  # the cluster's pods are gone
-                run.status, run.message, run.end_ms = "FAILED", "Job failed: the cluster is gone.", _ms()
-            elif run.status == "PENDING":
-                env, command = self._process(run)
-                run.status, run.message, run.start_ms = "RUNNING", "Job is currently running.", _ms()
-                run.attempt.start(command, env, lambda line, r=run: self._emit(r, line))
-            elif run.status == "RUNNING":
-                if self.kill_when is not None and self.kill_when(run):
-                    run.attempt.kill()
-                code = run.attempt.poll()
-                if code is not None:
-                    self._finish(run, code)
-            if run.status in TERMINAL_JOB and not run.reported:
-                self._submitter_exits(run)
-
-    def _emit(self, run: RayJobRun, line: str) -> None:
-        run.lines.append(line)
-        self.store.log(run.namespace, run.pod, line)
-
-    def _finish(self, run: RayJobRun, code: int) -> None:
-        run.end_ms = _ms()
-        if code == 0:
-            run.status, run.message = "SUCCEEDED", "Job finished successfully."
-        else:
-            tail = "\n".join(run.lines)[-20000:]
-            run.status = "FAILED"
-            run.message = (f"Job entrypoint command failed with exit code {code}, last available logs (truncated to "
-                           f"20,000 chars):\n{tail}" if tail else
-                           f"Job entrypoint command failed with exit code {code}. No logs available.")
-
-    def _submitter_exits(self, run: RayJobRun) -> None:
-        """``ray job logs --follow`` returns (exit 0 whatever the job's status) and the Job completes."""
-        run.reported = True
-        verdict = {"SUCCEEDED": "succeeded", "FAILED": "failed", "STOPPED": "was stopped"}[run.status]
-        self._emit(run, f"Job '{run.job_id}' {verdict}")
-        if run.status == "FAILED":
-            self._emit(run, f"Status message: {run.message}")
-        self._job_condition(run.namespace, run.rayjob, "Complete", "", "")
-
-    def _job_condition(self, namespace: str, name: str, kind: str, reason: str, message: str) -> None:
-        try:
-            job = self.store.get("jobs", namespace, name)
-        except ApiError:
-            return
-        condition = {"type": kind, "status": "True", "lastTransitionTime": rfc3339(), "reason": reason,
-                     "message": message}
-        job["status"] = {"conditions": [_clean(condition)], ("succeeded" if kind == "Complete" else "failed"): 1}
-        self._write(lambda: self.store.update("jobs", namespace, job, True))
-        for pod in self.store.list("pods", namespace, f"job-name={name}"):
-            pod["status"] = {"phase": "Succeeded" if kind == "Complete" else "Failed"}
-            self._write(lambda p=pod: self.store.update("pods", namespace, p, True))
-
-    def _process(self, run: RayJobRun) -> tuple[dict[str, str], str]:
-        """The driver's environment and shell command, as the submitter's bash and the job supervisor make them."""
-        rayjob = self.store.get("rayjobs", run.namespace, run.rayjob)
-        spec = rayjob["spec"]
-        submitter = (spec.get("submitterPodTemplate") or {}).get("spec", {}).get("containers", [{}])[0]
-        submitter_env = {e["name"]: e["value"] for e in submitter.get("env", []) if "value" in e}
-        submitter_env.update(PYTHONUNBUFFERED="1", RAY_JOB_SUBMISSION_ID=run.job_id,
-                             PATH=os.environ.get("PATH", "/usr/bin:/bin"), HOME=os.environ.get("HOME", "/tmp"))
-        words = subprocess.run(["bash", "-c", f"set -- {spec.get('entrypoint', '')}; printf '%s\\0' \"$@\""],
-                               env=submitter_env, capture_output=True, text=True, timeout=30).stdout.split("\0")[:-1]
-        head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-        env = {**os.environ, **{e["name"]: e["value"] for e in head.get("env", []) if "value" in e}}
-        env.update(RAY_ADDRESS="local", PYTHONUNBUFFERED="1",
-                   PATH=os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]))
-        return env, shlex.join(words)
 
     def stop_job(self, job_id: str) -> None:
         """Dashboard ``POST /api/jobs/<id>/stop`` (``ray job stop``; ``job_manager.py`` ``stop_job``)."""
         with self._lock:
-            run = self.runs.get(job_id)
-            if run is not None and run.status in ("PENDING", "RUNNING"):
-                run.attempt.kill()
-                run.status, run.message, run.end_ms = "STOPPED", "Job was intentionally stopped.", _ms()
+            self.dashboards.stop(job_id)
 
     # ---- the controller ------------------------------------------------------------------------------------
 
@@ -354,7 +232,10 @@ class KubeRaySimulator:
         status = job.setdefault("status", {})
         if meta.get("deletionTimestamp"):
             if status.get("jobStatus", "") not in TERMINAL_JOB:
-                self.stop_job(status.get("jobId", ""))
+                try:  # StopJob's errors are only logged
+                    self.dashboards.stop(status.get("jobId", ""), status.get("dashboardURL", "").rsplit(":", 1)[0])
+                except (Unreachable, OSError):
+                    pass
             meta["finalizers"] = [f for f in meta.get("finalizers", []) if f != FINALIZER]
             self._write(lambda: self.store.update("rayjobs", namespace, job))
             return
@@ -472,16 +353,28 @@ class KubeRaySimulator:
             if cluster.get("status", {}).get("state") != "ready":
                 status["rayClusterStatus"] = cluster.get("status", {})
                 return True
-            status["dashboardURL"] = f"{cluster['metadata']['name']}-head-svc.{job['metadata']['namespace']}.svc." \
-                                     f"cluster.local:8265"
+            url = self._dashboard_url(cluster)
+            if url is None:
+                return False  # "dashboard port is not found" (or no Service yet): requeue
+            status["dashboardURL"] = url
         if job["spec"].get("submissionMode", "K8sJobMode") != "K8sJobMode":
             raise NotImplementedError("the simulator runs K8sJobMode only (ours)")
         self._create_submitter(job)
         status["jobDeploymentStatus"] = "Running"
         return True
 
+    def _dashboard_url(self, cluster: dict) -> str | None:
+        """``utils.FetchHeadServiceURL``: ``<service>.<ns>.svc.cluster.local:<port named dashboard>``."""
+        ns, name = cluster["metadata"]["namespace"], cluster["metadata"]["name"]
+        try:
+            service = self.store.get("services", ns, f"{name}-head-svc")
+        except ApiError:
+            return None
+        port = next((p["port"] for p in service["spec"]["ports"] if p.get("name") == "dashboard"), None)
+        return f"{fqdn(name, ns)}:{port}" if port is not None else None
+
     def _create_submitter(self, job: dict) -> None:
-        """``createK8sJobIfNeed``; the Job controller's pod and the submitter's ``ray job submit``."""
+        """``createK8sJobIfNeed``: the submitter Job (the Job controller makes its pod)."""
         ns, name, status = job["metadata"]["namespace"], job["metadata"]["name"], job["status"]
         try:
             self.store.get("jobs", ns, name)
@@ -489,32 +382,24 @@ class KubeRaySimulator:
         except ApiError:
             pass
         spec = job["spec"]
-        template = copy.deepcopy(spec.get("submitterPodTemplate") or {"spec": {"containers": [
-            {"name": "ray-job-submitter", "image": spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-             ["containers"][0].get("image")}], "restartPolicy": "Never"}})
+        template = copy.deepcopy(spec.get("submitterPodTemplate") or {"spec": {"containers": [{
+            "name": "ray-job-submitter", "image": spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+            ["containers"][0].get("image"), "resources": {"limits": {"cpu": "1", "memory": "1Gi"},
+                                                         "requests": {"cpu": "500m", "memory": "200Mi"}}}],
+            "restartPolicy": "Never"}})
+        container = template["spec"]["containers"][0]
+        if not container.get("command"):
+            container.update(command=["/bin/bash", "-ce", "--"], args=[submit_command(job)])
+        container["env"] = [*container.get("env", []), {"name": "PYTHONUNBUFFERED", "value": "1"},
+                            {"name": "RAY_DASHBOARD_ADDRESS", "value": status["dashboardURL"]},
+                            {"name": "RAY_JOB_SUBMISSION_ID", "value": status["jobId"]}]
         origin = {"ray.io/originated-from-cr-name": name, "ray.io/originated-from-crd": "RayJob",
                   "app.kubernetes.io/created-by": "kuberay-operator"}
         template.setdefault("metadata", {}).setdefault("labels", {}).update(origin)
         backoff = (spec.get("submitterConfig") or {}).get("backoffLimit", 2)
-        created = self.store.create("jobs", ns, {"apiVersion": "batch/v1", "kind": "Job", "metadata": {
+        self.store.create("jobs", ns, {"apiVersion": "batch/v1", "kind": "Job", "metadata": {
             "name": name, "labels": origin, "ownerReferences": [self._owner(job)]},
-            "spec": {"backoffLimit": backoff, "template": template}})[0]
-        pod_labels = {**template["metadata"]["labels"], "job-name": name, "batch.kubernetes.io/job-name": name,
-                      "controller-uid": created["metadata"]["uid"]}
-        pod = self.store.create("pods", ns, {"apiVersion": "v1", "kind": "Pod", "metadata": {
-            "name": f"{name}-{rand5()}", "labels": pod_labels, "ownerReferences": [self._owner(created)]},
-            "spec": template["spec"]})[0]
-        uid = job["metadata"]["uid"]
-        self.attempts[uid] = self.attempts.get(uid, 0) + 1
-        attempt = self.attempt(job, self.attempts[uid])
-        if attempt.submission_fails:
-            self._emit(RayJobRun("", "", ns, pod["metadata"]["name"], name, attempt, 0),
-                       f"Error: failed to submit job {status['jobId']}")
-            self._job_condition(ns, name, "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff "
-                                "limit")
-            return
-        self.runs[status["jobId"]] = RayJobRun(status["jobId"], status["rayClusterName"], ns, pod["metadata"]["name"],
-                                               name, attempt, self.attempts[uid])
+            "spec": {"backoffLimit": backoff, "template": template}})
 
     def _running(self, job: dict) -> bool:
         status, ns, name = job["status"], job["metadata"]["namespace"], job["metadata"]["name"]
@@ -527,6 +412,14 @@ class KubeRaySimulator:
                           reason="JobDeploymentStatusTransitionGracePeriodExceeded", message="JobDeploymentStatus "
                           "does not transition to Complete or Failed within the grace period after JobStatus reaches "
                           "a terminal state.")
+            return True
+        failing_since = status.get("jobStatusCheckFailureStartTime")
+        if failing_since and now() >= parse_time(failing_since) + datetime.timedelta(
+                seconds=self.status_check_timeout_s):
+            status.update(jobDeploymentStatus="Failed", reason="JobStatusCheckTimeoutExceeded",
+                          message=f"Job status checks have been failing since "
+                                  f"{parse_time(failing_since):%Y-%m-%d %H:%M:%S}; exceeded timeout of "
+                                  f"{int(self.status_check_timeout_s)}s")
             return True
         cluster = self._cluster(job)
         self._service(job, cluster)
@@ -553,25 +446,25 @@ class KubeRaySimulator:
             return True
         if failed is not None:
             return True
-        run = self.runs.get(status.get("jobId", ""))
-        if run is None:
+        try:
+            info = self.dashboards.info(status["dashboardURL"].rsplit(":", 1)[0], status.get("jobId", ""))
+        except Unreachable:  # recordJobStatusCheckFailure
+            status.setdefault("jobStatusCheckFailureStartTime", rfc3339())
+            return True
+        status.pop("jobStatusCheckFailureStartTime", None)
+        if info is None:
             if finished_at is not None:
                 status.update(jobDeploymentStatus="Failed", reason="AppFailed",
                               message="Submitter completed but Ray job not found in RayCluster.")
-                return True
-            return False
-        terminal = run.status in TERMINAL_JOB and finished_at is not None
+            return True
+        terminal = info["status"] in TERMINAL_JOB and finished_at is not None
         deployment, reason = "Running", ""
         if terminal:
-            deployment, reason = ("Failed", "AppFailed") if run.status == "FAILED" else ("Complete", "")
-        status.update(rayClusterStatus=cluster.get("status", {}), jobStatus=run.status, jobDeploymentStatus=deployment,
-                      reason=reason, message=run.message)
-        info = {}
-        if run.start_ms:
-            info["startTime"] = rfc3339(datetime.datetime.fromtimestamp(run.start_ms / 1000, datetime.timezone.utc))
-        if run.end_ms:
-            info["endTime"] = rfc3339(datetime.datetime.fromtimestamp(run.end_ms / 1000, datetime.timezone.utc))
-        status["rayJobInfo"] = {**status.get("rayJobInfo", {}), **info}
+            deployment, reason = ("Failed", "AppFailed") if info["status"] == "FAILED" else ("Complete", "")
+        status.update(rayClusterStatus=cluster.get("status", {}), jobStatus=info["status"],
+                      jobDeploymentStatus=deployment, reason=reason, message=info["message"])
+        times = {k: rfc3339(info[k]) for k in ("startTime", "endTime") if info.get(k)}
+        status["rayJobInfo"] = {**status.get("rayJobInfo", {}), **times}
         return True
 
     def _service(self, job: dict, cluster: dict) -> None:
@@ -583,7 +476,7 @@ class KubeRaySimulator:
             self.store.create("services", ns, {"apiVersion": "v1", "kind": "Service", "metadata": {
                 "name": name, "ownerReferences": [self._owner(job)]}, "spec": {
                 "selector": {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"},
-                "ports": [{"name": "dashboard", "port": 8265}]}})
+                "ports": [{"name": "dashboard", "port": DASHBOARD_PORT}]}})
 
     def _delete(self, resource: str, ns: str, name: str) -> bool:
         """``deleteClusterResources`` / ``deleteSubmitterJob``: done only once a read finds it gone."""

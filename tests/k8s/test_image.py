@@ -128,9 +128,10 @@ def test_kfp_components_use_the_one_image():
     text = "\n".join(p.read_text() for p in sources)
     assert "base_image" in text and "IMAGE" in text, "components do not set base_image from loomcfm_core.IMAGE"
     # The compiled packages users upload carry the image the components were compiled with, and in a package
-    # whose trainings can be RayJobs (a `launcher` parameter) it is the default of the `image` parameter that
-    # the RayJob's pods run (a private registry: set the parameter). The ablation's arms train in their step.
-    compiled = sorted((REPO / "pipelines" / "compiled").glob("*.yaml"))
+    # whose trainings can be RayJobs (the cluster parameters, `namespace` among them) it is the default of the
+    # `image` parameter that the RayJob's pods run (a private registry: set the parameter). The ablation's arms
+    # train in their step.
+    compiled = sorted((REPO / "pipelines" / "compiled").rglob("*.yaml"))
     assert compiled
     launching = set()
     for path in compiled:
@@ -138,7 +139,7 @@ def test_kfp_components_use_the_one_image():
         images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
         assert images == {DEFAULT_IMAGE}, f"{path.relative_to(REPO)} runs {images}, not {DEFAULT_IMAGE}"
         parameters = spec["root"]["inputDefinitions"]["parameters"]
-        if "launcher" in parameters:
+        if "namespace" in parameters:
             launching.add(path.name)
             assert parameters["image"]["defaultValue"] == DEFAULT_IMAGE, path.name
     assert {"loomcfm_pipeline.yaml", "reflow_pipeline.yaml"} <= launching

@@ -14,6 +14,7 @@ import pytest
 from tests.k8s.apiserver import ApiError, ApiServer, Store, admit, selector_matches
 from tests.k8s.kuberay_rules import validate_rayjob
 from tests.k8s.kuberay_sim import FINALIZER, KubeRaySimulator, Scripted
+from tests.k8s.platform import install
 from tests.k8s.rayjobs import rayjob, rule, with_spec
 
 SPEC = "The RayJob spec is invalid: "
@@ -134,6 +135,7 @@ def test_the_controller_adds_and_honours_its_finalizer_and_deletes_itself_byrule
     hold_forever = Scripted(hold=threading.Event())
     with ApiServer() as server, KubeRaySimulator(server.store, attempt=lambda job, n: hold_forever) as sim:
         store = server.store
+        install(store)
         store.create("rayjobs", "loomcfm", valid)
         name = valid["metadata"]["name"]
         deadline = time.monotonic() + 30
@@ -156,3 +158,102 @@ def test_the_controller_adds_and_honours_its_finalizer_and_deletes_itself_byrule
             assert time.monotonic() < deadline + 30
             time.sleep(0.05)
         assert sim.history[name][-1] == "Complete" and not sim.errors
+
+
+def test_rbac_follows_kubernetes_rules_and_answers_with_its_403():
+    """plugin/pkg/auth/authorizer/rbac/rbac.go RuleAllows, evaluation_helpers.go, rule.go VisitRulesFor, and the
+    apiserver's forbiddenMessage / NewForbidden (kubernetes/apiserver and apimachinery v0.34.10)."""
+    from tests.k8s.rbac import Request, forbidden, service_account
+
+    store = Store()
+    store.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "r",
+                 "namespace": "ns"}, "rules": [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["*/status"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["s"], "verbs": ["get", "list"]},
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["*"]}]})
+    store.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "rb",
+                 "namespace": "ns"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "r"},
+                 "subjects": [{"kind": "ServiceAccount", "name": "sa", "namespace": "other"}]})
+    user = service_account("other", "sa")
+    allowed = lambda verb, group, resource, sub="", ns="ns", name="": store.authorize(  # noqa: E731
+        user, Request(verb, group, resource, sub, ns, name))[0]
+    assert allowed("get", "", "pods") and allowed("list", "", "pods") and allowed("delete", "ray.io", "rayjobs")
+    assert not allowed("get", "", "pods", "log"), "pods does not grant pods/log"
+    assert allowed("get", "", "pods", "status"), "*/status grants every status subresource"
+    assert allowed("get", "", "secrets", name="s") and not allowed("get", "", "secrets", name="t")
+    assert not allowed("list", "", "secrets"), "a resourceNames rule never grants a list without a name"
+    assert not allowed("get", "", "pods", ns="elsewhere") and not allowed("get", "", "pods", ns="")
+    assert not allowed("delete", "", "rayjobs"), "the API group is part of the rule"
+    assert store.authorize(user, Request("create", "authorization.k8s.io", "selfsubjectaccessreviews"))[0]
+    assert store.authorize(user, Request("get", "", "pods", "", "ns"))[1] == \
+        'RBAC: allowed by RoleBinding "rb/ns" of Role "r" to ServiceAccount "sa/other"'
+    req = Request("get", "", "pods", "log", "ns", "p")
+    message, details = forbidden(user, req, store.authorize(user, req)[1])
+    assert message == ('pods "p" is forbidden: User "system:serviceaccount:other:sa" cannot get resource "pods/log" in '
+                       'API group "" in the namespace "ns"') and details == {"name": "p", "kind": "pods"}
+    req = Request("list", "", "nodes")
+    assert forbidden(user, req, "")[0] == ('nodes is forbidden: User "system:serviceaccount:other:sa" cannot list '
+                                           'resource "nodes" in API group "" at the cluster scope')
+    store.delete("roles", "ns", "r")
+    assert store.authorize(user, Request("get", "", "pods", "", "ns")) == \
+        (False, 'RBAC: role.rbac.authorization.k8s.io "r" not found')
+
+
+def test_the_scheduler_counts_each_nodes_first_refusal_in_its_message():
+    """pkg/scheduler/framework/types.go (*FitError).Error with DefaultPreemption's part: a tainted control plane
+    (unresolvable) and two nodes full of other pods (resolvable by preemption, but no victims)."""
+    from tests.k8s.scheduler_sim import node, schedule
+
+    store = Store()
+    store.apply(node("cp", cpu="8", taints=[{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]))
+    for name in ("a", "b"):
+        store.apply(node(name, cpu="4"))
+        store.create("pods", "ns", {"metadata": {"name": f"busy-{name}"}, "spec": {"nodeName": name, "containers": [
+            {"name": "c", "resources": {"requests": {"cpu": "3"}}}]}})
+    store.create("pods", "ns", {"metadata": {"name": "p"}, "spec": {"containers": [
+        {"name": "c", "resources": {"limits": {"cpu": "2", "memory": "1Gi"}}}]}})
+    schedule(store)
+    pod = store.get("pods", "ns", "p")
+    (condition,) = [c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled"]
+    assert (condition["status"], condition["reason"]) == ("False", "Unschedulable")
+    assert condition["message"] == (
+        "0/3 nodes are available: 1 node(s) had untolerated taint {node-role.kubernetes.io/control-plane: }, 2 "
+        "Insufficient cpu. preemption: 0/3 nodes are available: 1 Preemption is not helpful for scheduling, 2 No "
+        "preemption victims found for incoming pod.")
+    (event,) = store.list("events", "ns", fields="reason=FailedScheduling")
+    assert (event["type"], event["source"]["component"], event["message"]) == \
+        ("Warning", "default-scheduler", condition["message"])
+
+
+def test_kuberays_pods_run_the_commands_pod_go_writes(valid):
+    """common/pod.go BuildPod for our RayJob's cluster: the head and worker commands word for word (flags sorted,
+    double spaces, trailing space; research-issue20.md §1b), the worker's wait-gcs-ready, KubeRay's env and the
+    HTTP probes of rayVersion >= 2.53."""
+    from tests.k8s.raycluster_sim import build_pod, head_service
+
+    cluster = {"metadata": {"name": "C", "namespace": "loomcfm", "uid": "u", "labels": {}},
+               "spec": copy.deepcopy(valid["spec"]["rayClusterSpec"])}
+    cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"] = {
+        "limits": {"cpu": "4", "memory": "8Gi"}, "requests": {"cpu": "4", "memory": "8Gi"}}
+    head = build_pod(cluster, cluster["spec"]["headGroupSpec"], "head")["spec"]
+    worker = build_pod(cluster, cluster["spec"]["workerGroupSpecs"][0], "worker")["spec"]
+    assert head["containers"][0]["args"] == ["ulimit -n ${RAY_START_ULIMIT_OPEN_FILES:-65536}; ray start --head  --block"
+                                             "  --dashboard-agent-listen-port=52365  --dashboard-host=0.0.0.0  "
+                                             "--memory=4294967296  --metrics-export-port=8080  --num-cpus=0 "]
+    assert worker["containers"][0]["args"] == ["ulimit -n ${RAY_START_ULIMIT_OPEN_FILES:-65536}; ray start  --address="
+                                               "C-head-svc.loomcfm.svc.cluster.local:6379  --block  --dashboard-agent-"
+                                               "listen-port=52365  --memory=8589934592  --metrics-export-port=8080  "
+                                               "--num-cpus=4 "]
+    assert worker["containers"][0]["command"] == ["/bin/bash", "-c", "--"]
+    (init,) = worker["initContainers"]
+    assert init["name"] == "wait-gcs-ready" and "ray health-check --address C-head-svc.loomcfm.svc.cluster.local:6379" \
+        in init["args"][0] and init["resources"]["limits"] == {"cpu": "200m", "memory": "256Mi"}
+    env = {e["name"]: e.get("value") for e in worker["containers"][0]["env"]}
+    assert env["RAY_ADDRESS"] == "C-head-svc.loomcfm.svc.cluster.local:6379" and env["FQ_RAY_IP"] == \
+        "C-head-svc.loomcfm.svc.cluster.local"
+    assert {e["name"]: e.get("value") for e in head["containers"][0]["env"]}["RAY_ADDRESS"] == "127.0.0.1:6379"
+    assert head["containers"][0]["readinessProbe"]["httpGet"] == {"path": "/api/healthz", "port": 52365}
+    assert {"name": "shared-mem", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}} in worker["volumes"]
+    assert [p["name"] for p in head_service(cluster)["spec"]["ports"]] == ["client", "dashboard", "gcs-server",
+                                                                          "metrics"]

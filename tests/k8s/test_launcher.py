@@ -1,7 +1,8 @@
 """The RayJob launcher (loomcfm_core/kube/) against a KubeRay v1.7.0 controller simulator behind a Kubernetes
 API server on 127.0.0.1 (tests/k8s/kuberay_sim.py, tests/k8s/apiserver.py), through the real ``kubernetes``
 client and a kubeconfig, as from a laptop: KubeRay's lifecycle with retries, deadlines, validation, API-server
-errors, adoption, SIGTERM, the cluster shape, keep_cluster, and a retry that really resumes a training."""
+errors, adoption, SIGTERM and what no signal reaches, the cluster shape, keep_cluster (a retry that really resumes a
+training runs on pods that are hosts: tests/k8s/test_pods_as_hosts.py)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from loomcfm_core import layout, stages
-from loomcfm_core.checkpoint import list_checkpoints, load_checkpoint, write_state
+from loomcfm_core.checkpoint import list_checkpoints, write_state
 from loomcfm_core.config import load_config, load_config_text
-from loomcfm_core.data.cache import cache_dataset
 from loomcfm_core.errors import CheckpointError, LeaseError, RayJobError
 from loomcfm_core.kube.client import connect
 from loomcfm_core.kube.launcher import run_rayjob
@@ -34,7 +33,8 @@ from tests.k8s.apiserver import ApiError, ApiServer, admit
 from tests.k8s.kuberay_rules import validate_metadata, validate_rayjob
 from tests.k8s.kuberay_sim import KubeRaySimulator, Scripted
 from tests.k8s.objects import find, render
-from tests.training import TINY
+from tests.k8s.platform import RUNNER, install, token
+from tests.k8s.scheduler_sim import node
 
 NS = "ml"
 FAST = {"patience_s": 5.0, "retry_base_s": 0.05, "teardown_s": 1.0, "margin_s": 2.0, "gone_wait_s": 10.0}
@@ -77,6 +77,7 @@ def cluster(tmp_path, monkeypatch):
     started = itertools.count(1)
     with ApiServer() as server, KubeRaySimulator(server.store,
                                                  attempt=lambda job, n: plan.get(next(started), Scripted())) as sim:
+        install(server.store, NS)
         monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig", NS)))
         for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
             monkeypatch.delenv(var, raising=False)  # not in a pod: the kubeconfig is used
@@ -120,13 +121,18 @@ def test_success_follows_kuberays_lifecycle_copies_the_driver_log_and_cleans_up(
     assert cluster.store.created["rayjobs"] == 1
 
 
-def test_the_launchers_api_calls_are_what_its_role_grants(cluster):
+def test_the_launchers_api_calls_are_what_its_role_grants(cluster, tmp_path, monkeypatch):
+    """As KFP's pipeline-runner, bound to k8s/base's Role: the API double's RBAC refuses nothing, and the Role
+    grants no verb the launcher does not use but the reaper's list and kubectl's watch."""
+    monkeypatch.setenv("KUBECONFIG", str(cluster.server.kubeconfig(tmp_path / "runner", NS, token(cluster.store,
+                                                                                                  *RUNNER))))
     _launch(_cfg())
     used = set(cluster.store.requests)
+    assert not cluster.store.denied, cluster.store.denied
     role = find(render("base"), "Role", "loomcfm-rayjob-launcher")[0]
     granted = {(verb, resource) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
-    assert used == {("create", "rayjobs"), ("get", "rayjobs"), ("delete", "rayjobs"), ("list", "pods"),
-                    ("get", "pods/log")}
+    assert used >= {("create", "rayjobs"), ("get", "rayjobs"), ("delete", "rayjobs"), ("list", "pods"),
+                    ("get", "pods/log"), ("list", "events")}
     assert used <= granted, used - granted
 
 
@@ -259,6 +265,25 @@ def test_keep_cluster_is_valid_and_keeps_a_failed_head_but_not_its_workers(clust
     assert cluster.store.list("rayclusters", NS), "the head stays for keep_cluster_s"
 
 
+def test_keep_cluster_leaves_no_cluster_of_a_stopped_job(cluster):
+    """KubeRay writes a stopped Ray job as Complete, and no deletion rule can match STOPPED (the CRD's
+    condition.jobStatus enum is SUCCEEDED and FAILED): the launcher deletes the RayJob and its cluster."""
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    threading.Thread(target=lambda: cluster.sim.stop_job(cluster.wait_for(
+        lambda: next((r.job_id for r in cluster.sim.runs.values() if r.status == "RUNNING"), None), "the job")),
+        daemon=True).start()
+    cfg = _cfg("kube.keep_cluster=true")
+    try:
+        with pytest.raises(RayJobError, match=r"(?s)was stopped after 1 of 3 attempt.*\nJob was intentionally "
+                           r"stopped.\n.*\nit is deleted with its cluster"):
+            _launch(cfg)
+    finally:
+        hold.set()
+    cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS) and not cluster.store.list("rayclusters", NS),
+                     "the stopped job's RayJob and cluster to go")
+
+
 def test_keep_cluster_deletes_the_cluster_of_a_success_at_once(cluster):
     cfg = _cfg("kube.keep_cluster=true")
     body = _body(cfg)
@@ -279,7 +304,8 @@ def test_deadline_exceeded_is_not_retried(cluster):
 
 
 def test_pre_running_deadline_is_retried_until_the_backoff_limit(tmp_path, monkeypatch):
-    with ApiServer() as server, KubeRaySimulator(server.store, cluster_ready_after_s=None) as sim:
+    with ApiServer() as server, KubeRaySimulator(server.store, nodes=[node("small", cpu="1")]) as sim:
+        install(server.store, NS)
         monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig", NS)))
         cfg = _cfg("kube.pre_running_deadline_s=1", "kube.backoff_limit=1")
         with pytest.raises(RayJobError, match=r"ended Failed after 2 of 2 attempt\(s\).*PreRunningDeadlineExceeded"):
@@ -420,7 +446,35 @@ def test_four_workers_with_two_gpus_each_make_eight_ray_train_workers(cluster):
     assert images == {"registry.corp/ml/loomcfm:1.2"}
     admit("RayJob", json.loads(json.dumps(body)), strict=True)
     assert validate_rayjob(body) is None
+    gpu_taint = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    for i in range(4):  # a GPU node pool: the workers go there, one per node
+        cluster.store.apply(node(f"gpu-{i}", cpu="32", memory="128Gi", gpus=2, taints=[gpu_taint],
+                                 labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}))
     assert _launch(cfg, body)["jobStatus"] == "SUCCEEDED"
+    bound = [e["message"].rsplit(" ", 1)[1] for e in cluster.store.list("events", NS, fields="reason=Scheduled")
+             if "-workers-worker-" in e["involvedObject"]["name"]]
+    assert sorted(bound) == [f"gpu-{i}" for i in range(4)], "one worker per GPU node"
+
+
+def test_the_launcher_reads_the_run_folder_its_rayjob_trains_into(monkeypatch):
+    """The RayJob trains with ray.* derived from the kube shape (2 workers here, 1 in the preset), part of the run's
+    identity: the folder the launcher names, reads back and rewinds is that config's."""
+    bodies = []
+
+    def capture(api, body, kube, **tuning):
+        bodies.append(body)
+        raise RayJobError("captured")
+
+    monkeypatch.setattr(stages, "run_rayjob", capture)
+    monkeypatch.setattr(stages, "connect", lambda namespace: None)
+    cfg = _cfg("kube.ray_workers=2")
+    with pytest.raises(RayJobError, match="captured"):
+        stages.train(cfg, "s3://bucket/loomcfm/datasets/digits-x", launcher="rayjob")
+    head = bodies[0]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    trained = load_config_text(next(e["value"] for e in head["env"] if e["name"] == CONFIG_ENV))
+    folder = layout.run_uri(trained, "s3://bucket/loomcfm/datasets/digits-x")
+    assert bodies[0]["metadata"]["annotations"]["loomcfm.io/run-folder"] == folder != \
+        layout.run_uri(cfg, "s3://bucket/loomcfm/datasets/digits-x")
 
 
 def test_cpu_workers_share_nothing_but_their_pod():
@@ -518,6 +572,70 @@ def test_sigterm_deletes_the_rayjob_from_the_cli_launcher(cluster):
         hold.set()
 
 
+def test_sigterm_deletes_the_rayjob_first_though_a_sigkill_follows_at_once(cluster):
+    """A terminated KFP step: the emissary forwards SIGTERM to the step's process group, the KFP launcher dies
+    of it and the container goes with PID 1 about a second later (argo-workflows v4.0.5 emissary.go,
+    kubeflow/pipelines 2.17.0 launcher_v2.go). The handler's first act is the DELETE; a SIGKILL 0.3 s later
+    finds it done."""
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    cmd = [sys.executable, "-m", "loomcfm_core.cli", "train", "--launcher", "rayjob",
+           "--dataset", "s3://bucket/loomcfm/datasets/digits-x"]
+    for item in ("storage.root=s3://bucket/loomcfm", f"kube.namespace={NS}", "kube.poll_s=5"):
+        cmd += ["--set", item]
+    proc = subprocess.Popen(cmd, env=_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        cluster.wait_for(lambda: any(r.status == "RUNNING" for r in cluster.sim.runs.values()), "the training",
+                         timeout=120)
+        time.sleep(0.5)  # the launcher is in its 5 s wait between reads
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.kill()
+        proc.communicate(timeout=30)
+        cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS), "the RayJob to go")
+        assert [r.status for r in cluster.sim.runs.values()] == ["STOPPED"]
+    finally:
+        hold.set()
+
+
+def test_a_step_killed_without_a_signal_leaves_a_rayjob_that_goes_with_its_pod(cluster, tmp_path):
+    """No signal at all (SIGKILL, a Pending pod deleted by Argo): the RayJob carries an ownerReference to its
+    step pod (KFP_POD_NAME/KFP_POD_UID, same namespace), so when the pod object goes (the Workflow's garbage
+    collection) the garbage collector deletes the RayJob, and KubeRay's finalizer stops the Ray job."""
+    hold = threading.Event()
+    cluster.plan[1] = Scripted(hold=hold)
+    pod = cluster.store.create("pods", NS, {"metadata": {"name": "loomcfm-abc-system-container-impl-1"}, "spec": {
+        "containers": [{"name": "main", "image": "ghcr.io/loomcfm/loomcfm:0.1.0", "command": ["sleep", "600"]}]}})[0]
+    (tmp_path / "namespace").write_text(NS)
+    env = {**_env(cluster), "KFP_POD_NAME": pod["metadata"]["name"], "KFP_POD_UID": pod["metadata"]["uid"]}
+    step = textwrap.dedent(f"""
+        from loomcfm_core import kfp_env, stages
+        from loomcfm_core.config import load_config
+        kfp_env.NAMESPACE_FILE = {str(tmp_path / "namespace")!r}  # where a pod's ServiceAccount mount has it
+        cfg = load_config("digits", ["storage.root=s3://bucket/loomcfm", "kube.namespace={NS}", "kube.poll_s=0.1"])
+        stages.train(cfg, "s3://bucket/loomcfm/datasets/digits-x", launcher="rayjob", kfp_run_id="r-1",
+                            kfp_task="train")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", step], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        cluster.wait_for(lambda: any(r.status == "RUNNING" for r in cluster.sim.runs.values()) or proc.poll(),
+                         "the training", timeout=120)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        proc.kill()
+        proc.communicate(timeout=30)
+        (job,) = cluster.store.list("rayjobs", NS)
+        assert job["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": pod["metadata"][
+            "name"], "uid": pod["metadata"]["uid"]}]
+        time.sleep(0.5)
+        assert cluster.store.list("rayjobs", NS), "nothing deleted it: no signal came"
+        cluster.store.delete("pods", NS, pod["metadata"]["name"])
+        cluster.wait_for(lambda: not cluster.store.list("rayjobs", NS), "the garbage collector to delete the RayJob")
+        assert [r.status for r in cluster.sim.runs.values()] == ["STOPPED"], "KubeRay's finalizer stopped the job"
+    finally:
+        hold.set()
+
+
 def test_sigterm_with_leave_keeps_the_rayjob_and_the_retried_step_adopts_it(cluster):
     run_id = "7e57ab1e-0000-4000-8000-00000000c0de"
     hold = threading.Event()
@@ -548,54 +666,3 @@ def test_sigterm_with_leave_keeps_the_rayjob_and_the_retried_step_adopts_it(clus
         hold.set()
     assert status["jobStatus"] == "SUCCEEDED" and cluster.store.created["rayjobs"] == 1
     assert left["metadata"]["name"] == identity.name()
-
-
-# ---- a retry that resumes a real training --------------------------------------------------------------------
-
-@pytest.mark.ray
-@pytest.mark.timeout(900)
-def test_a_killed_attempt_is_retried_and_resumes_to_the_uninterrupted_result(tmp_path, s3_bucket, monkeypatch, caplog):
-    """The simulator runs each attempt's entrypoint (`loomcfm train` on digits, s3:// storage on moto) and kills
-    the first after its first checkpoint; KubeRay's retry starts the next, which resumes. A second RayJob trains
-    the same config uninterrupted into another storage root: step count, weights and coupling table agree."""
-    caplog.set_level("INFO")
-    common = [*TINY, "train.max_steps=20", "train.checkpoint_every=10", "train.keep_checkpoints=2",
-              f"tracking.local_dir={tmp_path / 'mlflow'}", f"kube.namespace={NS}", "kube.poll_s=0.2",
-              "kube.worker_cpu=1"]
-    cfg = load_config("digits", [*common, f"storage.root=s3://{s3_bucket}/loomcfm"])
-    reference_cfg = load_config("digits", [*common, f"storage.root=s3://{s3_bucket}/reference"])
-    dataset_uri = cache_dataset(cfg).uri
-    run_uri = layout.run_uri(cfg, dataset_uri)
-    killed: list[int] = []
-    looked = [0.0]
-
-    def kill_after_first_checkpoint(run) -> bool:
-        if run.number != 1 or run.rayjob != RunIdentity(run_uri).name() or killed or time.monotonic() < looked[0] + 0.5:
-            return False
-        looked[0] = time.monotonic()
-        if list_checkpoints(run_uri):
-            killed.append(run.number)
-            return True
-        return False
-
-    with ApiServer() as server, KubeRaySimulator(server.store, kill_when=kill_after_first_checkpoint) as sim:
-        monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig", NS)))
-        resumed = stages.train(cfg, dataset_uri, launcher="rayjob")
-        reference = stages.train(reference_cfg, dataset_uri, launcher="rayjob")
-        name = RunIdentity(run_uri).name()
-        assert killed == [1] and not sim.errors
-        assert _states(sim.history[name]) == ["Initializing", "Running", "Retrying", "New", "Initializing",
-                                              "Running", "Complete"]
-        first = next(r for r in sim.runs.values() if r.rayjob == name and r.number == 1)
-        assert first.status == "FAILED" and "failed with exit code -9" in first.message
-    # Retrying can pass between two reads: the new attempt shows as `failed` growing (and a new jobId)
-    assert "attempt 2/3 started" in caplog.text
-    assert f"[{name}]" in caplog.text and '"step": 20' in caplog.text, "the driver's output is in this log"
-    assert resumed.step == reference.step == 20 and resumed.run_uri == run_uri
-    assert resumed.table_hashes == reference.table_hashes != ["-"]
-    a, b = load_checkpoint(reference.checkpoint_uri), load_checkpoint(resumed.checkpoint_uri)
-    assert torch.equal(a["coupling"]["table"], b["coupling"]["table"])
-    for key in a["model"]:
-        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=0, atol=1e-6)
-        torch.testing.assert_close(b["ema"][key], a["ema"][key], rtol=0, atol=1e-6)
-    assert resumed.model_alias == "base" and resumed.model_version

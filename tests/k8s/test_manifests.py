@@ -41,8 +41,16 @@ INPUTS = {"dataset_uri": "s3://loomcfm/loomcfm/datasets/digits-0123456789ab",
           "pairs_uri": "s3://loomcfm/loomcfm/datasets/digits-pairs-ba9876543210"}
 # RBAC: all the pipeline's launcher may do (loomcfm_core/kube/launcher.py creates, adopts, watches and deletes
 # RayJobs; loomcfm_core/kube/logs.py lists the submitter pods and reads their logs).
-ALLOWED_RULES = {("ray.io", "rayjobs"): {"create", "get", "list", "watch", "delete"}, ("", "pods"): {"get", "list"},
-                 ("", "pods/log"): {"get"}}
+ALLOWED_RULES = {("ray.io", "rayjobs"): {"create", "get", "list", "watch", "patch", "delete"},
+                 ("", "pods"): {"get", "list"},
+                 ("", "pods/log"): {"get"}, ("", "events"): {"list"}, ("", "secrets"): {"get"},
+                 ("", "configmaps"): {"get"}}
+# What `loomcfm cluster check` reads outside the namespace (ClusterRole loomcfm-preflight): read-only, by name
+# wherever the verb allows it (list cannot be restricted by name).
+PREFLIGHT_RULES = {("apiextensions.k8s.io", "customresourcedefinitions", "get"): {"rayjobs.ray.io", "rayclusters.ray.io"},
+                   ("apps", "deployments", "get"): {"kuberay-operator"},
+                   ("", "namespaces", "get"): {"loomcfm", "kubeflow"}, ("", "nodes", "list"): set()}
+NAMED_ONLY = {("", "secrets"): {"loomcfm-s3", "loomcfm-mlflow"}, ("", "configmaps"): {"loomcfm-env", "loomcfm-config"}}
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                       "projected", "secret"}
 CREDENTIAL_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|KEY_ID|PRIVATE_KEY|CREDENTIAL)", re.I)
@@ -58,7 +66,7 @@ def test_every_kustomization_renders():
         assert objs, f"k8s/{name} renders nothing"
         for obj in objs:
             assert obj.get("apiVersion") and obj.get("kind") and obj["metadata"].get("name"), obj
-            if obj["kind"] != "Namespace":
+            if obj["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):  # cluster-scoped
                 assert obj["metadata"].get("namespace") == NAMESPACE, f"k8s/{name}: {obj['kind']} " \
                     f"{obj['metadata']['name']} is not in namespace {NAMESPACE}"
 
@@ -334,7 +342,14 @@ def test_secret_scan_catches_credentials():
 def test_rbac_is_least_privilege():
     for name in kustomizations():
         objs = render(name)
-        assert not find(objs, "ClusterRole") and not find(objs, "ClusterRoleBinding"), f"k8s/{name}: cluster-wide RBAC"
+        for cluster_role in find(objs, "ClusterRole"):
+            granted_by_name = {(g, r, v): set(rule.get("resourceNames", [])) for rule in cluster_role["rules"]
+                               for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+            assert cluster_role["metadata"]["name"] == "loomcfm-preflight" and granted_by_name == PREFLIGHT_RULES, \
+                f"k8s/{name}: cluster-wide RBAC beyond the preflight's reads: {granted_by_name}"
+        for binding in find(objs, "ClusterRoleBinding"):
+            assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                          "name": "loomcfm-preflight"}, binding
         for role in find(objs, "Role"):
             granted: dict[tuple[str, str], set[str]] = {}
             for rule in role["rules"]:
@@ -343,6 +358,8 @@ def test_rbac_is_least_privilege():
                     for resource in rule["resources"]:
                         assert "*" not in (group, resource) and "*" not in rule["verbs"], f"k8s/{name}: wildcard"
                         granted.setdefault((group, resource), set()).update(rule["verbs"])
+                        if (group, resource) in NAMED_ONLY:
+                            assert set(rule.get("resourceNames", [])) == NAMED_ONLY[(group, resource)], rule
             assert granted == ALLOWED_RULES, f"k8s/{name}: Role {role['metadata']['name']} grants {granted}"
         roles = {r["metadata"]["name"] for r in find(objs, "Role")}
         for binding in find(objs, "RoleBinding"):

@@ -10,17 +10,20 @@ import pytest
 import yaml
 
 from pipelines import runner
-from pipelines.common import (DISPLAY, ENV_CONFIG_KEYS, GPU_TOLERATIONS, MLFLOW_SECRET_KEYS, RUN_ID_FIELD,
-                              S3_SECRET_KEYS, SHM_SIZE, STEP_RESOURCES)
+from pipelines.common import (DISPLAY, ENV_CONFIG_KEYS, FIXED_RESOURCES, GPU_TOLERATIONS, MLFLOW_SECRET_KEYS,
+                              RUN_ID_FIELD, S3_SECRET_KEYS, SHM_SIZE, STEP_RESOURCES)
 from tests.kfp.driver import DriverError, get_string_value, parse_quantity, pod_platform, pod_resources, \
     task_parameters
 
-PACKAGES = sorted(p.name for p in runner.COMPILED.glob("*.yaml"))
-GPU_STEPS = {"evaluate", "evaluate-reflow", "pairs", "train", "train-2"}
-# The STEP_RESOURCES kind of the tasks not named after one (pipelines/ablation_pipeline.py). The ablation's arm
-# runs inside a ParallelFor with constant resources (kfp.local cannot resolve a loop task's resource parameters).
-KINDS = {"ablation-plan": "prepare", "ablation-report": "prepare", "ablation-arm": "train"}
-CONSTANT_RESOURCES = {"ablation-arm"}
+PACKAGES = sorted(p.relative_to(runner.COMPILED).as_posix() for p in runner.COMPILED.rglob("*.yaml"))
+# What each task is, by its display name (pipelines.common.DISPLAY), as the resources kind that sizes it. The
+# ablation's arm runs inside a ParallelFor with the train step's resources as constants (kfp.local cannot
+# resolve a loop task's resource parameters); the check and a watch-only train step are sized by what they do.
+KINDS = {"ablation_plan": "prepare", "ablation_report": "prepare", "ablation_arm": "train", "reflow": "train",
+         "evaluate_reflow": "evaluate", "train_rayjob": "watch", "reflow_rayjob": "watch"}
+CONSTANT_RESOURCES = {"ablation_arm", *FIXED_RESOURCES}
+GPU_KINDS = {"evaluate", "pairs", "train"}  # a step that may use GPUs (the arm does not: its resources are fixed)
+RESOURCES = {**STEP_RESOURCES, **FIXED_RESOURCES}
 # Inputs whose value is different in every run: KFP resolves these before computing the cache key
 # (backend/src/v2/driver/resolve.go resolveInputParameter; cacheutils/cache.go GenerateCacheKey).
 RUN_SPECIFIC = re.compile(r"\{\{\$\.pipeline_(job|task)_")
@@ -64,8 +67,17 @@ def in_scope(values: dict, root_of: dict) -> dict:
     return {key: values.get(root) for key, root in root_of.items() if root is None or root in values}
 
 
-def step_kind(name: str) -> str:
-    return KINDS.get(name) or next(k for k in STEP_RESOURCES if name.startswith(k))
+def what(task: dict) -> str:
+    """The DISPLAY key of a task."""
+    return next(key for key, shown in DISPLAY.items() if shown == task["taskInfo"]["name"])
+
+
+def step_kind(task: dict) -> str:
+    return KINDS.get(what(task), what(task))
+
+
+def gpu_step(task: dict) -> bool:
+    return step_kind(task) in GPU_KINDS and what(task) != "ablation_arm"
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -73,7 +85,7 @@ def test_resource_fields_reference_string_parameters(package):
     spec, _ = load(package)
     root = spec["root"]["inputDefinitions"]["parameters"]
     checked = 0
-    for name, task, executor, _ in tasks(spec):
+    for name, task, executor, root_of in tasks(spec):
         resources = spec["deploymentSpec"]["executors"][executor]["container"].get("resources", {})
         fields = {k: v for k, v in resources.items() if isinstance(v, str)}
         fields.update({f"accelerator.{k}": v for k, v in resources.get("accelerator", {}).items()})
@@ -86,10 +98,11 @@ def test_resource_fields_reference_string_parameters(package):
                 assert root[parameter]["parameterType"] == "STRING", \
                     f"{package} {name} {field} reads {parameter}, a {root[parameter]['parameterType']}: the driver's " \
                     "GetStringValue() makes it ''"
-                assert task["inputs"]["parameters"][f"pipelinechannel--{parameter}"] == \
-                    {"componentInputParameter": parameter}
+                source = task["inputs"]["parameters"][f"pipelinechannel--{parameter}"]["componentInputParameter"]
+                assert root_of[source] == parameter, (package, name, field)
                 checked += 1
-    assert checked >= 4 * len([t for t in tasks(spec) if t[0] not in CONSTANT_RESOURCES])
+    assert checked >= 4 * len([t for t in tasks(spec) if step_kind(t[1]) not in CONSTANT_RESOURCES
+                               and what(t[1]) not in CONSTANT_RESOURCES])
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -100,11 +113,11 @@ def test_driver_sets_requests_and_limits_on_every_step(package, gpus):
     for name, task, executor, root_of in tasks(spec):
         container = spec["deploymentSpec"]["executors"][executor]["container"]
         pod = pod_resources(container.get("resources", {}), task_parameters(task, in_scope(values, root_of)))
-        cpu, memory = STEP_RESOURCES[step_kind(name)]
+        cpu, memory = RESOURCES[step_kind(task)]
         for bucket in ("limits", "requests"):
             assert pod[bucket]["cpu"] == parse_quantity(cpu), (package, name, pod)
             assert pod[bucket]["memory"] == parse_quantity(memory), (package, name, pod)
-        if name in GPU_STEPS:
+        if gpu_step(task):
             assert pod["limits"]["nvidia.com/gpu"] == int(gpus), (package, name, pod)
         else:
             assert "nvidia.com/gpu" not in pod["limits"], (package, name)
@@ -143,18 +156,18 @@ def test_platform_spec_names_secrets_config_map_toleration_and_node_selector(pac
         for source in config["secretAsEnv"] + config["configMapAsEnv"]:
             parameter = (source.get("secretNameParameter") or source["configMapNameParameter"])["componentInputParameter"]
             assert root[root_of[parameter]]["parameterType"] == "STRING", (package, name, parameter)
-        if name in GPU_STEPS:
+        if gpu_step(task):
             assert pod["tolerations"] == GPU_TOLERATIONS and root["gpu_tolerations"]["parameterType"] == "LIST"
             assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
             assert root["node_selector"]["parameterType"] == "STRUCT", "a string selector would resolve to {}"
         else:
             assert not pod["tolerations"] and not pod["nodeSelector"], (package, name)
         shm = [v for v in pod["emptyDir"] if v["mountPath"] == "/dev/shm"]
-        if step_kind(name) == "prepare":
+        if step_kind(task) in ("prepare", "watch", "check"):
             assert not shm
         else:
             assert shm == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": SHM_SIZE, "volumeName": "dshm"}]
-            assert parse_quantity(SHM_SIZE) < parse_quantity(STEP_RESOURCES[step_kind(name)][1]), \
+            assert parse_quantity(SHM_SIZE) < parse_quantity(RESOURCES[step_kind(task)][1]), \
                 "shm counts against memory"
 
 
@@ -182,8 +195,10 @@ def test_display_names_and_descriptions(package):
     assert set(shown.values()) <= set(DISPLAY.values()) and len(set(shown.values())) == len(shown), shown
     assert shown["cache"] == "cache dataset"
     if package == "loomcfm_pipeline.yaml":
-        assert (shown["train"], shown["train-2"], shown["evaluate-reflow"]) == \
-            ("train (LOOM)", "train (reflow)", "evaluate (reflow)")
+        assert (shown["cluster-check"], shown["train"], shown["train-2"], shown["evaluate-reflow"]) == \
+            ("check cluster", "train (LOOM)", "train (reflow)", "evaluate (reflow)")
+    if package == "rayjob/loomcfm_pipeline.yaml":
+        assert (shown["train"], shown["train-2"]) == ("train (LOOM) as RayJob", "train (reflow) as RayJob")
     assert spec["root"]["inputDefinitions"]["parameters"]["config_yaml"]["defaultValue"] == "cluster"
 
 
@@ -197,7 +212,7 @@ def test_deterministic_steps_are_cached_without_run_specific_inputs(package):
         cached = task.get("cachingOptions", {}).get("enableCache", False)
         if name.startswith(("cache", "pairs", "evaluate", "ablation-plan")):
             assert cached, f"{package}: {name} is not cached"
-        if name.startswith(("prepare", "train", "ablation-arm", "ablation-report")):
+        if name.startswith(("cluster-check", "prepare", "train", "ablation-arm", "ablation-report")):
             assert not cached, f"{package}: {name} has side effects and must not be cached"
         if not cached:
             continue
@@ -208,3 +223,31 @@ def test_deterministic_steps_are_cached_without_run_specific_inputs(package):
             if output:
                 assert (output["producerTask"], output["outputParameterKey"]) not in per_run_outputs, \
                     (package, name, input_name)
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_each_overlays_packages_ask_for_gpus_only_where_its_config_trains_on_them(overlay):
+    """The packages compiled with an overlay's defaults (pipelines.runner.PLATFORMS) request GPUs for evaluate,
+    pairs and training only where the overlay's config (k8s/overlays/<overlay>/config.yaml) uses them; a train
+    step that watches a RayJob asks for at most half a CPU and 512 Mi, without /dev/shm or GPUs."""
+    from loomcfm_core.config import load_config_text
+    from tests.k8s.objects import K8S
+
+    gpus = load_config_text((K8S / "overlays" / overlay / "config.yaml").read_text()).ray.use_gpu
+    prefix = "" if overlay == "cpu" else f"{overlay}/"
+    for package in [p for p in PACKAGES if p.startswith(prefix) and p.count("/") == prefix.count("/") + p.count(
+            "rayjob/") and "ablation" not in p]:
+        spec, executors = load(package)
+        values = root_values(spec)
+        assert (int(values["gpus_per_worker"]) > 0) == gpus, (package, "RayJob workers")
+        for name, task, executor, root_of in tasks(spec):
+            container = spec["deploymentSpec"]["executors"][executor]["container"]
+            pod = pod_resources(container.get("resources", {}), task_parameters(task, in_scope(values, root_of)))
+            platform = pod_platform(executors[executor], in_scope(values, root_of))
+            if step_kind(task) == "watch":
+                assert pod["limits"]["cpu"] <= parse_quantity("500m") and pod["limits"]["memory"] <= parse_quantity(
+                    "512Mi") and "nvidia.com/gpu" not in pod["limits"] and not platform["emptyDir"], (package, name)
+            elif step_kind(task) in GPU_KINDS:
+                assert (pod["limits"].get("nvidia.com/gpu", 0) > 0) == gpus, (package, name, pod)
+            else:
+                assert "nvidia.com/gpu" not in pod["limits"], (package, name)

@@ -36,8 +36,10 @@ def _without_comments(text: str) -> list[str]:
 
 def test_compiled_packages_are_up_to_date(tmp_path):
     fresh = runner.compile_all(tmp_path)
+    assert {p.relative_to(tmp_path).as_posix() for p in fresh} == \
+        {p.relative_to(runner.COMPILED).as_posix() for p in runner.COMPILED.rglob("*.yaml")}, "a package too many"
     for path in fresh:
-        committed = runner.COMPILED / path.name
+        committed = runner.COMPILED / path.relative_to(tmp_path)
         assert committed.is_file(), f"{committed} missing: run `loomcfm pipeline compile`"
         # Everything but the compiler's comment header, which prints a list-of-dicts default (gpu_tolerations)
         # in an order that varies with the process's hash seed; the documents are compared whole.
@@ -45,7 +47,7 @@ def test_compiled_packages_are_up_to_date(tmp_path):
             f"{committed} is stale: run `loomcfm pipeline compile`"
         assert list(yaml.safe_load_all(committed.read_text())) == list(yaml.safe_load_all(path.read_text()))
     spec, platform = yaml.safe_load_all((runner.COMPILED / "loomcfm_pipeline.yaml").read_text())
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) >= {"config_yaml", "overrides", "launcher"}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) >= {"config_yaml", "overrides", "namespace"}
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert all(e["secretAsEnv"][0]["keyToEnv"][0]["envVar"] == "AWS_ACCESS_KEY_ID" for e in executors.values())
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()}
@@ -56,25 +58,33 @@ def test_compiled_packages_are_up_to_date(tmp_path):
 
 def test_train_steps_name_their_rayjob_pass_the_cluster_shape_and_are_retried():
     """Each train task gets the run id and its own task name as whole arguments (the KFP driver substitutes a
-    placeholder only when it is the entire value), every cluster parameter of the pipeline, and a retry policy."""
+    placeholder only when it is the entire value), every cluster parameter of the pipeline, its package's
+    launcher, and a retry policy. Every package starts with the cluster check, never cached."""
     checked = set()
-    for path in runner.COMPILED.glob("*.yaml"):
+    for path in runner.COMPILED.rglob("*.yaml"):
         spec, _ = yaml.safe_load_all(path.read_text())
-        root = spec["root"]["inputDefinitions"]["parameters"]
-        if "launcher" not in root:
+        root, tasks = spec["root"]["inputDefinitions"]["parameters"], spec["root"]["dag"]["tasks"]
+        check = tasks["cluster-check"]
+        assert "dependentTasks" not in check and not check["cachingOptions"].get("enableCache"), path
+        assert tasks["prepare"]["dependentTasks"] == ["cluster-check"], path
+        launcher = "rayjob" if "rayjob" in path.parts else "local"
+        assert check["inputs"]["parameters"]["launcher"] == {"runtimeValue": {"constant": launcher}}
+        if "namespace" not in root:
             continue  # the ablation's arms train inside their own steps
-        checked.add(path.name)
-        assert set(CLUSTER_PARAMETERS) <= set(root), path.name
-        trains = [t for t in spec["root"]["dag"]["tasks"].values() if t["componentRef"]["name"].startswith("comp-train")]
+        checked.add(path.relative_to(runner.COMPILED).as_posix())
+        assert set(CLUSTER_PARAMETERS) <= set(root) and "launcher" not in root, path.name
+        trains = [t for t in tasks.values() if t["componentRef"]["name"].startswith("comp-train")]
         assert len(trains) == (2 if path.name == "loomcfm_pipeline.yaml" else 1)
         for task in trains:
             params = task["inputs"]["parameters"]
             assert params["kfp_run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
             assert params["kfp_task"] == {"runtimeValue": {"constant": "{{$.pipeline_task_name}}"}}
+            assert params["launcher"] == {"runtimeValue": {"constant": launcher}}
             assert all(params[name] == {"componentInputParameter": name} for name in CLUSTER_PARAMETERS)
             assert task["retryPolicy"]["maxRetryCount"] == TRAIN_RETRIES >= 1
             assert not task["cachingOptions"].get("enableCache"), "training has side effects: never cached"
-    assert checked == {"loomcfm_pipeline.yaml", "reflow_pipeline.yaml"}
+    assert checked == {f"{platform}{launcher}{name}" for platform in ("", "gpu/") for launcher in ("", "rayjob/")
+                       for name in ("loomcfm_pipeline.yaml", "reflow_pipeline.yaml")}
 
 
 def test_the_train_component_turns_its_parameters_into_kube_settings():
@@ -101,12 +111,13 @@ def test_bad_overrides_fail_before_anything_runs(tmp_path, capfd):
         runner.arguments("full", "digits", ["train.lr=-1"], None)
     with pytest.raises(ValueError, match="--checkpoint"):
         runner.arguments("reflow", "digits", [], None)
-    # inside the pipeline too (a run submitted from the UI): the first step fails, no stage starts
+    # inside the pipeline too (a run submitted from the UI): the first step (the cluster check, which reads the
+    # config for the RayJob it checks) fails, no stage starts
     with pytest.raises(RuntimeError):
         runner.run_local("full", {"config_yaml": "digits", "overrides": ["reflow.num_pairz=3"]}, str(tmp_path / "root"))
     output = re.sub(r"\x1b\[[0-9;]*m", "", "".join(capfd.readouterr()))
     assert "reflow.num_pairz: unknown config key" in output
-    assert "Task 'prepare' finished with status FAILURE" in output and "Executing task 'cache'" not in output
+    assert "Task 'cluster-check' finished with status FAILURE" in output and "Executing task 'prepare'" not in output
     assert not (tmp_path / "loomcfm-data").exists() and not (tmp_path / "loomcfm-runs").exists()
 
 
@@ -168,7 +179,7 @@ def _outputs(root, pipeline, step):
 def test_full_pipeline_steps_and_lineage(local_runs):
     root, model, _, _ = local_runs
     steps = {p.name for p in _run_dirs(root, "full")[0].iterdir()}
-    assert steps == {"prepare", "cache", "train", "evaluate", "pairs", "train-2", "evaluate-reflow"}
+    assert steps == {"cluster-check", "prepare", "cache", "train", "evaluate", "pairs", "train-2", "evaluate-reflow"}
     assert model["uri"].endswith("step-00000006.pt") and Path(model["uri"]).is_file()
     dataset = json.loads((_run_dirs(root, "full")[0] / "cache" / "dataset").read_text())
     assert (Path(dataset["uri"]) / "manifest.json").is_file() and dataset["num_train"] == 1500
@@ -244,7 +255,8 @@ def test_prepare_in_a_kfp_pod_refuses_pod_local_storage_and_tracking(tmp_path, m
     with pytest.raises(ConfigError, match=r"tracking\.uri='file:///tmp/mlruns'") as caught:
         prepare.python_func(config_yaml="digits", overrides=["storage.root=s3://b/p", "tracking.uri=file:///tmp/mlruns"])
     assert "storage.root" not in str(caught.value)
-    # the same through kfp.local, whose steps inherit this process's environment: no stage starts
+    # the same through kfp.local, whose steps inherit this process's environment: the first step, the cluster
+    # check, already refuses it (and writes nothing to the pod-local folder); no stage starts
     with pytest.raises(RuntimeError):
         runner.run_local("full", {"config_yaml": "digits", "overrides": []}, str(tmp_path / "root"))
     output = re.sub(r"\x1b\[[0-9;]*m", "", "".join(capfd.readouterr()))

@@ -57,6 +57,9 @@ def test_submit_uploads_a_version_and_runs_it_as_the_service_account(kfp_api):
     runner.submit(host, "full", args, experiment="nightly")
     assert _uploads(api) == [("upload", "loomcfm"), ("upload_version", ours["name"])]
     assert len(api.runs) == 2 and {e["display_name"] for e in api.experiments.values()} == {"loomcfm", "nightly"}
+    # --launcher rayjob: the package whose train steps watch RayJobs, a pipeline of its own
+    runner.submit(host, "full", args, launcher="rayjob")
+    assert {p["name"] for p in api.pipelines.values()} == {"loomcfm", "loomcfm-rayjob"}
 
 
 def test_schedule_makes_a_recurring_run_of_the_version(kfp_api):

@@ -8,7 +8,8 @@ S3; then every process of the worker node is killed and the node started again. 
 (``FailureConfig(max_failures)``) restarts the worker group once the node is back, ``fit`` resumes from the
 checkpoint, and the final LOOM table equals that of an uninterrupted run on the same cluster.
 
-Needs root and iproute2 (CI runs as root; ``.ci/run`` installs iproute2 when it is missing).
+The network namespaces are :mod:`tests.netns`'s. Needs root and iproute2 (CI runs as root; ``.ci/run`` installs
+iproute2 when it is missing).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,72 +31,42 @@ import pytest
 from loomcfm_core.config import load_config
 from loomcfm_core.data.cache import cache_dataset
 from tests.conftest import free_port
+from tests.netns import IFACE, Network, require_ip_netns
 from tests.training import TINY
 
 RAY = str(Path(sys.executable).parent / "ray")
-IFACE = "lceth0"  # the node's end of its veth pair, the same name inside each namespace
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
 class Cluster:
-    """Namespaces ``<tag>h`` (head, .1) and ``<tag>w`` (worker, .2) on bridge ``<tag>br`` (.254)."""
+    """Hosts ``head`` (.1) and ``worker`` (.2) on a bridge (.254) of :class:`tests.netns.Network`."""
 
     def __init__(self, root: Path) -> None:
-        self.tag = f"lc{os.getpid() % 100000}"
-        third = 100 + os.getpid() % 150
-        self.subnet = f"10.{third}.{os.getpid() // 150 % 250}"
-        self.bridge_ip, self.head_ip, self.worker_ip = (f"{self.subnet}.{i}" for i in (254, 1, 2))
-        self.root, self.names, self.procs = root, {"head": f"{self.tag}h", "worker": f"{self.tag}w"}, []
+        self.net, self.root, self.names = Network(), root, {}
         self.ray_temp = Path(tempfile.mkdtemp(prefix="lc", dir="/tmp"))  # Ray's socket paths: at most 107 bytes
 
+    @property
+    def bridge_ip(self) -> str:
+        return self.net.bridge_ip
+
     def up(self) -> None:
-        br = f"{self.tag}br"
-        _ip("link", "add", br, "type", "bridge")
-        _ip("addr", "add", f"{self.bridge_ip}/24", "dev", br)
-        _ip("link", "set", br, "up")
-        for node, address in (("head", self.head_ip), ("worker", self.worker_ip)):
-            ns, outer, inner = self.names[node], f"{self.names[node]}0", f"{self.names[node]}1"
-            _ip("netns", "add", ns)
-            _ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-            _ip("link", "set", inner, "netns", ns)
-            _ip("link", "set", outer, "master", br)
-            _ip("link", "set", outer, "up")
-            for args in (("link", "set", inner, "name", IFACE), ("addr", "add", f"{address}/24", "dev", IFACE),
-                         ("link", "set", IFACE, "up"), ("link", "set", "lo", "up"),
-                         ("route", "add", "default", "via", self.bridge_ip)):
-                _ip("-n", ns, *args)
+        self.net.up()
+        for node in ("head", "worker"):
+            self.names[node], address = self.net.add(node[0])
+            setattr(self, f"{node}_ip", address)
 
     def pids(self, node: str) -> list[int]:
-        """The live (not zombie) processes in the node's namespace."""
-        out = subprocess.run(["ip", "netns", "pids", self.names[node]], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split() if _state(int(p)) not in ("Z", "X", "")]
+        return self.net.pids(self.names[node])
 
-    def kill(self, node: str, timeout: float = 20.0) -> None:
-        """SIGKILL every process in the node's namespace (all of them were started by this test), again until
-        none is left: a dying raylet may still have started a worker."""
-        deadline = time.monotonic() + timeout
-        while (pids := self.pids(node)) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.2)
+    def kill(self, node: str) -> None:
+        self.net.kill(self.names[node])
 
     def down(self) -> None:
-        for node in self.names:
-            self.kill(node)
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        for ns in self.names.values():
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", f"{self.tag}br"], capture_output=True)
+        self.net.down()
         shutil.rmtree(self.ray_temp, ignore_errors=True)
+
+    @property
+    def procs(self) -> list:
+        return self.net.procs
 
     def env(self, node: str, s3: str) -> dict[str, str]:
         home = self.root / f"{node}-home"
@@ -110,10 +80,7 @@ class Cluster:
         return env
 
     def run(self, node: str, args: list[str], env: dict[str, str], **popen) -> subprocess.Popen:
-        proc = subprocess.Popen(["ip", "netns", "exec", self.names[node], *args], env=env, cwd=self.root, text=True,
-                                **popen)
-        self.procs.append(proc)
-        return proc
+        return self.net.run(self.names[node], args, env, cwd=self.root, text=True, **popen)
 
     def start_node(self, node: str, s3: str, attempt: int = 0) -> None:
         temp = self.ray_temp / f"{node[0]}{attempt}"
@@ -126,23 +93,9 @@ class Cluster:
         assert proc.returncode == 0, f"ray start ({node}) failed:\n{out[-4000:]}"
 
 
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-def _require_ip_netns() -> None:
-    if shutil.which("ip") is None:
-        pytest.fail("this test needs the `ip` command (Debian package iproute2; `.ci/run` installs it as root)")
-    if os.geteuid() != 0:
-        pytest.fail("this test creates network namespaces (`ip netns add`) and must run as root, as CI does")
-
-
 @pytest.fixture()
 def cluster(tmp_path):
-    _require_ip_netns()
+    require_ip_netns()
     cluster = Cluster(tmp_path)
     try:
         cluster.up()

@@ -18,8 +18,15 @@ from tests.training import TINY
 
 
 def _fit(tmp_path, name, *overrides, uri=None):
+    """Train on 40 generated 3x8x8 pictures (a 5-step epoch at batch 8): enough batches to span problems,
+    cut units at checkpoints and epochs, and stop mid-epoch, each in a few steps."""
+    images = tmp_path / "shapes"
+    if not images.is_dir():
+        shapes_folder(images, 20, 2, size=8)
     cfg = load_config("digits", TINY + [f"storage.root={tmp_path}/store", f"tracking.local_dir={tmp_path}/runs",
-                                        "train.checkpoint_every=7", "train.keep_checkpoints=5", *overrides])
+                                        f"data.source=imagefolder:{images}", "data.name=shapes", "data.channels=3",
+                                        "train.batch_size=8", "train.checkpoint_every=7", "train.keep_checkpoints=5",
+                                        *overrides])
     uri = uri or cache_dataset(cfg).uri
     return fit(cfg, uri, f"{tmp_path}/store/runs/{name}", torch.device("cpu")), uri
 
@@ -49,29 +56,29 @@ def test_units_close_at_checkpoints_and_at_the_end():
 
 
 def test_pipelined_training_is_bit_identical_and_resumes_exactly(tmp_path):
-    """Spanning problems (2 global batches of 32 under max_problem=64), units cut by checkpoints every 7 steps,
-    a 46-step epoch: the pipelined loop equals the unpipelined one bit for bit; a run stopped at step 21
-    (mid-epoch) and resumed to 60 equals the uninterrupted one."""
-    common = ["coupling.max_problem=64", "train.max_steps=60"]
+    """Spanning problems (2 global batches of 8 under max_problem=16), units cut by checkpoints every 7 steps,
+    a 5-step epoch: the pipelined loop equals the unpipelined one bit for bit; a run stopped at step 14
+    (mid-epoch) and resumed to 20 equals the uninterrupted one."""
+    common = ["coupling.max_problem=16", "train.max_steps=20"]
     straight, uri = _fit(tmp_path, "straight", *common, "coupling.pipelined=false")
     pipelined, _ = _fit(tmp_path, "pipelined", *common, uri=uri)
     _assert_same_run(straight, pipelined)
     assert straight.metrics["coupling/swaps"] > 0
 
-    # stopped after the checkpoint at step 21 (a later one, at 25, is lost with the crash), then rerun
-    first, _ = _fit(tmp_path, "resumed", "coupling.max_problem=64", "train.max_steps=25", uri=uri)
+    # stopped after the checkpoint at step 14 (a later one, at 16, is lost with the crash), then rerun
+    first, _ = _fit(tmp_path, "resumed", "coupling.max_problem=16", "train.max_steps=16", uri=uri)
     run_uri = first.run_uri
-    to_local_path(f"{run_uri}/checkpoints/step-00000025.pt").unlink()
+    to_local_path(f"{run_uri}/checkpoints/step-00000016.pt").unlink()
     to_local_path(f"{run_uri}/result.json").unlink()
-    assert [s for s, _ in list_checkpoints(run_uri)][-1] == 21
+    assert [s for s, _ in list_checkpoints(run_uri)][-1] == 14
     resumed, _ = _fit(tmp_path, "resumed", *common, uri=uri)
     _assert_same_run(straight, resumed)
 
 
 def test_bounded_problems_train_the_same_with_and_without_the_pipeline(tmp_path):
-    """A global batch above the cap (32 > 20): every problem is a rank's local batch in pieces of <= 20."""
-    a, uri = _fit(tmp_path, "a", "coupling.max_problem=20", "train.max_steps=12", "coupling.pipelined=false")
-    b, _ = _fit(tmp_path, "b", "coupling.max_problem=20", "train.max_steps=12", uri=uri)
+    """A global batch above the cap (8 > 3): every problem is a rank's local batch in pieces of <= 3."""
+    a, uri = _fit(tmp_path, "a", "coupling.max_problem=3", "train.max_steps=6", "coupling.pipelined=false")
+    b, _ = _fit(tmp_path, "b", "coupling.max_problem=3", "train.max_steps=6", uri=uri)
     _assert_same_run(a, b)
 
 
