@@ -28,6 +28,7 @@ from loomcfm_core.data.latents import cache_latents, image_dataset_of
 from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import UsageError
 from loomcfm_core.evaluation.scoring import evaluate as score_checkpoint
+from loomcfm_core.evaluation.samples import check_feature_weights
 from loomcfm_core.evaluation.scoring import prepare_reference
 from loomcfm_core.evaluation.summary import base_rows, record_summary, summary_table
 from loomcfm_core.kube import cluster_check
@@ -205,8 +206,10 @@ def evaluate_reflow(cfg: Config, checkpoint_uri: str, parent_run_id: str, datase
 
 def _evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None, methods: list[str] | None,
               parent_run_id: str | None, run_name: str) -> EvalResult:
-    methods = [check_method(method) for method in (methods or cfg.eval.methods)]
+    # each method once, in the order given: a repeated one would be sampled and scored again for the same row
+    methods = list(dict.fromkeys(check_method(method) for method in (methods or cfg.eval.methods)))
     fitting_weights(cfg, checkpoint_uri)
+    check_feature_weights(cfg)
     dataset_uri = dataset_uri or image_dataset_uri(cfg, parent_run_id)
     with stage_run(cfg, run_name, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri}):
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
@@ -292,6 +295,7 @@ def start_pipeline_run(cfg: Config) -> str:
 def run(cfg: Config, tags: dict[str, str] | None = None) -> RunResult:
     """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow train →
     evaluate and record the summary (:func:`evaluate_reflow`)."""
+    check_feature_weights(cfg)  # before hours of training, not after
     with stage_run(cfg, tracking.PIPELINE_STAGE, tags=tags) as parent:
         parent_id = parent.info.run_id
         cached = cache(cfg, parent_id)
