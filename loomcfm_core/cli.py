@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
                                args.batch_size or cfg.sample.batch_size, args.nrows)
     else:
         result = stages.run(cfg)
-        print(f"\n{result.summary}\n\nBrowse the runs (parent run {result.parent_run_id}):\n"
+        print(f"\n{result.summary}\n\nSample grids and FD-vs-NFE plots:\n  base:   {result.base_eval.eval_uri}\n"
+              f"  reflow: {result.reflow_eval.eval_uri}\n\nBrowse the runs (parent run {result.parent_run_id}):\n"
               f"  {ui_command(result.tracking_uri)}")
         return 0
     print(json.dumps(dataclasses.asdict(result), indent=2))

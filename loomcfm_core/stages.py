@@ -222,7 +222,9 @@ def _evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None, methods
         mlflow.set_tag("loomcfm.eval_uri", result.eval_uri)
     serving.describe_checkpoint(cfg.tracking, cfg.registered_model, checkpoint_uri,
                                 f"{result.metric} vs NFE of {checkpoint_uri}:\n\n{result.table}")
-    print(result.table)
+    heading = "the reflowed model" if run_name == "evaluate_reflow" else "the model"
+    print(f"\n{result.metric} vs NFE of {heading} {checkpoint_uri}\n(sample grids, the plot and results.json: "
+          f"{result.eval_uri})\n{result.table}")
     return result
 
 
