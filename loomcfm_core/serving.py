@@ -98,7 +98,7 @@ def log_generator(cfg: Config, model: torch.nn.Module, registered_model_name: st
         config.write_text(cfg.to_yaml())
         example = (pd.DataFrame({"num_images": [EXAMPLE_IMAGES]}), {"method": cfg.sample.method})
         return mlflow.pyfunc.log_model(
-            name="model", python_model=Generator(), artifacts={"weights": str(weights), "config": str(config)},
+            name="model", python_model=str(Path(__file__).with_name("generator_code.py")), artifacts={"weights": str(weights), "config": str(config)},
             signature=signature(cfg), input_example=example, registered_model_name=registered_model_name,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "loomcfm", "pandas"])
 

@@ -1,6 +1,7 @@
 """`loomcfm run` end to end on a small digits budget: every stage, and what MLflow holds afterwards."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -24,10 +25,11 @@ SMALL = ["train.max_steps=150", "reflow.max_steps=60", "reflow.num_pairs=512", "
 
 def run_pipeline(root, *args) -> str:
     """``loomcfm run *args`` in ``root`` (this process, ``tests.run_cli.call``), its store and MLflow under it;
-    returns its output."""
+    returns its output, and leaves what it wrote to stderr in ``root/stderr.txt``."""
     with inside(root):
         proc = call("run", *args, *sets(f"storage.root={root}/store", f"tracking.local_dir={root}/runs"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (root / "stderr.txt").write_text(proc.stderr)
     return proc.stdout
 
 
@@ -54,6 +56,21 @@ def test_run_prints_the_summary_and_the_mlflow_command(pipeline):
                                                         tracking_uri=client.tracking_uri)).read_text()
     assert recorded.strip() in out, "the parent run holds the table the command printed"
     assert len(recorded.strip().splitlines()) == 2 + 3, "a row per method"
+
+
+# a line that looks like a failure: a log record at warning level or above (Python's logging, Ray's and
+# Ray's C++ "[<time> E <pid> <tid>] file.cc:N" lines), a Python warning, a traceback
+ALARMING = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|\d [EWF] \d+ \d+\] \w+\.cc:|\w+Warning:|Traceback")
+
+
+def test_a_successful_run_prints_nothing_alarming(pipeline):
+    """Progress bars, our results and nothing that looks like a failure: no Ray token-authentication warning,
+    no error-level core_worker.cc line about Ray Train's preemption watcher, no MLflow CloudPickle warning."""
+    root, out = pipeline
+    lines = [line for text in (out, (root / "stderr.txt").read_text()) for line in re.split(r"[\r\n]", text)]
+    assert not [line for line in lines if ALARMING.search(line)]
+    assert "(sample grids, the plot and results.json: " in out and "Sample grids and FD-vs-NFE plots:" in out
+    assert "vs NFE of the reflowed model" in out
 
 
 def test_the_parent_run_carries_the_summary_metrics(pipeline):
