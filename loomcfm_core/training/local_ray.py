@@ -32,14 +32,24 @@ if TYPE_CHECKING:
     from loomcfm_core.config import RayConfig
 
 RECORDS = Path("~/.cache/loomcfm/ray")
-# The environment a local Ray starts with (its processes and workers inherit it), each for a line a run that
-# succeeded would otherwise print. RAY_AUTH_MODE: token authentication, which Ray turns on for a new local
-# Ray anyway, said explicitly (unset, Ray warns that it chose it: ray/_private/authentication/
-# authentication_token_setup.py, enable_token_auth_by_default). RAY_TRAIN_ENABLE_PREEMPTION_WATCHER: Ray
-# Train's watcher of node drains (ray/train/v2/_internal/callbacks/preemption_callback.py) only logs the
-# drains a cloud provider announces, none of which can happen to one machine, and its start logs an
-# error-level core_worker.cc line about its constructor arguments.
-LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# The environment a local Ray starts with (its processes and workers inherit it): Ray Train's watcher of node
+# drains (ray/train/v2/_internal/callbacks/preemption_callback.py) only logs the drains a cloud provider
+# announces, none of which can happen to one machine, and its start logs an error-level core_worker.cc line
+# about its constructor arguments.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _TokenNotice(logging.Filter):
+    """Drops Ray's warning that it turned token authentication on for a new local Ray (``_warn_token_auth_
+    enabled``): the secure default, nothing to act on. Setting ``RAY_AUTH_MODE=token`` to avoid it does not
+    work once ``ray`` is imported: its config is read then, and the GCS would look for a token never written."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_NOTICE = _TokenNotice()
 GRACE_SECONDS = 5.0
 log = logging.getLogger(__name__)
 
@@ -110,6 +120,7 @@ def start_local_ray(**init_kwargs) -> None:
     stay_offline()
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)  # a user's own choice stands
+    logging.getLogger(TOKEN_NOTICE_LOGGER).addFilter(_TOKEN_NOTICE)  # once: addFilter skips one already there
     before = frozenset(descendants(os.getpid()))
     ray.init(**init_kwargs)
     record_processes(before)
