@@ -37,19 +37,6 @@ RECORDS = Path("~/.cache/loomcfm/ray")
 # announces, none of which can happen to one machine, and its start logs an error-level core_worker.cc line
 # about its constructor arguments.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
-
-
-class _TokenNotice(logging.Filter):
-    """Drops Ray's warning that it turned token authentication on for a new local Ray (``_warn_token_auth_
-    enabled``): the secure default, nothing to act on. Setting ``RAY_AUTH_MODE=token`` to avoid it does not
-    work once ``ray`` is imported: its config is read then, and the GCS would look for a token never written."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
-
-
-_TOKEN_NOTICE = _TokenNotice()
 GRACE_SECONDS = 5.0
 log = logging.getLogger(__name__)
 
@@ -116,11 +103,13 @@ def start_local_ray(**init_kwargs) -> None:
     (:mod:`loomcfm_core.offline`), with :data:`LOCAL_RAY_ENV`."""
     import ray
 
+    from loomcfm_core.training.ray_trainer import quiet_token_notice  # Ray's private logger: its adapter's
+
     clean_orphans()
     stay_offline()
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)  # a user's own choice stands
-    logging.getLogger(TOKEN_NOTICE_LOGGER).addFilter(_TOKEN_NOTICE)  # once: addFilter skips one already there
+    quiet_token_notice()
     before = frozenset(descendants(os.getpid()))
     ray.init(**init_kwargs)
     record_processes(before)
