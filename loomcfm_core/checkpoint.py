@@ -75,9 +75,10 @@ def rewind(run_uri: str, step: int) -> list[str]:
     return moved
 
 
-# What torch.load raises for a file that is not a torch pickle (a PNG, a truncated download, text).
+# What torch.load raises for a file that is not a torch pickle (a PNG, a truncated download, text); OSError:
+# a zip archive cut short (``[Errno 22] Invalid argument`` from a seek past its end), the copy being local.
 _NOT_A_PICKLE = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, AttributeError,
-                 ImportError, IndexError)
+                 ImportError, IndexError, OSError)
 
 
 @contextmanager

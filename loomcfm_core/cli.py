@@ -185,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
                                args.batch_size or cfg.sample.batch_size, args.nrows)
     else:
         result = stages.run(cfg)
-        print(f"\n{result.summary}\n\n{browse_text(cfg.tracking, cfg.experiment, result.parent_run_id)}")
+        print(f"\n{result.summary}\n\nSample grids and FD-vs-NFE plots:\n  base:   {result.base_eval.eval_uri}\n"
+              f"  reflow: {result.reflow_eval.eval_uri}\n\n"
+              f"{browse_text(cfg.tracking, cfg.experiment, result.parent_run_id)}")
         return 0
     print(json.dumps(dataclasses.asdict(result), indent=2))
     return 0

@@ -70,9 +70,10 @@ def pairs_uri(cfg: Config, checkpoint_uri: str) -> str:
 # ---- runs and checkpoints ---------------------------------------------------------------------------------
 
 def default_run_name(cfg: Config, dataset_uri: str) -> str:
-    """``<name>-<digest of the identity keys and the dataset>`` (:mod:`loomcfm_core.identity`): a rerun of the
-    same training finds its folder again, whatever the free keys say."""
-    return f"{cfg.name}-{identity_digest(cfg.flat(), dataset_uri)}"
+    """``<name>-<digest of the identity keys and the dataset>`` (:mod:`loomcfm_core.identity`), or
+    ``<name>-reflow-<digest>`` for a training on reflow pairs (beside its base run, a person tells them apart):
+    a rerun of the same training finds its folder again, whatever the free keys say."""
+    return f"{cfg.name}-{'reflow-' if cfg.is_reflow else ''}{identity_digest(cfg.flat(), dataset_uri)}"
 
 
 def run_uri(cfg: Config, dataset_uri: str) -> str:

@@ -14,9 +14,12 @@ import json
 import mlflow
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource, S3ArtifactDatasetSource
+from mlflow.entities import LoggedModelInput
+from mlflow.entities.model_registry import ModelVersion
 
 from loomcfm_core import provenance
 from loomcfm_core.config import Config
+from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import TrackingError
 from loomcfm_core.layout import with_absolute_paths
 from loomcfm_core.models.autoencoder import LatentSpace
@@ -106,3 +109,15 @@ def log_dataset(uri: str, manifest: dict, context: str) -> None:
     source = S3ArtifactDatasetSource(uri) if is_remote(uri) else LocalArtifactDatasetSource(uri)
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     mlflow.log_input(MetaDataset(source, name=name, digest=dataset_digest(manifest)), context=context)
+
+
+def log_evaluated(cfg: Config, checkpoint_uri: str, images_uri: str, version: ModelVersion | None) -> None:
+    """On an evaluation's run: what it scored (the checkpoint, the registered version and the run that trained
+    it, the model itself as the run's input) and against which images (a dataset input)."""
+    mlflow.log_params({"checkpoint_uri": absolute(checkpoint_uri), "dataset_uri": absolute(images_uri),
+                       "model_version": f"{cfg.registered_model}/{version.version}" if version else "",
+                       "training_run_id": (version.run_id or "") if version else ""})
+    log_dataset(images_uri, read_manifest(images_uri) or {}, context="evaluation")
+    if version is not None and version.source.startswith("models:/"):
+        mlflow.MlflowClient().log_inputs(mlflow.active_run().info.run_id,
+                                         models=[LoggedModelInput(version.source.removeprefix("models:/"))])

@@ -21,12 +21,14 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from loomcfm_core.config import Config, TrackingConfig, load_config_text
-from loomcfm_core.errors import UsageError
+from loomcfm_core.errors import LoomcfmError, UsageError
 from loomcfm_core.models.loading import build_model, default_device
 from loomcfm_core.choices import check_method
 from loomcfm_core.sampling import generate, sample_seeds, to_uint8
@@ -66,17 +68,27 @@ class Generator(mlflow.pyfunc.PythonModel):
         if len(columns) != 1:
             raise UsageError("predict takes a 'num_images' column (one row) or a 'seed' column (one row per image), "
                              f"got columns {list(model_input.columns)}")
+        cap = self.cfg.sample.max_request_images
         if columns[0] == "seed":
-            return torch.tensor(model_input["seed"].astype("int64").to_numpy())
-        count = model_input["num_images"].dropna()
-        if len(count) != 1 or int(count.iloc[0]) < 1:
-            raise UsageError(f"predict: 'num_images' must be one positive number, got {count.tolist()}")
-        return sample_seeds(int(count.iloc[0]), offset=sample_seed_offset(self.cfg))
+            seeds = model_input["seed"].dropna()
+            if len(seeds) > cap:
+                raise UsageError(f"predict: {len(seeds)} 'seed' rows, but one request may ask for at most {cap} "
+                                 "images (sample.max_request_images): split the request")
+            return torch.tensor(seeds.astype("int64").to_numpy())
+        count = model_input["num_images"].dropna().tolist()
+        if len(count) != 1 or count[0] != int(count[0]) or not 1 <= count[0] <= cap:
+            raise UsageError(f"predict: 'num_images' must be one whole number from 1 to {cap} "
+                             f"(sample.max_request_images), got {count}")
+        return sample_seeds(int(count[0]), offset=sample_seed_offset(self.cfg))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
-        method = check_method((params or {}).get("method") or self.cfg.sample.method)
-        samples = generate(self.model, self.cfg.data.shape, method, self.seeds(model_input),
-                           self.cfg.sample.batch_size, self.device)
+        try:
+            method = check_method((params or {}).get("method") or self.cfg.sample.method)
+            seeds = self.seeds(model_input)
+        except LoomcfmError as exc:  # the scoring server answers an MlflowException with its code and message,
+            # anything else with 400 and a generic "unexpected error", our reason buried in the stack trace
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+        samples = generate(self.model, self.cfg.data.shape, method, seeds, self.cfg.sample.batch_size, self.device)
         return to_uint8(samples.images).numpy()
 
 
@@ -88,7 +100,7 @@ def log_generator(cfg: Config, model: torch.nn.Module, registered_model_name: st
         config.write_text(cfg.to_yaml())
         example = (pd.DataFrame({"num_images": [EXAMPLE_IMAGES]}), {"method": cfg.sample.method})
         return mlflow.pyfunc.log_model(
-            name="model", python_model=Generator(), artifacts={"weights": str(weights), "config": str(config)},
+            name="model", python_model=str(Path(__file__).with_name("generator_code.py")), artifacts={"weights": str(weights), "config": str(config)},
             signature=signature(cfg), input_example=example, registered_model_name=registered_model_name,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "loomcfm", "pandas"])
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import mlflow
 import torch
-from mlflow.entities import LoggedModelInput
 
 from loomcfm_core import ablation, kfp_env, provenance, reflow, run_record, serving, tracking
 from loomcfm_core.ablation import ArmResult
@@ -29,6 +28,7 @@ from loomcfm_core.data.latents import cache_latents, image_dataset_of
 from loomcfm_core.data.manifest import read_manifest
 from loomcfm_core.errors import TrackingError, UsageError
 from loomcfm_core.evaluation.scoring import evaluate as score_checkpoint
+from loomcfm_core.evaluation.samples import check_feature_weights
 from loomcfm_core.evaluation.scoring import prepare_reference
 from loomcfm_core.evaluation.summary import base_rows, curve_points, record_summary, summary_table
 from loomcfm_core.kube import cluster_check
@@ -60,22 +60,27 @@ def stage_run(cfg: Config, stage: str, parent_run_id: str | None = None, tags: d
         yield run
 
 
-def cache(cfg: Config, parent_run_id: str | None = None) -> CacheResult:
+def cache(cfg: Config, parent_run_id: str | None = None, *, latents: bool = True) -> CacheResult:
     """Cache ``cfg.data.source`` as HDF5 shards (a no-op when already cached), with what evaluation needs
     beside it: the digits classifier and the reference feature statistics of the train split. With
-    ``model.autoencoder`` the train split is then encoded into a latent cache, which is what training reads."""
+    ``model.autoencoder`` the train split is then encoded into a latent cache, which is what training reads.
+
+    Args:
+        latents: encode the latent cache too (evaluation compares with images only, and a reference
+            checkpoint brings its own autoencoder, so it asks for the images alone).
+    """
     with stage_run(cfg, "cache", parent_run_id):
         cached = cache_dataset(cfg)
         splits = cached.manifest["splits"]
         result = CacheResult(cached.uri, cached.created, splits["train"]["count"],
                              splits.get("val", {}).get("count", 0))
         result.classifier_val_accuracy = prepare_reference(cfg, cached.uri)
-        if cfg.is_latent:
-            latents = cache_latents(cfg, cached)
-            result.dataset_uri, result.images_uri = latents.uri, cached.uri
-            result.created = cached.created or latents.created
-            result.latent_scale = latents.manifest["latent_space"]["scale"]
-            run_record.log_latent_space(latents.manifest["latent_space"])
+        if cfg.is_latent and latents:
+            encoded = cache_latents(cfg, cached)
+            result.dataset_uri, result.images_uri = encoded.uri, cached.uri
+            result.created = cached.created or encoded.created
+            result.latent_scale = encoded.manifest["latent_space"]["scale"]
+            run_record.log_latent_space(encoded.manifest["latent_space"])
         mlflow.set_tag("loomcfm.dataset_uri", result.dataset_uri)
         numbers = {"num_train": result.num_train, "num_val": result.num_val,
                    "classifier_val_accuracy": result.classifier_val_accuracy}
@@ -100,7 +105,7 @@ def image_dataset_uri(cfg: Config, parent_run_id: str | None = None) -> str:
         if manifest is not None and manifest.get("kind", "images") != "pairs":
             return image_dataset_of(cfg.data.uri)
     log.info("no image dataset given: caching %s first (the cache stage) to compare with", cfg.data.source)
-    return image_dataset_of(cache(cfg, parent_run_id).dataset_uri)
+    return cache(cfg, parent_run_id, latents=False).dataset_uri
 
 
 def train(cfg: Config, dataset_uri: str | None = None, parent_run_id: str | None = None, *, launcher: str = "local",
@@ -217,15 +222,18 @@ def evaluate_reflow(cfg: Config, checkpoint_uri: str, parent_run_id: str, datase
 
 def _evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None, methods: list[str] | None,
               parent_run_id: str | None, run_name: str) -> EvalResult:
-    methods = [check_method(method) for method in (methods or cfg.eval.methods)]
+    # each method once, in the order given: a repeated one would be sampled and scored again for the same row
+    methods = list(dict.fromkeys(check_method(method) for method in (methods or cfg.eval.methods)))
     fitting_weights(cfg, checkpoint_uri)
+    check_feature_weights(cfg)
     dataset_uri = dataset_uri or image_dataset_uri(cfg, parent_run_id)
     versions = serving.checkpoint_versions(cfg.tracking, cfg.registered_model, checkpoint_uri)
     cfg = cfg.model_copy(deep=True)
     cfg.eval.methods = methods  # what the run's params say it scored (``--methods`` may differ from the config)
     with stage_run(cfg, run_name, parent_run_id, tags={"loomcfm.checkpoint_uri": checkpoint_uri},
                    system_metrics=True) as run:
-        _link_evaluated(cfg, checkpoint_uri, dataset_uri, versions[-1] if versions else None)
+        run_record.log_evaluated(cfg, checkpoint_uri, image_dataset_of(dataset_uri),
+                                 versions[-1] if versions else None)
         with tempfile.TemporaryDirectory(prefix="loomcfm-eval-") as tmp:
             scored = score_checkpoint(cfg, checkpoint_uri, dataset_uri, Path(tmp), methods)
             result = EvalResult(scored.metric, scored.output_uri, checkpoint_uri, scored.rows, scored.table())
@@ -240,21 +248,10 @@ def _evaluate(cfg: Config, checkpoint_uri: str, dataset_uri: str | None, methods
     best = cfg.eval.during_training.method
     if versions and best in methods:
         serving.move_best_alias(cfg.tracking, cfg.registered_model, f"{result.metric}/{best}", best)
-    print(result.table)
+    heading = "the reflowed model" if run_name == "evaluate_reflow" else "the model"
+    print(f"\n{result.metric} vs NFE of {heading} {checkpoint_uri}\n(sample grids, the plot and results.json: "
+          f"{result.eval_uri})\n{result.table}")
     return result
-
-
-def _link_evaluated(cfg: Config, checkpoint_uri: str, dataset_uri: str, version) -> None:
-    """On an evaluation's run: what it scored (the checkpoint, the registered version and the run that trained
-    it, the model itself as the run's input) and against which images (a dataset input)."""
-    images = image_dataset_of(dataset_uri)
-    mlflow.log_params({"checkpoint_uri": absolute(checkpoint_uri), "dataset_uri": absolute(images),
-                       "model_version": f"{cfg.registered_model}/{version.version}" if version else "",
-                       "training_run_id": (version.run_id or "") if version else ""})
-    run_record.log_dataset(images, read_manifest(images) or {}, context="evaluation")
-    if version is not None and version.source.startswith("models:/"):
-        mlflow.MlflowClient().log_inputs(mlflow.active_run().info.run_id,
-                                         models=[LoggedModelInput(version.source.removeprefix("models:/"))])
 
 
 def pairs(cfg: Config, checkpoint_uri: str, parent_run_id: str | None = None,
@@ -328,6 +325,7 @@ def start_pipeline_run(cfg: Config) -> str:
 def run(cfg: Config, tags: dict[str, str] | None = None) -> RunResult:
     """The whole pipeline under one parent MLflow run: cache → train → evaluate → pairs → reflow train →
     evaluate and record the summary (:func:`evaluate_reflow`)."""
+    check_feature_weights(cfg)  # before hours of training, not after
     with stage_run(cfg, tracking.PIPELINE_STAGE, tags=tags) as parent:
         parent_id = parent.info.run_id
         cached = cache(cfg, parent_id)

@@ -23,7 +23,10 @@ from urllib.parse import urlparse
 from loomcfm_core.errors import PERMANENT_ERRNOS, StorageError, StorageUnavailable, UriError
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
-S3_MAX_ATTEMPTS = 8
+# Every S3 call: a connection within S3_CONNECT_TIMEOUT s, each socket read within S3_READ_TIMEOUT s (a wait
+# for bytes, not for a whole transfer), S3_MAX_ATTEMPTS tries with botocore's backoff (at most 1 + 2 + 4 s):
+# an endpoint that stops answering is named in under a minute, not after 16 minutes of silent retries.
+S3_CONNECT_TIMEOUT, S3_READ_TIMEOUT, S3_MAX_ATTEMPTS = 5, 10, 4
 TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "500", "502", "503", "504")
 
 # The URI forms every location takes (``storage.root``, ``data.uri``, ``--ckpt`` ...), defined here only.
@@ -206,7 +209,7 @@ class S3Storage(Storage):
 
         self.client = boto3.session.Session().client(
             "s3", config=BotoConfig(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
-                                    connect_timeout=10, read_timeout=120))
+                                    connect_timeout=S3_CONNECT_TIMEOUT, read_timeout=S3_READ_TIMEOUT))
         self.transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
                                        multipart_chunksize=MULTIPART_THRESHOLD)
 
@@ -219,7 +222,8 @@ class S3Storage(Storage):
 
     def _call(self, uri: str, fn, *args, **kwargs):
         """Run a boto3 call, turning its errors into ones that say what to fix."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, NoCredentialsError, \
+            ReadTimeoutError
 
         bucket, _ = self.split(uri)
         try:
@@ -239,6 +243,11 @@ class S3Storage(Storage):
                 raise StorageError(f"{uri}: no such object") from exc
             error = StorageUnavailable if code in TRANSIENT_CODES else StorageError
             raise error(f"{uri}: S3 error {code}: {exc}") from exc
+        except (ConnectTimeoutError, ReadTimeoutError) as exc:
+            what, seconds = (("connect", S3_CONNECT_TIMEOUT) if isinstance(exc, ConnectTimeoutError)
+                             else ("answer", S3_READ_TIMEOUT))
+            raise StorageUnavailable(f"{uri}: the S3 endpoint {self.client.meta.endpoint_url} did not {what} within "
+                                     f"{seconds} s, {S3_MAX_ATTEMPTS} attempts (is it up? AWS_ENDPOINT_URL)") from exc
         except BotoCoreError as exc:
             raise StorageUnavailable(f"{uri}: S3 request failed after {S3_MAX_ATTEMPTS} attempts: {exc}") from exc
 

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from loomcfm_core.checksums import sha256_file
+from tests.conftest import SMALL
 from tests.run_cli import TINY, call, error_line, on_small_disk, run, sets, store_sets
 
 
@@ -54,6 +55,10 @@ def _imagefolder(root: Path, classes: list[str], mode: str) -> Path:
             for i in range(3):
                 Image.new(mode, (8, 8), (i * 40, 90, 200) if mode == "RGB" else i * 40).save(folder / f"{i}.png")
     return root
+
+
+SMALL_NET = [item for item in SMALL if item.startswith("model.")]  # the network the session's checkpoint has
+TRUNCATED_AT = 4331  # bytes: past the zip's local header, before its central directory
 
 
 @dataclass
@@ -129,6 +134,23 @@ ROWS = {
     "sample another preset": Row(lambda w, t: ["sample", "--config", "imagenet64", "--ckpt", w["checkpoint"],
                                                "--output", str(t / "out"), "--num_images", "2", "--method", "euler-1"],
                                  1, lambda w, t: r"model\.channels \(32 -> 192\)", ["out"]),
+    "evaluate a truncated checkpoint": Row(lambda w, t: ["evaluate", "--ckpt", _truncated(w, t), *store_sets(t)], 1,
+                                           lambda w, t: rf"{t}/cut\.pt is not a checkpoint \(torch\.load: OSError: "
+                                                        r"\[Errno 22\] Invalid argument\)$", ["store"]),
+    "sample a truncated checkpoint": Row(lambda w, t: ["sample", "--ckpt", _truncated(w, t), "--output", str(t / "out"),
+                                                       "--num_images", "2", "--method", "euler-1"], 1,
+                                         lambda w, t: rf"{t}/cut\.pt is not a checkpoint", ["out"]),
+    "sample at another resolution": Row(lambda w, t: ["sample", "--ckpt", w["checkpoint"], "--output", str(t / "out"),
+                                                      "--num_images", "2", "--method", "euler-1",
+                                                      *sets(*SMALL_NET, "data.resolution=16")], 1,
+                                        lambda w, t: r"the weights do not fit the configured model \(--config / --set "
+                                                     r"model\.\*\): it was trained with other data\.resolution \(8 -> 16\) "
+                                                     r"\(checkpoint -> config\)$", ["out"]),
+    "run on own data without Inception": Row(lambda w, t: ["run", *sets(f"data.source=imagefolder:{_imagefolder(t / 'faces', ['a', 'b'], 'L')}",
+                                                                        "data.name=faces"), *store_sets(t)], 1,
+                                             lambda w, t: r"eval\.inception_weights is not set: .*`loomcfm weights fetch "
+                                                          r"--to URI`.*; or score with the classifier .*: --set "
+                                                          r"eval\.feature_network=classifier$", ["store"]),
     "RGB into 1 channel": Row(lambda w, t: ["cache", *sets(f"data.source=imagefolder:{_imagefolder(t / 'rgb', ['a', 'b'], 'RGB')}",
                                                             "data.name=rgb"), *store_sets(t)], 1,
                               lambda w, t: rf"{t}/rgb/train/a/0\.png: a RGB image with 3 channels, but data\.channels=1; "
@@ -150,6 +172,14 @@ ROWS = {
                                    lambda w, t: r"train\.allow_changes: 'train\.lrr' is not a schedule key; did you mean "
                                                 r"train\.lr", ["loomcfm-data"]),
 }
+
+
+def _truncated(world, tmp_path) -> str:
+    """The checkpoint cut short where a zip archive's first member ends: torch.load fails with a bare
+    ``[Errno 22] Invalid argument``, a download or copy interrupted there."""
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(Path(world["checkpoint"]).read_bytes()[:TRUNCATED_AT])
+    return str(cut)
 
 
 def _write(path: Path, text: str) -> Path:

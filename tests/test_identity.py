@@ -77,3 +77,13 @@ def test_autoencoder_keys_an_encode_batch_is_free_and_paths_compare_absolute(tmp
                                       "model.autoencoder.batch_size=4"])
     assert default_run_name(relative, DATASET_URI) == default_run_name(absolute, DATASET_URI)
     assert changed_keys(relative.flat(), absolute.flat()) == {FREE: {"model.autoencoder.batch_size": (32, 4)}}
+
+
+def test_a_reflow_run_is_named_as_one():
+    """Beside its base run in ``runs/``, the reflow training's folder says what it is."""
+    from loomcfm_core.reflow import reflow_config
+
+    base = load_config("digits")
+    reflowed = reflow_config(base, "/data/datasets/digits-pairs-abc", "/data/runs/x/checkpoints/step-00000001.pt")
+    assert default_run_name(reflowed, "/data/datasets/digits-pairs-abc").startswith("digits-reflow-")
+    assert "reflow" not in default_run_name(base, DATASET_URI)

@@ -2,6 +2,7 @@
 MLflow holds afterwards, read back through its client."""
 
 import json
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -32,10 +33,11 @@ EXPERIMENT = f"pipeline-{uuid.uuid4().hex[:8]}"  # of its own on the shared serv
 
 def run_pipeline(root, *args) -> str:
     """``loomcfm run *args`` in ``root`` (this process, ``tests.run_cli.call``), its store under it; returns its
-    output."""
+    output, and leaves what it wrote to stderr in ``root/stderr.txt``."""
     with inside(root):
         proc = call("run", *args, *sets(f"storage.root={root}/store", f"tracking.local_dir={root}/runs"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (root / "stderr.txt").write_text(proc.stderr)
     return proc.stdout
 
 
@@ -69,7 +71,7 @@ def test_mlflow_says_what_each_run_is_read_back_from_the_server(pipeline):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert experiment.tags["mlflow.note.content"].startswith(f"# {EXPERIMENT}\n")
     assert f"/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning" in out
-    assert f"runs?compareRunsMode=CHART&viewStateShareKey=loomcfm-fd_digits-base-vs-reflow&" in out, "overlaid"
+    assert "runs?compareRunsMode=CHART&viewStateShareKey=loomcfm-fd_digits-base-vs-reflow&" in out, "overlaid"
     assert "mlflow.sharedViewState.loomcfm-fd_digits-base-vs-reflow" in experiment.tags
 
     assert sorted(children) == ["cache", "evaluate", "evaluate_reflow", "pairs", "train", "train_reflow"]
@@ -133,6 +135,21 @@ def test_run_prints_the_summary_that_the_parent_run_holds(pipeline):
                                                         tracking_uri=client.tracking_uri)).read_text()
     assert recorded.strip() in out, "the parent run holds the table the command printed"
     assert len(recorded.strip().splitlines()) == 2 + 3, "a row per method"
+
+
+# a line that looks like a failure: a log record at warning level or above (Python's logging, Ray's and
+# Ray's C++ "[<time> E <pid> <tid>] file.cc:N" lines), a Python warning, a traceback
+ALARMING = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|\d [EWF] \d+ \d+\] \w+\.cc:|\w+Warning:|Traceback")
+
+
+def test_a_successful_run_prints_nothing_alarming(pipeline):
+    """Progress bars, our results and nothing that looks like a failure: no Ray token-authentication warning,
+    no error-level core_worker.cc line about Ray Train's preemption watcher, no MLflow CloudPickle warning."""
+    root, out, _ = pipeline
+    lines = [line for text in (out, (root / "stderr.txt").read_text()) for line in re.split(r"[\r\n]", text)]
+    assert not [line for line in lines if ALARMING.search(line)]
+    assert "(sample grids, the plot and results.json: " in out and "Sample grids and FD-vs-NFE plots:" in out
+    assert "vs NFE of the reflowed model" in out
 
 
 def test_mlflow_holds_stages_pictures_and_models(pipeline):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import mlflow
@@ -33,7 +34,8 @@ MODEL_URI = "models:/loomcfm-digits@base"
 def registered(tmp_path):
     """A registered SMALL digits network whose output layer is random (a trained-for-3-steps one outputs
     almost zero velocity, under which every method gives the same images)."""
-    cfg = load_config("digits", [*SMALL, f"tracking.local_dir={tmp_path}/runs", "train.seed=3"])
+    cfg = load_config("digits", [*SMALL, f"tracking.local_dir={tmp_path}/runs", "train.seed=3",
+                                 "sample.max_request_images=5"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     for p in model.out.parameters():
@@ -75,6 +77,33 @@ def test_the_registered_generator_gives_the_images_loomcfm_sample_gives(tmp_path
     assert client.get_model_version("loomcfm-digits", version).description == "| method | NFE |"
 
 
+# requests the served generator refuses, and the end of the message it answers with (after MLflow's
+# "Failed to predict data '...'. Error: "); the registered config allows 5 images per request
+_ALLOWED = "'num_images' must be one whole number from 1 to 5 (sample.max_request_images), got "
+BAD_REQUESTS = [({"num_images": -1}, _ALLOWED + "[-1]"), ({"num_images": 0}, _ALLOWED + "[0]"),
+                ({"num_images": 1e12}, _ALLOWED + "[1000000000000]"),
+                ({"seed": list(range(6))}, "6 'seed' rows, but one request may ask for at most 5 images "
+                                           "(sample.max_request_images): split the request"),
+                ({"num_images": 1, "params": "rk9-1"}, "sampling method 'rk9-1': expected <solver>-<steps> with "
+                                                      "solver one of euler, midpoint, rk4, dopri5, e.g. euler-4 or dopri5-1")]
+
+
+def _post(port: int, request: dict) -> tuple[int, dict]:
+    """POST a ``dataframe_split`` request to the scoring server; returns the HTTP status and the JSON answer."""
+    request = dict(request)
+    method = request.pop("params", "euler-1")
+    columns = list(request)
+    rows = [list(row) for row in zip(*[v if isinstance(v, list) else [v] for v in request.values()])]
+    body = json.dumps({"dataframe_split": {"columns": columns, "data": rows}, "params": {"method": method}}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 def test_mlflow_models_serve_answers_with_images(tmp_path, registered):
     cfg, _, _ = registered
     port = free_port()
@@ -97,6 +126,10 @@ def test_mlflow_models_serve_answers_with_images(tmp_path, registered):
         local = mlflow.pyfunc.load_model(MODEL_URI).predict(pd.DataFrame({"num_images": [3]}),
                                                             params={"method": "euler-2"})
         np.testing.assert_array_equal(images, local)
+        for bad, reason in BAD_REQUESTS:
+            status, answer = _post(port, bad)
+            assert status == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE", (bad, status, answer)
+            assert answer["message"].splitlines()[-1].endswith(reason), (bad, answer["message"])
     except Exception:
         print(log.read_text(errors="replace")[-4000:])
         raise

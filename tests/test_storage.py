@@ -1,4 +1,5 @@
 import re
+import socket
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,7 +10,7 @@ import requests
 
 from loomcfm_core import storage
 from loomcfm_core.errors import UriError
-from loomcfm_core.storage import StorageError, check_uri, join, storage_for
+from loomcfm_core.storage import StorageError, StorageUnavailable, check_uri, join, storage_for
 
 
 @pytest.fixture(params=["local", "file", "s3"])
@@ -181,6 +182,22 @@ def test_transient_errors_are_retried(s3_bucket, moto_server, monkeypatch, tmp_p
         assert store.read_text(f"s3://{s3_bucket}/retried.txt") == "made it"
     finally:
         server.shutdown()
+
+
+def test_a_stalled_endpoint_is_named(s3_env, monkeypatch):
+    """An endpoint that takes connections and never answers, as a SIGSTOPped server does (the kernel still
+    completes the handshake): the call gives up after its read timeout and attempts, naming the endpoint.
+    Timeouts and attempts are made small here; the real ones bound the wait to under a minute."""
+    monkeypatch.setattr(storage, "S3_READ_TIMEOUT", 1)
+    monkeypatch.setattr(storage, "S3_MAX_ATTEMPTS", 2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        with pytest.raises(StorageUnavailable, match=rf"^s3://b/x: the S3 endpoint {endpoint} did not answer within "
+                                                     r"1 s, 2 attempts \(is it up\? AWS_ENDPOINT_URL\)$"):
+            storage_for("s3://b/x").exists("s3://b/x")
 
 
 def test_unsupported_scheme():

@@ -175,6 +175,9 @@ class SampleConfig(_Section):
     num_images: int = Field(64, ge=1)
     batch_size: int = Field(256, ge=1)
     nrows: int = Field(8, ge=1)
+    max_request_images: int = Field(1024, ge=1, description="the most images one request to the served generator "
+                                    "(mlflow models serve) may ask for; more are refused with 400, not left to "
+                                    "fail allocating memory")
 
 
 class DuringTrainingConfig(_Section):

@@ -38,7 +38,8 @@ def inception_weights(uri: str | None, sha256: str | None, local_cache: str) -> 
     """
     if not uri:
         raise MetricsError("eval.inception_weights is not set: FID needs the TF-Inception weights at a path or "
-                           "storage URI (`loomcfm weights fetch --to URI` downloads them once)")
+                           "storage URI (`loomcfm weights fetch --to URI` downloads them once); or score with the "
+                           "classifier trained on the dataset's labels: --set eval.feature_network=classifier")
     if not storage_for(uri).exists(uri):
         raise MetricsError(f"eval.inception_weights={uri}: file not found (`loomcfm weights fetch --to {uri}` "
                            "downloads it on a machine with internet access)")

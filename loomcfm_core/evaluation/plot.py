@@ -51,6 +51,7 @@ def draw_fd_vs_nfe(curves: dict[str, list[MethodResult]], metric: str):
     ax.xaxis.set_major_locator(FixedLocator(sorted({r.nfe for rows in curves.values() for r in rows})))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.xaxis.set_minor_locator(NullLocator())
+    ax.ticklabel_format(axis="y", useOffset=False)  # distances close together read as they are, not "+4.418e3"
     ax.margins(x=0.12, y=0.18)
     ax.set_xlabel("NFE (network evaluations per sample)")
     ax.set_ylabel(metric.upper() if metric == "fid" else metric)

@@ -33,6 +33,14 @@ def feature_network(cfg: Config, images_uri: str, device: torch.device | str = "
     return InceptionFeatures(weights, device, cfg.eval.batch_size)
 
 
+def check_feature_weights(cfg: Config) -> None:
+    """Fail now, not after training, when the config scores with Inception and its weights are not at hand
+    (the classifier is trained with the dataset at cache time and needs nothing here); the verified copy is
+    kept in ``data.local_cache`` for the evaluation to use."""
+    if cfg.feature_network == "inception":
+        inception_weights(cfg.eval.inception_weights, cfg.eval.inception_sha256, cfg.data.local_cache)
+
+
 @dataclass
 class MethodSamples:
     """What evaluation keeps of one method's samples: features, every batch's NFE, the first images (uint8,

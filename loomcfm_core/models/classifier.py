@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 FEATURE_DIM = 64
 
@@ -39,7 +40,9 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, epochs: int = 3
     model(images[:1])  # materialise the lazy layer
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
-    for _ in range(epochs):
+    # minutes on a CPU for the digits: a bar, so that cache is not silent all that time
+    for _ in tqdm(range(epochs), desc=f"training the feature classifier ({len(images)} images)", unit="epoch",
+                  dynamic_ncols=True):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images), 64):
             idx = order[start:start + 64]

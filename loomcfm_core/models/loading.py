@@ -58,8 +58,14 @@ def _saved_flat(config_yaml: str | None) -> dict:
 
 
 def weights_mismatch(cfg: Config, weights: dict[str, torch.Tensor], config_yaml: str | None = None) -> str | None:
-    """Why ``weights`` do not fit the config's network (None when they do): the config keys that differ
-    from the checkpoint's own config (ours carry it), else the missing, unexpected and reshaped tensors."""
+    """Why ``weights`` do not fit the config's network (None when they do): images of another size or channel
+    count than the checkpoint's own config (ours carry it) names, even when the tensors happen to fit; else,
+    when they do not, the differing ``model.*`` keys, or the missing, unexpected and reshaped tensors."""
+    keys = {k: v for changes in changed_keys(_saved_flat(config_yaml), cfg.flat()).values()
+            for k, v in changes.items() if k.startswith("model.") or k in SHAPE_KEYS}
+    trained_with = f"it was trained with other {describe(keys)} (checkpoint -> config)"
+    if keys.keys() & set(SHAPE_KEYS):  # a fully convolutional network's tensors may fit images it never saw
+        return trained_with
     with torch.device("meta"):
         expected = {k: v.shape for k, v in build_model(cfg).state_dict().items()}
     missing = [k for k in expected if k not in weights]
@@ -68,10 +74,8 @@ def weights_mismatch(cfg: Config, weights: dict[str, torch.Tensor], config_yaml:
                 if k in weights and weights[k].shape != expected[k]]
     if not (missing or unexpected or reshaped):
         return None
-    keys = {k: v for changes in changed_keys(_saved_flat(config_yaml), cfg.flat()).values()
-            for k, v in changes.items() if k.startswith("model.") or k in SHAPE_KEYS}
     if keys:
-        return f"it was trained with other {describe(keys)} (checkpoint -> config)"
+        return trained_with
     parts = [f"{len(found)} {what}, e.g. {', '.join(found[:SHOWN])}" for what, found in
              (("tensors of another shape (checkpoint vs config)", reshaped), ("missing", missing),
               ("unexpected", unexpected)) if found]

@@ -5,7 +5,8 @@ The reference's sections are ``name``, ``data``, ``model``, ``training``, ``eval
 ``training``/``evaluation``, ``model.ch`` or ``data.data_root``. Every key is either mapped to ours
 (with its transform: attention *rates* become feature-map *sizes*, ``num_caches`` becomes
 ``coupling.num_seeds``, ``train_after`` becomes ``coupling.converge_epochs`` and is taken out of the epoch
-count, ...), accepted because its value is what our code does anyway, or listed as not mapped with the
+count, ``ae_config`` and ``ae_checkpoint`` become ``model.autoencoder``, whose latents are then what
+``in_channels`` and ``input_size`` describe, ...), accepted because its value is what our code does anyway, or listed as not mapped with the
 reason — never dropped silently. Relative data paths are resolved against the working directory, as the
 reference (run from its repository root) reads them.
 """
@@ -22,6 +23,9 @@ SECTIONS = {"name", "data", "model", "training", "evaluation"}
 # the reference's data.name (by prefix) -> our source kind, and the folder under data_root it reads
 DATA_KINDS = {"cifar10": ("cifar10", "train/cifar-10-batches-py"), "imagenet": ("imagenet32", ""),
               "imagefolder": ("imagefolder", ""), "h5": ("hdf5", "")}
+# the reference's model.ae_config -> (model.autoencoder.kind, downsample, latent channels): its LDM first stages
+# (an f8 KL, f8 and f16 VQ), all encoding RGB images
+AUTOENCODERS = {"kl_f8": ("kl", 8, 4), "vq_f8": ("vq", 8, 4), "vq_f16": ("vq", 16, 8)}
 # keys whose value is what our code does anyway (reference key -> the value that is fine)
 SAME_AS_OURS = {"model.resamp_with_conv": True, "training.t_dist": "uniform", "training.source": "normal",
                 "training.use_fp16": False, "training.optimizer.optimizer": "Adam", "training.optimizer.scheduler_p": 0.0,
@@ -99,6 +103,30 @@ def _method(step: Any) -> str | None:
     return step if isinstance(step, str) else None
 
 
+def _autoencoder(flat: dict, out: Translation, take) -> tuple[str, int, int] | None:
+    """``model.ae_config`` + ``model.ae_checkpoint`` -> ``model.autoencoder`` (and RGB images); returns the
+    autoencoder's (kind, downsample, latent channels), None for a pixel-space model."""
+    name, weights = take("model.ae_config"), take("model.ae_checkpoint")
+    if name is None and weights is None:
+        return None
+    latent = AUTOENCODERS.get(name)
+    if weights is None:  # the reference builds its autoencoder only when it has a checkpoint to load
+        out.skip("model.ae_config", name, "the reference builds no autoencoder without model.ae_checkpoint: "
+                 "a pixel-space model")
+        return None
+    if latent is None:
+        out.skip("model.ae_checkpoint", weights, f"model.ae_config={name!r} is none of the reference's "
+                 f"autoencoders ({', '.join(AUTOENCODERS)})")
+        return None
+    kind, downsample, channels = latent
+    out.set("model.ae_config", "model.autoencoder.kind", kind)
+    out.set("model.ae_config", "model.autoencoder.downsample", downsample)
+    out.set("model.ae_config", "model.autoencoder.latent_channels", channels)
+    out.set("model.ae_config", "data.channels", 3)
+    out.set("model.ae_checkpoint", "model.autoencoder.weights", _path(weights))
+    return latent
+
+
 def translate(tree: dict[str, Any], origin: str = "config") -> Translation:
     """Our config tree for a reference config (``tree``), with the mapping and the unmapped keys."""
     flat, out = _flat(tree), Translation()
@@ -114,26 +142,30 @@ def translate(tree: dict[str, Any], origin: str = "config") -> Translation:
         out.set("name", "name", take("name"))
     if base_name:
         out.set("data.name", "data.name", base_name)
-    root = take("data.eval_data_root") if reflow else take("data.data_root")
-    source = _data_source(base_name, root) if root else None
-    if source:
-        out.set("data.data_root" if not reflow else "data.eval_data_root", "data.source", source)
+    root = take("data.data_root")
+    if reflow:  # trains on the pairs generate_pairs.py wrote; its eval_data_root holds the images they imitate
+        out.set("data.name", "coupling.kind", "pairs")
+        if root:
+            out.set("data.data_root", "data.source", f"pairs:{_path(root)}")
+        if "data.eval_data_root" in flat:
+            out.skip("data.eval_data_root", take("data.eval_data_root"), "the images to compare with: evaluate the "
+                     "reflowed checkpoint with the base model's config (e.g. its _eval.yaml)")
+    elif root and (source := _data_source(base_name, root)):
+        out.set("data.data_root", "data.source", source)
     elif root:
         out.skip("data.name", flat.get("data.name"), f"no reader of ours for {base_name!r} (cifar10, imagenet*, "
                  "imagefolder*, h5*)")
-    if reflow:
-        pairs = f"{_path(take('data.data_root'))}/train"
-        out.skip("data.data_root", flat.get("data.data_root"), f"the pairs: cache them with `loomcfm cache --set "
-                 f"data.source=pairs:{pairs}` and train with --set data.uri=<the dataset URI it prints>")
-        out.set("data.name", "coupling.kind", "pairs")
     if "data.random_flip" in flat:
         out.set("data.random_flip", "data.hflip", bool(take("data.random_flip")) and not reflow)
 
     size, channels = take("model.input_size"), take("model.in_channels")
-    if channels is not None:
+    latent = _autoencoder(flat, out, take)
+    if channels is not None and latent is None:
         out.set("model.in_channels", "data.channels", channels)
+    elif channels is not None and channels != latent[2]:
+        out.skip("model.in_channels", channels, f"{flat['model.ae_config']} latents have {latent[2]} channels")
     if size is not None:
-        out.set("model.input_size", "data.resolution", size)
+        out.set("model.input_size", "data.resolution", size * (latent[1] if latent else 1))
     if take("model.out_ch", channels) != channels:
         out.skip("model.out_ch", flat["model.out_ch"], "our network outputs as many channels as it takes")
     for ours, theirs in (("channels", "ch"), ("channel_mult", "ch_mult"), ("num_res_blocks", "num_res_blocks"),
@@ -155,9 +187,6 @@ def translate(tree: dict[str, Any], origin: str = "config") -> Translation:
         if len(used) < len(rates):
             out.skip("model.attn_resolutions", rates, f"rates {sorted(set(rates) - set(used))} are no downsampling "
                      "rate of this network (the reference ignores them too)")
-    for key in ("model.ae_config", "model.ae_checkpoint"):
-        if key in flat:
-            out.skip(key, take(key), "latent models (an autoencoder around the UNet) are not implemented")
     if "model.init_from_checkpoint" in flat:
         out.set("model.init_from_checkpoint", "train.init_from", _path(take("model.init_from_checkpoint")))
 

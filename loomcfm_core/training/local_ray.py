@@ -32,6 +32,11 @@ if TYPE_CHECKING:
     from loomcfm_core.config import RayConfig
 
 RECORDS = Path("~/.cache/loomcfm/ray")
+# The environment a local Ray starts with (its processes and workers inherit it): Ray Train's watcher of node
+# drains (ray/train/v2/_internal/callbacks/preemption_callback.py) only logs the drains a cloud provider
+# announces, none of which can happen to one machine, and its start logs an error-level core_worker.cc line
+# about its constructor arguments.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 GRACE_SECONDS = 5.0
 log = logging.getLogger(__name__)
 
@@ -95,11 +100,16 @@ def clean_orphans() -> list[Holder]:
 def start_local_ray(**init_kwargs) -> None:
     """Start a local Ray for this process (after cleaning up what killed commands left) and record it. Its
     processes, and every worker they start, inherit this process's environment, made offline first
-    (:mod:`loomcfm_core.offline`)."""
+    (:mod:`loomcfm_core.offline`), with :data:`LOCAL_RAY_ENV`."""
     import ray
+
+    from loomcfm_core.training.ray_trainer import quiet_token_notice  # Ray's private logger: its adapter's
 
     clean_orphans()
     stay_offline()
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)  # a user's own choice stands
+    quiet_token_notice()
     before = frozenset(descendants(os.getpid()))
     ray.init(**init_kwargs)
     record_processes(before)

@@ -66,8 +66,9 @@ def check_resume(ckpt: dict, uri: str, cfg: Config, dataset_uri: str) -> dict[st
     """The schedule changes to apply when ``cfg`` continues the checkpoint ``ckpt`` (read from ``uri``).
 
     Raises:
-        CheckpointError: an identity key (or the dataset) differs: this would be another training.
-        ConfigError: a schedule key differs and ``train.allow_changes`` does not name it.
+        CheckpointError: an identity key (or the dataset) differs: this would be another training; or a
+            schedule key differs and ``train.allow_changes`` does not name it (both refusals of the run's
+            checkpoint, exit 1 alike).
     """
     try:
         saved = load_config_text(ckpt["config_yaml"]).flat() if ckpt.get("config_yaml") else {}
@@ -85,7 +86,7 @@ def check_resume(ckpt: dict, uri: str, cfg: Config, dataset_uri: str) -> dict[st
     refused = {key: change for key, change in schedule.items() if key not in cfg.train.allow_changes}
     if refused:
         flags = " ".join(f"--allow-change {key}" for key in sorted(refused))
-        raise ConfigError(f"train: {describe(refused)} differ from the run's latest checkpoint {uri} "
+        raise CheckpointError(f"train: {describe(refused)} differ from the run's latest checkpoint {uri} "
                           f"(checkpoint -> now); to change the schedule on resume, allow it: {flags} "
                           f"(train.allow_changes)")
     return schedule

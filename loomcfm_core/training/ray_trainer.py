@@ -51,7 +51,9 @@ if TYPE_CHECKING:
 
 _TRAIN = "ray.train.v2._internal.execution"
 _USER_ERRORS = "ray.train.v2._internal.util"  # the module (and logger) that logs a training function's error
+_TOKEN_SETUP = "ray._private.authentication.authentication_token_setup"
 SURFACE = PrivateSurface("ray", "2.60.*", names=(
+    f"{_TOKEN_SETUP}._warn_token_auth_enabled", f"{_TOKEN_SETUP}.logger",
     f"{_TRAIN}.failure_handling.FailureDecision.RAISE",
     f"{_TRAIN}.controller.controller.TrainController.abort",
     f"{_USER_ERRORS}.construct_user_exception_with_traceback", f"{_USER_ERRORS}.logger",
@@ -64,6 +66,24 @@ SURFACE = PrivateSurface("ray", "2.60.*", names=(
     f"{_TRAIN}.controller.controller.TrainController": ("failure_policy",),
 })
 log = logging.getLogger(__name__)
+
+
+class _TokenNotice(logging.Filter):
+    """Drops Ray's warning that it turned token authentication on for a new local Ray (``_warn_token_auth_
+    enabled``, through its module's ``logger``): the secure default, nothing to act on. Setting
+    ``RAY_AUTH_MODE=token`` instead does not work once ``ray`` is imported (its config is read then, and the
+    GCS would look for a token never written)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_NOTICE = _TokenNotice()
+
+
+def quiet_token_notice() -> None:
+    """Filter :class:`_TokenNotice` at Ray's logger (once: ``addFilter`` skips a filter already there)."""
+    logging.getLogger(_TOKEN_SETUP).addFilter(_TOKEN_NOTICE)
 
 
 def shown_as_is(error: BaseException | None) -> bool:

@@ -37,3 +37,14 @@ def test_wrong_hash_fails_clearly(tmp_path, random_inception):
     with pytest.raises(MetricsError, match="no hash to check it against"):
         inception_weights(inception_cfg(tmp_path, random_inception))
     assert not list((tmp_path / "node" / "weights").glob("*.pth")), "a rejected copy is not kept"
+
+
+def test_training_the_classifier_shows_its_progress(capfd):
+    """``cache`` trains the digits classifier for minutes on a CPU: it says so, epoch by epoch."""
+    import torch
+
+    from loomcfm_core.models.classifier import train_classifier
+
+    train_classifier(torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8) % 2, epochs=2)
+    err = capfd.readouterr().err
+    assert "training the feature classifier (8 images)" in err and "2/2" in err, err

@@ -22,7 +22,7 @@ def test_two_evaluations_of_one_checkpoint_keep_their_own_results(tmp_path, chec
     assert first.returncode == 0, first.stderr[-4000:]
     first_uri = json.loads(first.stdout[first.stdout.index("{"):])["eval_uri"]
     before = {p.name: p.read_bytes() for p in Path(first_uri).iterdir()}
-    second = call("evaluate", "--ckpt", checkpoint, "--methods", "euler-2", "midpoint-1", *common)
+    second = call("evaluate", "--ckpt", checkpoint, "--methods", "euler-2", "midpoint-1", "euler-2", *common)
     assert second.returncode == 0, second.stderr[-4000:]
     second_uri = json.loads(second.stdout[second.stdout.index("{"):])["eval_uri"]
 
@@ -32,7 +32,8 @@ def test_two_evaluations_of_one_checkpoint_keep_their_own_results(tmp_path, chec
     assert sorted(p.name for p in Path(second_uri).glob("samples_*.png")) == ["samples_euler-2.png",
                                                                              "samples_midpoint-1.png"]
     results = json.loads((Path(second_uri) / "results.json").read_text())
-    assert results["methods"] == ["euler-2", "midpoint-1"] and [r["nfe"] for r in results["rows"]] == [2, 2]
+    assert results["methods"] == ["euler-2", "midpoint-1"] and [r["nfe"] for r in results["rows"]] == [2, 2], \
+        "a method given twice is evaluated once"
     assert Image.open(Path(second_uri) / "samples_euler-2.png").size == (8 * 66 + 2, 8 * 66 + 2), "64 px per digit"
 
 
@@ -57,4 +58,14 @@ def test_fd_vs_nfe_plot_has_plain_ticks_and_no_overlapping_labels():
     overlapping = [(a.get_text(), b.get_text()) for (a, x), (b, y) in itertools.combinations(zip(labels, boxes), 2)
                    if x.overlaps(y)]
     assert not overlapping, overlapping
+    plt.close(fig)
+
+
+def test_fd_vs_nfe_plot_shows_close_distances_without_an_axis_offset():
+    curves = {"base": _rows([4418.2, 4418.9, 4419.4, 4420.1, 4418.5], 26.0)}
+    fig = draw_fd_vs_nfe(curves, "fd_faces")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.yaxis.get_offset_text().get_text() == "", "no '+4.418e3' above the axis"
+    assert any(t.get_text().startswith("44") for t in ax.get_yticklabels()), [t.get_text() for t in ax.get_yticklabels()]
     plt.close(fig)

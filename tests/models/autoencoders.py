@@ -110,17 +110,19 @@ def save_ldm(module, path: Path, prefix: str = "") -> Path:
     return sidecar(path)
 
 
-def reference_checkpoint(path: Path, backbone: dict[str, torch.Tensor], autoencoder, scale: float | None,
+def reference_checkpoint(path: Path, backbone: dict[str, torch.Tensor], autoencoder=None, scale: float | None = None,
                          ddp: bool = False) -> Path:
-    """A checkpoint in the reference implementation's layout: ``model`` holds ``backbone.*`` and ``ae.*``
-    (latent-diffusion names, ``ae.scale`` for KL), beside its optimizer and step."""
+    """A checkpoint in the reference implementation's layout: ``model`` holds ``backbone.*`` and, for a latent
+    model, ``ae.*`` (latent-diffusion names, ``ae.scale`` for KL), beside its optimizer and step."""
     model = {f"backbone.{k}": v for k, v in backbone.items()}
-    model.update({f"ae.{k}": v for k, v in to_ldm(autoencoder.state_dict(),
-                                                 len(autoencoder.config.block_out_channels)).items()})
+    if autoencoder is not None:
+        model.update({f"ae.{k}": v for k, v in to_ldm(autoencoder.state_dict(),
+                                                     len(autoencoder.config.block_out_channels)).items()})
     if scale is not None:
         model["ae.scale"] = torch.tensor([scale])
     if ddp:
         model = {f"module.{k}": v for k, v in model.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model, "optimizer": {}, "lr_scheduler": {}, "global_step": 10}, path)
     return path
 

@@ -87,10 +87,10 @@ def test_reflow_and_other_data_layouts(tmp_path):
                               model__init_from_checkpoint=str(tmp_path / "model.pth")))
     tree = out.tree
     assert tree["coupling"]["kind"] == "pairs" and tree["data"]["hflip"] is False
-    assert tree["data"]["source"] == f"cifar10:{tmp_path / 'c10'}/train/cifar-10-batches-py"
+    assert tree["data"]["source"] == f"pairs:{tmp_path / 'pairs'}", "it trains on the pairs"
     assert tree["train"]["init_from"] == str(tmp_path / "model.pth")
     assert tree["reflow"] == {"batch_size": 16, "lr": 0.0002, "warmup_steps": 10}
-    assert any(k == "data.data_root" and f"pairs:{tmp_path / 'pairs'}/train" in why for k, _, why in out.unmapped)
+    assert any(k == "data.eval_data_root" and "the base model's config" in why for k, _, why in out.unmapped)
     imagenet = translate(reference(tmp_path, data__name="imagenet", data__data_root="./data/imagenet32"))
     assert imagenet.tree["data"]["source"] == f"imagenet32:{tmp_path / 'data' / 'imagenet32'}", "relative to the CWD"
     ours = load_config("digits").model_dump(mode="json")
