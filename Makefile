@@ -19,12 +19,12 @@ run: $(STAMP)
 	$(BIN)/loomcfm run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # after each edit: every test that starts no Ray and runs no kfp.local pipeline (tests/cost.py keeps the
 # markers honest); `make test` runs them all
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -m "not ray and not kfp_local"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not ray and not kfp_local"
 
 # line and branch coverage of loomcfm_core over the whole suite (subprocesses included): the last lines it prints
 coverage: $(STAMP)

@@ -89,16 +89,6 @@ def pytest_configure(config) -> None:
         config.add_cleanup(lambda: shutil.rmtree(own, ignore_errors=True))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
-def pytest_collection_modifyitems(items) -> None:
-    """Under ``pytest -n 2 --dist loadgroup`` (``make test``) the tests that start Ray or kfp.local run one at a
-    time on one worker (``xdist_group``): two Ray clusters at once on 2 cores would starve each other's
-    heartbeats; the rest share the other worker and the first one's waits."""
-    for item in items:
-        if any(item.get_closest_marker(name) for name in MARKERS):
-            item.add_marker(pytest.mark.xdist_group("cluster"))
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_fixture_setup(fixturedef, request):
     watch = _Watch()

@@ -129,7 +129,10 @@ def test_a_tracking_server_going_away_mid_training_costs_metrics_at_most(tmp_pat
     lost = [line for line in said if " lost " in line]
     assert len(lost) == 1 and f"MLflow run {result.mlflow_run_id} lost" in lost[0], said
     logged = [m.step for m in MlflowClient(mlflow_server.url).get_metric_history(result.mlflow_run_id, "train/loss")]
-    assert logged[:4] == [1, 2, 3, 4] and max(logged) < 8, "the first outage's metrics were logged once it was back"
+    # a batch the server took but whose answer the outage cut off is sent again (MLflow's log-batch has no
+    # idempotency key), so a step may be there twice, but none of the first outage's is missing
+    assert sorted(set(logged))[:4] == [1, 2, 3, 4] and max(logged) < 8, \
+        "the first outage's metrics were logged once it was back"
 
 
 def test_two_commands_at_once_in_a_fresh_folder_share_the_new_store(tmp_path):
