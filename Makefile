@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 # line and branch coverage of loomcfm_core over the whole suite (subprocesses included): the last lines it prints
 coverage: $(STAMP)
 	rm -rf .coverage-data && mkdir .coverage-data
-	LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/python -m pytest --cov --cov-report=
+	LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/python -m pytest -n 2 --dist loadfile --cov --cov-report=
 	LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/coverage combine --quiet
 	LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/coverage report | tail -3
 
