@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 coverage: $(STAMP)
 	rm -rf .coverage-data && mkdir .coverage-data
 	LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/python -m pytest -n 2 --dist loadfile --cov --cov-report=
-	LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/coverage combine --quiet
+	-LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/coverage combine --quiet  # pytest-cov has combined the workers already
 	LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/coverage report | tail -3
 
 bench: $(STAMP)
