@@ -6,7 +6,8 @@ k8s.io/apimachinery as of Kubernetes 1.33, and apiextensions-apiserver for custo
 * bookkeeping (``pkg/registry/generic/registry/store.go``): ``uid``, ``creationTimestamp``, ``generation`` (+1
   when anything outside ``metadata``/``status`` changes), one increasing ``resourceVersion``; an update whose
   ``resourceVersion`` is stale is a 409 ``Conflict``; ``create`` drops ``status`` when the resource has a
-  status subresource (``customResourceStrategy.PrepareForCreate``) and PUT ``/status`` takes only ``status``;
+  status subresource (``customResourceStrategy.PrepareForCreate``; a pod's is ``phase: Pending``,
+  ``podStrategy.PrepareForCreate``) and PUT ``/status`` takes only ``status``;
 * deletion with finalizers: DELETE sets ``deletionTimestamp`` and answers the object, which stays readable
   until an update removes the last finalizer; without finalizers DELETE answers a ``Status`` ``Success``
   (``finalizeDelete``, custom resources have ``ReturnDeletedObject=false``); creating a name that exists,
@@ -371,6 +372,8 @@ class Store:
                                {"name": name, "group": group, "kind": resource})
             if has_status:
                 body.pop("status", None)
+            if resource == "pods":  # pkg/registry/core/pod/strategy.go podStrategy.PrepareForCreate: a new pod
+                body["status"] = {"phase": "Pending"}  # is Pending before a kubelet sees it (qosClass: not read)
             for field in ("deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion"):
                 meta.pop(field, None)
             meta.update(uid=str(uuid.uuid4()), creationTimestamp=rfc3339(), generation=1)
