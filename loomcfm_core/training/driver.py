@@ -26,7 +26,7 @@ from loomcfm_core.layout import holders_uri, run_uri, with_absolute_paths
 from loomcfm_core.lease import Lease
 from loomcfm_core.processes import kept_signal_handlers
 from loomcfm_core.run_status import Attempt, record_attempt
-from loomcfm_core.training.local_ray import connect
+from loomcfm_core.training.local_ray import clean_orphans, connect
 from loomcfm_core.training.loop import fit
 from loomcfm_core.training.preflight import Resume, check_inputs, plan_resume
 from loomcfm_core.training.result import TrainResult, finished, read_result
@@ -105,6 +105,10 @@ def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, 
     run = run_uri(cfg, dataset_uri)
     last_step = check_inputs(cfg, dataset_uri)
     with Lease(run, cfg.train.lease_seconds, wait=wait) as lease:
+        if cfg.ray.address is None:
+            # the local Ray of a killed training on this host may still be training into this folder: gone
+            # before the resume is planned, or its next checkpoint would be what the workers resume from
+            clean_orphans()
         if resume_step is not None:
             rewind(run, resume_step)
         resume = plan_resume(cfg, dataset_uri, run)

@@ -77,7 +77,8 @@ def record_processes(before: frozenset[int] = frozenset()) -> Path:
 
 
 def clean_orphans() -> list[Holder]:
-    """Kill the recorded Ray processes of earlier commands on this host whose owner is gone; returns them."""
+    """Kill the recorded Ray processes of earlier commands on this host whose owner is gone, and the workers
+    they started; returns them."""
     cleaned = []
     for path in sorted(_records().glob("*.json")) if _records().is_dir() else []:
         try:
@@ -88,7 +89,11 @@ def clean_orphans() -> list[Holder]:
         owner = Holder.from_dict(record.get("owner", {}))
         if not owner.local or owner.alive():
             continue
-        killed = _kill([Holder.from_dict(p) for p in record.get("processes", [])])
+        recorded = [Holder.from_dict(p) for p in record.get("processes", [])]
+        # and the Ray workers the raylet started after the record (a training's, which may be writing)
+        workers = [Holder(owner.host, pid, started) for p in recorded if p.alive() for pid in descendants(p.pid)
+                   if (started := start_time(pid)) is not None]
+        killed = _kill([*recorded, *workers])
         if killed:
             log.warning("killed %d Ray processes left behind by %s (which is gone): %s", len(killed), owner,
                         ", ".join(str(p.pid) for p in killed))
