@@ -1,6 +1,6 @@
 """Sample quality against NFE for the coupling ablation's arms trained with the same budget and seed.
 
-On the embedded digits, each arm of the ablation pipeline (:data:`loomcfm_core.ablation.ARMS`: I-CFM,
+On the embedded digits, each arm of the ablation pipeline (:data:`loomcfm_core.choices.ABLATION_ARMS`: I-CFM,
 OT-CFM, fixed pairs, LOOM-CFM, LOOM-CFM after convergence; each arm's config is the pipeline's,
 :func:`~loomcfm_core.ablation.arm_config`) trains the same network for the same steps from the same seed;
 the table gives ``fd_digits`` (Fréchet distance on the digits classifier's features; lower is better) at
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from loomcfm_core import stages
-from loomcfm_core.ablation import ARMS, LABELS, arm_config
+from loomcfm_core.ablation import LABELS, arm_config
+from loomcfm_core.choices import ABLATION_ARMS
 from loomcfm_core.config import load_config
 from loomcfm_core.coupling import noise_from_seeds
 from loomcfm_core.evaluation.plot import plot_fd_vs_nfe
@@ -44,7 +45,7 @@ def main() -> None:
                                       *args.overrides])
         dataset_uri = stages.cache(base).dataset_uri
         results, curvature, minutes = {}, {}, {}
-        for kind in ARMS:
+        for kind in ABLATION_ARMS:
             cfg = arm_config(base, kind)
             start = time.perf_counter()
             trained = fit(cfg, dataset_uri, f"{tmp}/store/runs/quality-{kind}", torch.device("cpu"))
@@ -63,7 +64,7 @@ def main() -> None:
     header = ["coupling", *args.methods, "curvature", "train min"]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
-    for kind in ARMS:
+    for kind in ABLATION_ARMS:
         cells = [f"{r.distance:.3f} ({r.nfe:.0f})" for r in results[kind]]
         print(f"| {LABELS.get(kind, kind)} | " + " | ".join(cells) + f" | {curvature[kind]:.4f} | {minutes[kind]:.1f} |")
     print(f"\nplot: {plot.resolve()}")

@@ -3,7 +3,7 @@ at the same methods, and compared in one plot (distance vs NFE, a curve per coup
 
 Arms: ``independent`` (I-CFM), ``minibatch_ot`` (OT-CFM), ``fixed`` (fixed random pairs), ``loom`` and
 ``loom_converge`` (LOOM after ``coupling.converge_epochs`` passes of reassignment with no network: the
-config's value, else :data:`DEFAULT_CONVERGE_EPOCHS`). Each arm trains under its own name
+config's value, else :data:`DEFAULT_CONVERGE_EPOCHS`); ``ablation.arms`` picks which run. Each arm trains under its own name
 (``<name>-<arm>``: its own run folder and registered model, so the ablation never moves the config's
 ``base`` alias) but in the config's MLflow experiment, as a child run of the pipeline's parent.
 """
@@ -19,13 +19,13 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from loomcfm_core import tracking
+from loomcfm_core.choices import ABLATION_ARMS
 from loomcfm_core.config import Config, TrackingConfig
 from loomcfm_core.errors import UsageError
 from loomcfm_core.evaluation.plot import plot_fd_vs_nfe
 from loomcfm_core.evaluation.summary import log_curves
 from loomcfm_core.results import MethodResult
 
-ARMS = ("independent", "minibatch_ot", "fixed", "loom", "loom_converge")
 LABELS = {"loom_converge": "loom + convergence"}
 DEFAULT_CONVERGE_EPOCHS = 5
 FILES = ("ablation.md", "ablation.html", "ablation.png")
@@ -33,8 +33,8 @@ FILES = ("ablation.md", "ablation.html", "ablation.png")
 
 def arm_config(cfg: Config, arm: str) -> Config:
     """The config of one arm: the coupling (and convergence) it tests, its own name, the parent's experiment."""
-    if arm not in ARMS:
-        raise UsageError(f"ablation arm must be one of {', '.join(ARMS)}, got {arm!r}")
+    if arm not in ABLATION_ARMS:
+        raise UsageError(f"ablation arm must be one of {', '.join(ABLATION_ARMS)}, got {arm!r}")
     tree = cfg.model_dump(mode="json")
     converge = cfg.coupling.converge_epochs or DEFAULT_CONVERGE_EPOCHS
     tree["coupling"].update(kind="loom" if arm == "loom_converge" else arm,
@@ -63,9 +63,10 @@ class ArmSpec:
 
 
 def plan(cfg: Config, dataset_uri: str) -> list[str]:
-    """The arms of an ablation run, one JSON :class:`ArmSpec` each (no parent run id: each step finds its
-    pipeline run's parent itself, so the plan stays a pure function of its inputs that KFP may reuse)."""
-    return [ArmSpec(cfg.to_yaml(), arm, dataset_uri).to_json() for arm in ARMS]
+    """The arms of an ablation run (``ablation.arms``), one JSON :class:`ArmSpec` each (no parent run id: each
+    step finds its pipeline run's parent itself, so the plan stays a pure function of its inputs that KFP may
+    reuse)."""
+    return [ArmSpec(cfg.to_yaml(), arm, dataset_uri).to_json() for arm in cfg.ablation.arms]
 
 
 @dataclass
@@ -113,7 +114,7 @@ def record_comparison(settings: TrackingConfig, parent_run_id: str, arms: list[A
     """Draw and write the comparison into ``workdir`` and log it to the parent run in the store of
     ``settings`` (the ``tracking`` section): the files, the table as the run's description, and each arm's
     curve ``<arm>/<metric>/<solver>`` (step = NFE); returns the files by name."""
-    arms = sorted(arms, key=lambda a: ARMS.index(a.arm))
+    arms = sorted(arms, key=lambda a: ABLATION_ARMS.index(a.arm))
     if len({a.metric for a in arms}) != 1:
         raise UsageError(f"ablation arms were scored with different metrics: {sorted({a.metric for a in arms})}")
     metric = arms[0].metric

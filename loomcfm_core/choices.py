@@ -20,6 +20,9 @@ ASSIGNMENT_SOLVERS = ("lapjv", "scipy")  # coupling.solver (loomcfm_core.couplin
 TARGET_DTYPES = ("uint8", "float32")  # reflow.target_dtype (loomcfm_core.data.pairs)
 AUTOENCODERS = ("kl", "vq")  # model.autoencoder.kind (loomcfm_core.models.autoencoder)
 FEATURE_NETWORKS = ("auto", "inception", "classifier")  # eval.feature_network (loomcfm_core.evaluation.metrics)
+# ablation.arms (loomcfm_core.ablation): the couplings the ablation pipeline compares, in the order it reports
+# them; ``loom_converge`` is LOOM after ``coupling.converge_epochs`` passes of reassignment with no network.
+ABLATION_ARMS = (*SEED_COUPLINGS, "loom_converge")
 # Where a training runs (``--launcher``, the KFP train step's ``launcher``; loomcfm_core.stages.train): its driver
 # in this process, or a KubeRay RayJob's head (loomcfm_core.kube.launcher).
 LAUNCHERS = ("local", "rayjob")

@@ -9,7 +9,7 @@ from pipelines.common import STEP_RESOURCES, checking, documented, preparing, st
 
 def build(parallelism: int = 0):
     """The pipeline; ``parallelism`` bounds how many arms run at once (0: all five, as compiled). The arms
-    (:data:`loomcfm_core.ablation.ARMS`) come from the ``ablation_plan`` step, one spec per loop item.
+    (:data:`loomcfm_core.choices.ABLATION_ARMS`) come from the ``ablation_plan`` step, one spec per loop item.
 
     An arm's CPU and memory are the train step's defaults, not parameters, and its steps have no GPUs:
     kfp 2.17's local runner drops a pipeline parameter that a ``ParallelFor`` task uses only in its resource

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import Field, model_validator
 
-from loomcfm_core.config.sections import (CouplingConfig, DataConfig, EvalConfig, ModelConfig, RayConfig, ReflowConfig,
+from loomcfm_core.config.sections import (AblationConfig, CouplingConfig, DataConfig, EvalConfig, ModelConfig, RayConfig, ReflowConfig,
                                           SampleConfig, StorageConfig, TrackingConfig, TrainConfig)
 from loomcfm_core.config.tree import Section as _Section
 from loomcfm_core.config.tree import flatten
@@ -26,6 +26,7 @@ class Config(_Section):
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
     reflow: ReflowConfig = ReflowConfig()
+    ablation: AblationConfig = AblationConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_serializer, model_validator
 
-from loomcfm_core.choices import (ASSIGNMENT_SOLVERS, AUTOENCODERS, COSTS, COUPLINGS, FEATURE_NETWORKS, TARGET_DTYPES,
+from loomcfm_core.choices import (ABLATION_ARMS, ASSIGNMENT_SOLVERS, AUTOENCODERS, COSTS, COUPLINGS, FEATURE_NETWORKS, TARGET_DTYPES,
                                   check_method, check_source, check_tracking_uri, source_forms)
 from loomcfm_core.config.tree import Section as _Section
 from loomcfm_core.errors import did_you_mean
@@ -214,6 +214,18 @@ class ReflowConfig(_Section):
     target_dtype: Literal[TARGET_DTYPES] = Field("uint8", description="how generated targets are stored: uint8 "
                                                  "(clamped to [-1, 1], rounded, like cached images; the reference "
                                                  "truncates) or float32 (as generated, 4x the size)")
+
+
+class AblationConfig(_Section):
+    arms: list[Literal[ABLATION_ARMS]] = Field(list(ABLATION_ARMS), min_length=1, description="the couplings the "
+                                               "ablation pipeline trains and compares, one training each")
+
+    @field_validator("arms")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"each arm at most once, got {value}")
+        return value
 
 
 class StorageConfig(_Section):
