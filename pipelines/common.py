@@ -14,6 +14,8 @@ Rules from the KFP v2 backend (kubeflow/pipelines 2.17.0) that shape this module
   ``pipeline/runid`` label (``loomcfm_core/kfp_env.py``), so deterministic steps stay reusable.
 """
 
+import sys
+
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 
@@ -22,6 +24,20 @@ from components import cluster_check, train
 from loomcfm_core.kfp_env import RUN_ID_ENV
 from loomcfm_core.kube.platform import ENV_CONFIG_KEYS, MLFLOW_SECRET_KEYS, S3_SECRET_KEYS, STEP_SHM
 from loomcfm_core.kube.rayjob import GPU_TOLERATION
+
+
+def _ensure_container_spec_exists(self: PipelineTask) -> None:
+    """kfp 2.17's ``PipelineTask._ensure_container_spec_exists`` (``kfp/dsl/pipeline_task.py``, run by each
+    ``set_cpu_limit``, ``set_memory_request``, ``add_node_selector_constraint``, ...) calls ``inspect.stack()``
+    only to name its caller in the error: that reads the source of every frame on the stack, and with torch
+    imported costs 0.1-0.5 s a call, 10-40 s to build our pipelines (each ``loomcfm pipeline`` command, each
+    process that imports them). The same check and message, the caller's name read from its frame."""
+    if self.container_spec is None:
+        raise ValueError(f"{sys._getframe(1).f_code.co_name} can only be used on single-step components, not "
+                         "pipelines used as components, or special components like importers.")
+
+
+PipelineTask._ensure_container_spec_exists = _ensure_container_spec_exists
 
 # The Secrets and the ConfigMap created with k8s/ (kubectl apply -k k8s/overlays/...) and what each step reads
 # from them (env name -> key) are loomcfm_core/kube/platform.py's: `loomcfm cluster check` checks the same.

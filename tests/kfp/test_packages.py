@@ -251,3 +251,14 @@ def test_each_overlays_packages_ask_for_gpus_only_where_its_config_trains_on_the
                 assert (pod["limits"].get("nvidia.com/gpu", 0) > 0) == gpus, (package, name, pod)
             else:
                 assert "nvidia.com/gpu" not in pod["limits"], (package, name)
+
+
+def test_a_resource_setting_on_a_task_without_a_container_is_refused_naming_the_setting():
+    """pipelines/common.py replaces kfp's ``_ensure_container_spec_exists`` (whose ``inspect.stack()`` took most of
+    the time a pipeline takes to build): the same refusal, naming the method that was called."""
+    from kfp import dsl
+
+    with pytest.raises(ValueError, match=r"^set_cpu_limit can only be used on single-step components"):
+        @dsl.pipeline(name="p")
+        def p():
+            dsl.importer(artifact_uri="gs://b/x", artifact_class=dsl.Dataset).set_cpu_limit("1")
