@@ -19,17 +19,17 @@ run: $(STAMP)
 	$(BIN)/loomcfm run
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # after each edit: every test that starts no Ray and runs no kfp.local pipeline (tests/cost.py keeps the
 # markers honest); `make test` runs them all
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not ray and not kfp_local"
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not ray and not kfp_local"
 
 # line and branch coverage of loomcfm_core over the whole suite (subprocesses included): the last lines it prints
 coverage: $(STAMP)
 	rm -rf .coverage-data && mkdir .coverage-data
-	LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/python -m pytest -n 2 --dist loadfile --cov --cov-report=
+	LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --cov --cov-report=
 	-LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/coverage combine --quiet  # pytest-cov has combined the workers already
 	LOOMCFM_COVERAGE_DIR=$(CURDIR)/.coverage-data $(BIN)/coverage report | tail -3
 

@@ -122,3 +122,17 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = (f"{item.nodeid} {', '.join(MARKERS[m] for m in sorted(missing))}, but is not marked so: "
                            f"add {', '.join(f'@pytest.mark.{m}' for m in sorted(missing))} (or a module-level "
                            f"pytestmark), so that `make test-fast` leaves it out")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """The test files that run kfp.local pipelines first, then those that start Ray, then the rest (each in
+    collection order): with ``--dist loadfile --no-loadscope-reorder`` (the Makefile) pytest-xdist hands the
+    workers files in this order, so the long runs start first and the many short files fill the end. Its
+    default order (most tests first) left the one-test two-node and pod-host Ray files for last, one
+    worker training for minutes while the other sat idle (CI: 300 s)."""
+    files: dict[str, int] = {}
+    for item in items:
+        marks = {mark.name for mark in item.iter_markers()}
+        rank = 0 if "kfp_local" in marks else 1 if "ray" in marks else 2
+        files[item.nodeid.split("::")[0]] = min(rank, files.get(item.nodeid.split("::")[0], 2))
+    items.sort(key=lambda item: files[item.nodeid.split("::")[0]])  # stable: collection order within a rank
