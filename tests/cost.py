@@ -1,9 +1,11 @@
 """What a test costs, found while it runs: the markers that keep ``make test-fast`` fast cannot be forgotten.
 
 A test (or a fixture it uses) that starts a Ray cluster must be marked ``ray``; one that runs a pipeline on
-``kfp.local`` must be marked ``kfp_local`` (both declared in ``pyproject.toml``, where ``--strict-markers``
-refuses an undeclared one). ``make test-fast`` deselects both, so a new test that starts Ray but is not marked
-would silently make the fast tier slow: this plugin fails it instead, naming the marker it needs.
+``kfp.local`` must be marked ``kfp_local``; one that starts a ``loomcfm`` command or another Python process
+that imports the library (each spends 5-10 s of CPU importing torch, MLflow and Ray) must be marked
+``process`` (all declared in ``pyproject.toml``, where ``--strict-markers`` refuses an undeclared one).
+``make test-fast`` deselects the three, so a new test that starts Ray but is not marked would silently make
+the fast tier slow: this plugin fails it instead, naming the marker it needs.
 
 How a start is seen, whichever process makes it:
 
@@ -21,6 +23,7 @@ training is required to be marked on each of its readers, not only on the first.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,7 +34,10 @@ import pytest
 MARKERS = {
     "ray": "starts a Ray cluster (in-process, in a loomcfm subprocess, in a kfp.local step, or `ray start` nodes)",
     "kfp_local": "runs a pipeline on kfp.local (a subprocess per step)",
+    "process": "starts a loomcfm command, or another Python process that imports loomcfm_core, in a process of "
+               "its own",
 }
+
 _OWN = "LOOMCFM_TESTS_RAY_TMPDIR"  # the RAY_TMPDIR a test process made for itself
 _commands: list[list[str]] = []
 _fixture_costs: dict[str, set[str]] = {}
@@ -68,7 +74,20 @@ class _Watch:
             costs.add("ray")
         if any("kfp.dsl.executor_main" in part for c in commands for part in c):
             costs.add("kfp_local")
+        elif any(_is_our_process(c) for c in commands):
+            costs.add("process")
         return costs
+
+
+def _is_our_process(command: list[str]) -> bool:
+    """``loomcfm ...`` (the console script, or a shell script that starts with it) or a Python interpreter given
+    ``loomcfm_core`` (``-m loomcfm_core.cli``, a ``-c`` script importing it)."""
+    program = Path(command[0]).name if command else ""
+    if program == "loomcfm":
+        return True
+    if program in ("bash", "sh") and "-c" in command[:-1]:
+        return re.match(r"\s*loomcfm\s", command[command.index("-c") + 1]) is not None
+    return program.startswith("python") and any("loomcfm_core" in part for part in command[1:])
 
 
 def _is_ray_start(command: list[str]) -> bool:
@@ -116,7 +135,10 @@ def pytest_runtest_makereport(item, call):
     costs = set(item.stash.get(_found, set()))
     for name in item.fixturenames:
         costs |= _fixture_costs.get(name, set())
-    missing = costs - {mark.name for mark in item.iter_markers()}
+    marks = {mark.name for mark in item.iter_markers()}
+    if marks & {"ray", "kfp_local"}:
+        costs.discard("process")  # out of the fast tier already: its processes need not be named too
+    missing = costs - marks
     if missing:
         report.outcome = "failed"
         report.longrepr = (f"{item.nodeid} {', '.join(MARKERS[m] for m in sorted(missing))}, but is not marked so: "

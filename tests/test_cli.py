@@ -9,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -48,6 +49,7 @@ def test_sample_rejects_bad_input(tmp_path, checkpoint, capsys):
     assert "neither a loomcfm checkpoint nor a reference" in capsys.readouterr().err
 
 
+@pytest.mark.process
 def test_unreachable_tracking_server_is_one_line_naming_the_uri(tmp_path):
     """An MLflow server that is down ends the command with one line that names it, not a traceback."""
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there

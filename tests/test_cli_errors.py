@@ -188,7 +188,8 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.ray] if row.disk else [])
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.ray] if row.disk else
+                                               [pytest.mark.process] if row.process else [])
                                   for name, row in ROWS.items()])
 def test_bad_input_is_one_line_naming_it(name, world, tmp_path, capfd):
     row = ROWS[name]

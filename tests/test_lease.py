@@ -101,6 +101,7 @@ def test_a_holder_elsewhere_is_replaced_once_its_heartbeat_expired(run_uri):
     Lease(run_uri, ttl=2).acquire()
 
 
+@pytest.mark.process
 def test_a_waiting_training_gets_the_lease_when_the_holder_releases_it(run_uri):
     holder = Lease(run_uri, ttl=30)
     holder.acquire()
@@ -116,6 +117,7 @@ def test_a_waiting_training_gets_the_lease_when_the_holder_releases_it(run_uri):
     assert waiter.communicate(timeout=60)[0].strip() == "acquired"
 
 
+@pytest.mark.process
 def test_a_training_that_lost_its_lease_stops_saying_so(tmp_path):
     run_uri = str(tmp_path / "runs" / "r")
     script = textwrap.dedent(f"""

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import loomcfm_core
 from loomcfm_core.cli import main
 from loomcfm_core.offline import DEFAULTS
@@ -47,6 +49,7 @@ def _third_party() -> set[str]:
     return roots - set(sys.stdlib_module_names) - {"loomcfm_core", "__future__"}
 
 
+@pytest.mark.process
 def test_importing_the_library_sets_no_environment_variable():
     """Every module imported: what changes is what the libraries it imports change themselves (Ray and MLflow
     note their own state), nothing of ours."""

@@ -64,6 +64,7 @@ def fresh_imports() -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+@pytest.mark.process
 def test_every_module_imports_without_the_front_doors(fresh_imports):
     """components/ and pipelines/ are front doors over the library; the library never needs them."""
     assert fresh_imports["imported"] == len(modules()) - 1, "every module was imported (all but the package)"
@@ -234,6 +235,7 @@ def test_every_deliberate_error_is_a_loomcfm_error():
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.process
 def test_diffusers_is_imported_only_for_latent_work(fresh_imports):
     """diffusers costs seconds to import: the CLI and every stage module leave it to the autoencoder code."""
     assert fresh_imports["heavy"] == []

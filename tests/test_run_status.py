@@ -42,6 +42,7 @@ def _stage_runs(client, cfg, stage, status=None):
                               + (f" and attributes.status = '{status}'" if status else ""))
 
 
+@pytest.mark.process
 def test_sigterm_ends_the_stage_and_its_parent_killed(tmp_path, checkpoint, setup):
     cfg, overrides, dataset, parent, client = setup
     proc = _slow_evaluation(tmp_path, checkpoint, dataset, parent, overrides)
@@ -55,6 +56,7 @@ def test_sigterm_ends_the_stage_and_its_parent_killed(tmp_path, checkpoint, setu
     assert client.get_run(parent).info.status == "KILLED", "the parent shows that its pipeline did not finish"
 
 
+@pytest.mark.process
 def test_a_stage_killed_outright_is_marked_failed_by_the_next(tmp_path, checkpoint, setup):
     cfg, overrides, dataset, parent, client = setup
     proc = _slow_evaluation(tmp_path, checkpoint, dataset, parent, overrides)

@@ -98,6 +98,7 @@ def test_params_metrics_and_artifacts_reach_the_server_and_s3(server_cfg, mlflow
     assert Image.open(io.BytesIO(body.read())).size == (6, 4)
 
 
+@pytest.mark.process
 def test_child_runs_name_their_parent_in_process_and_across_processes(server_cfg, mlflow_server):
     with start_run(server_cfg.tracking, server_cfg.experiment, "pipeline", tags={"kfp.run_id": "kfp-123"}) as parent:
         parent_id = parent.info.run_id

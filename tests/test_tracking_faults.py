@@ -135,6 +135,7 @@ def test_a_tracking_server_going_away_mid_training_costs_metrics_at_most(tmp_pat
         "the first outage's metrics were logged once it was back"
 
 
+@pytest.mark.process
 def test_two_commands_at_once_in_a_fresh_folder_share_the_new_store(tmp_path):
     """MLflow migrates a new SQLite store on first use; two processes doing it at once failed with
     ``duplicate column name`` (alembic, both migrating)."""

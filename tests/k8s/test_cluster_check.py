@@ -52,6 +52,7 @@ def _row(text: str, name: str) -> str:
     return match.group(0)
 
 
+@pytest.mark.process
 def test_a_ready_cluster_passes_every_check_with_the_probe_pod(tmp_path, monkeypatch, capsys, s3_bucket,
                                                                mlflow_server, moto_server):
     with platform(tmp_path, monkeypatch, env={"AWS_ENDPOINT_URL": moto_server}):
@@ -131,6 +132,7 @@ def test_the_pipelines_identity_gets_what_the_check_and_launcher_need_and_no_mor
                      r"group \"\" in the namespace \"loomcfm\"", text), text
 
 
+@pytest.mark.process
 def test_the_probe_pod_reports_an_image_that_does_not_pull_and_a_small_shm(tmp_path, monkeypatch, capsys, s3_bucket,
                                                                           mlflow_server, moto_server):
     with platform(tmp_path, monkeypatch, missing_images={IMAGE}):

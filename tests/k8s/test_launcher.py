@@ -304,10 +304,13 @@ def test_deadline_exceeded_is_not_retried(cluster):
 
 
 def test_pre_running_deadline_is_retried_until_the_backoff_limit(tmp_path, monkeypatch):
+    """Each attempt gets a RayCluster of its own. KubeRay checks the deadline before it creates an attempt's
+    cluster (``rayjob_controller.go``, Initializing), so a deadline shorter than a reconcile under load can end
+    an attempt before its cluster exists: 3 s, not 1 (CI: one cluster for two attempts)."""
     with ApiServer() as server, KubeRaySimulator(server.store, nodes=[node("small", cpu="1")]) as sim:
         install(server.store, NS)
         monkeypatch.setenv("KUBECONFIG", str(server.kubeconfig(tmp_path / "kubeconfig", NS)))
-        cfg = _cfg("kube.pre_running_deadline_s=1", "kube.backoff_limit=1")
+        cfg = _cfg("kube.pre_running_deadline_s=3", "kube.backoff_limit=1")
         with pytest.raises(RayJobError, match=r"ended Failed after 2 of 2 attempt\(s\).*PreRunningDeadlineExceeded"):
             _launch(cfg)
         assert server.store.created["rayclusters"] == 2 and not sim.errors
@@ -553,6 +556,7 @@ def _terminate_when_running(cluster: Cluster, proc: subprocess.Popen) -> str:
     return out
 
 
+@pytest.mark.process
 def test_sigterm_deletes_the_rayjob_from_the_cli_launcher(cluster):
     """`loomcfm train --launcher rayjob` from a laptop (its kubeconfig), then SIGTERM (Ctrl-C or kill)."""
     hold = threading.Event()
@@ -572,6 +576,7 @@ def test_sigterm_deletes_the_rayjob_from_the_cli_launcher(cluster):
         hold.set()
 
 
+@pytest.mark.process
 def test_sigterm_deletes_the_rayjob_first_though_a_sigkill_follows_at_once(cluster):
     """A terminated KFP step: the emissary forwards SIGTERM to the step's process group, the KFP launcher dies
     of it and the container goes with PID 1 about a second later (argo-workflows v4.0.5 emissary.go,
@@ -598,6 +603,7 @@ def test_sigterm_deletes_the_rayjob_first_though_a_sigkill_follows_at_once(clust
         hold.set()
 
 
+@pytest.mark.process
 def test_a_step_killed_without_a_signal_leaves_a_rayjob_that_goes_with_its_pod(cluster, tmp_path):
     """No signal at all (SIGKILL, a Pending pod deleted by Argo): the RayJob carries an ownerReference to its
     step pod (KFP_POD_NAME/KFP_POD_UID, same namespace), so when the pod object goes (the Workflow's garbage
@@ -636,6 +642,7 @@ def test_a_step_killed_without_a_signal_leaves_a_rayjob_that_goes_with_its_pod(c
         hold.set()
 
 
+@pytest.mark.process
 def test_sigterm_with_leave_keeps_the_rayjob_and_the_retried_step_adopts_it(cluster):
     run_id = "7e57ab1e-0000-4000-8000-00000000c0de"
     hold = threading.Event()
