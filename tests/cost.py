@@ -14,7 +14,8 @@ How a start is seen, whichever process makes it:
   subprocess or in a kfp.local step;
 - a ``ray start`` command (a node in a network namespace, with a temp dir of its own) or a kfp.local step
   (``python -m kfp.dsl.executor_main``, kfp 2.17 ``kfp/local/subprocess_task_handler.py``) is a
-  :class:`subprocess.Popen` of this process, recorded here.
+  :class:`subprocess.Popen` of this process, recorded here; so is a ``loomcfm`` command or a Python
+  interpreter given ``loomcfm_core`` (``process``).
 
 A cost found while a fixture is set up belongs to every test that uses the fixture, so a module-scoped
 training is required to be marked on each of its readers, not only on the first.
@@ -37,7 +38,6 @@ MARKERS = {
     "process": "starts a loomcfm command, or another Python process that imports loomcfm_core, in a process of "
                "its own",
 }
-
 _OWN = "LOOMCFM_TESTS_RAY_TMPDIR"  # the RAY_TMPDIR a test process made for itself
 _commands: list[list[str]] = []
 _fixture_costs: dict[str, set[str]] = {}
@@ -156,5 +156,5 @@ def pytest_collection_modifyitems(items) -> None:
     for item in items:
         marks = {mark.name for mark in item.iter_markers()}
         rank = 0 if "kfp_local" in marks else 1 if "ray" in marks else 2
-        files[item.nodeid.split("::")[0]] = min(rank, files.get(item.nodeid.split("::")[0], 2))
-    items.sort(key=lambda item: files[item.nodeid.split("::")[0]])  # stable: collection order within a rank
+        files[item.path] = min(rank, files.get(item.path, 2))
+    items.sort(key=lambda item: files[item.path])  # stable: collection order within a rank
