@@ -117,6 +117,11 @@ class Storage:
     def read_text(self, uri: str) -> str:
         raise NotImplementedError
 
+    def abort_uploads(self, uri: str) -> int:
+        """Abort the unfinished uploads of an object, or of everything under a folder (a writer killed
+        mid-upload); returns how many."""
+        return 0  # local writes go to a temporary file that a rename makes whole: nothing is left open
+
     def write_text(self, uri: str, text: str) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "object"
@@ -311,6 +316,18 @@ class S3Storage(Storage):
         bucket, key = self.split(uri)
         body = self._call(uri, self.client.get_object, Bucket=bucket, Key=key)["Body"]
         return body.read().decode()
+
+    def abort_uploads(self, uri: str) -> int:
+        """S3 keeps (and bills) the parts of a multipart upload whose writer was killed until it is aborted."""
+        bucket, key = self.split(uri)
+        pages = self._call(uri, lambda: list(self.client.get_paginator("list_multipart_uploads")
+                                             .paginate(Bucket=bucket, Prefix=key)))
+        uploads = [u for page in pages for u in page.get("Uploads", [])  # the object, or a folder's objects
+                   if u["Key"] == key or u["Key"].startswith(key.rstrip("/") + "/")]
+        for upload in uploads:
+            self._call(uri, self.client.abort_multipart_upload, Bucket=bucket, Key=upload["Key"],
+                       UploadId=upload["UploadId"])
+        return len(uploads)
 
 
 @cache

@@ -154,7 +154,8 @@ def _dataset(root_uri):
 @pytest.mark.ray
 def test_two_trainings_of_one_s3_run_folder(tmp_path, s3_bucket, capfd):
     """On S3: the second fails fast naming the first, a third waits (``--wait``) and, once the first is killed,
-    takes the lease over, cleans up what the killed one left and resumes from its latest checkpoint; SIGTERM
+    takes the lease over, cleans up what the killed one left (its Ray, an unfinished multipart upload of a
+    checkpoint) and resumes from its latest checkpoint; SIGTERM
     then stops it leaving nothing behind: the lease released, no process of its session alive, its MLflow run
     (the one the first opened, continued) KILLED. (A local run folder's takeover, and the exact resume after
     it: ``tests/training/test_launch.py``.)"""
@@ -171,12 +172,17 @@ def test_two_trainings_of_one_s3_run_folder(tmp_path, s3_bucket, capfd):
 
     waiting = start(*_train("train.max_steps=100000"), "--wait", *_dataset(root), *common, cwd=tmp_path)
     wait_for(lambda: "waiting for it (--wait)" in waiting.stderr, waiting, what="the waiting message")
+    s3 = boto3.client("s3")  # the parts of a checkpoint's multipart upload cut short by the kill
+    unfinished = s3.create_multipart_upload(Bucket=s3_bucket, Key="loomcfm/runs/shared/checkpoints/step-99999999.pt")
+    s3.upload_part(Bucket=s3_bucket, Key=unfinished["Key"], UploadId=unfinished["UploadId"], PartNumber=1, Body=b"x")
     os.kill(first.pid, signal.SIGKILL)
     first.proc.wait()
     killed_at = _steps(run_uri)[-1]
     wait_for(lambda: f"resumed from {run_uri}/checkpoints/" in waiting.stderr, waiting, what="the resume")
     err = waiting.stderr
     assert f"took over the lease of pid {first.pid}" in err and f"resumed from {run_uri}/checkpoints/" in err
+    assert f"{run_uri}/checkpoints: aborted 1 unfinished upload(s) a killed training left" in err
+    assert not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
     # the killed driver's Ray worker may write checkpoints until the takeover fences it off (check_held)
     assert int(re.search(r"resumed from .*step-(\d+)\.pt", err).group(1)) >= killed_at
     assert not alive_in_session(first.pid), "the waiting training cleaned up what the killed one left"

@@ -101,6 +101,22 @@ def test_failed_put_never_shows_a_partial_object(s3_bucket, tmp_path, monkeypatc
     storage._s3.cache_clear()
 
 
+def test_the_unfinished_uploads_a_killed_writer_left_are_aborted_and_no_others(s3_bucket, tmp_path):
+    """What ``kill -9`` mid multipart upload leaves (S3 keeps its parts until aborted): the next writer of that
+    object or folder aborts it (``training/driver.py``, under the run folder's lease); other keys' stay."""
+    s3 = boto3.client("s3")
+    for key in ("run/checkpoints/step-1.pt", "run/converge.pt", "run/checkpoints-other/x", "elsewhere/y"):
+        upload = s3.create_multipart_upload(Bucket=s3_bucket, Key=key)
+        s3.upload_part(Bucket=s3_bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024)
+    store = storage_for(f"s3://{s3_bucket}")
+    assert store.abort_uploads(f"s3://{s3_bucket}/run/checkpoints") == 1
+    assert store.abort_uploads(f"s3://{s3_bucket}/run/converge.pt") == 1
+    assert store.abort_uploads(f"s3://{s3_bucket}/run/checkpoints") == 0
+    left = sorted(u["Key"] for u in s3.list_multipart_uploads(Bucket=s3_bucket)["Uploads"])
+    assert left == ["elsewhere/y", "run/checkpoints-other/x"]
+    assert storage_for(str(tmp_path)).abort_uploads(str(tmp_path)) == 0
+
+
 def test_failed_local_put_keeps_old_content(tmp_path, monkeypatch):
     store = storage_for(str(tmp_path))
     dst = tmp_path / "store" / "obj"

@@ -22,10 +22,11 @@ from loomcfm_core import provenance, run_record, tracking
 from loomcfm_core.checkpoint import rewind
 from loomcfm_core.config import Config, load_config_text
 from loomcfm_core.data.manifest import read_manifest
-from loomcfm_core.layout import holders_uri, run_uri, with_absolute_paths
+from loomcfm_core.layout import checkpoint_dir, convergence_uri, holders_uri, run_uri, with_absolute_paths
 from loomcfm_core.lease import Lease
 from loomcfm_core.processes import kept_signal_handlers
 from loomcfm_core.run_status import Attempt, record_attempt
+from loomcfm_core.storage import storage_for
 from loomcfm_core.training.local_ray import clean_orphans, connect
 from loomcfm_core.training.loop import fit
 from loomcfm_core.training.preflight import Resume, check_inputs, plan_resume
@@ -109,6 +110,9 @@ def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, 
             # the local Ray of a killed training on this host may still be training into this folder: gone
             # before the resume is planned, or its next checkpoint would be what the workers resume from
             clean_orphans()
+        for prefix in (checkpoint_dir(run), convergence_uri(run)):  # what only the lease holder writes
+            if aborted := storage_for(prefix).abort_uploads(prefix):
+                log.warning("%s: aborted %d unfinished upload(s) a killed training left", prefix, aborted)
         if resume_step is not None:
             rewind(run, resume_step)
         resume = plan_resume(cfg, dataset_uri, run)
