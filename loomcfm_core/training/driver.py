@@ -22,6 +22,7 @@ from loomcfm_core import provenance, run_record, tracking
 from loomcfm_core.checkpoint import rewind
 from loomcfm_core.config import Config, load_config_text
 from loomcfm_core.data.manifest import read_manifest
+from loomcfm_core.errors import StorageError
 from loomcfm_core.layout import checkpoint_dir, convergence_uri, holders_uri, run_uri, with_absolute_paths
 from loomcfm_core.lease import Lease
 from loomcfm_core.processes import kept_signal_handlers
@@ -69,6 +70,21 @@ def _record_start(cfg: Config, resume: Resume, dataset_uri: str, earlier: Attemp
         log.warning("%s changed from %s to %s at step %d (train.allow_changes)", key, old, new, resume.step)
 
 
+def _abort_unfinished_uploads(run: str) -> None:
+    """Housekeeping under the lease: the unfinished uploads of what only the lease holder writes (its
+    checkpoints, the convergence table) are a killed training's. Best effort: a bucket policy without
+    ``s3:ListBucketMultipartUploads`` leaves them to the bucket's lifecycle rule, and the training goes on."""
+    for prefix in (checkpoint_dir(run), convergence_uri(run)):
+        try:
+            aborted = storage_for(prefix).abort_uploads(prefix)
+        except StorageError as exc:
+            log.warning("could not look for unfinished uploads under %s (%s): the bucket's lifecycle rule has to "
+                        "remove them", prefix, exc)
+            return
+        if aborted:
+            log.warning("%s: aborted %d unfinished upload(s) a killed training left", prefix, aborted)
+
+
 def rewind_run(cfg: Config, dataset_uri: str, step: int, wait: bool = False) -> list[str]:
     """``--resume-step`` for a training that runs elsewhere (a RayJob): make step ``step``'s checkpoint the
     run's latest (:func:`~loomcfm_core.checkpoint.rewind`) under the run folder's lease, taken and released
@@ -110,9 +126,7 @@ def run_on_ray(cfg: Config, dataset_uri: str, parent_run_id: str | None = None, 
             # the local Ray of a killed training on this host may still be training into this folder: gone
             # before the resume is planned, or its next checkpoint would be what the workers resume from
             clean_orphans()
-        for prefix in (checkpoint_dir(run), convergence_uri(run)):  # what only the lease holder writes
-            if aborted := storage_for(prefix).abort_uploads(prefix):
-                log.warning("%s: aborted %d unfinished upload(s) a killed training left", prefix, aborted)
+        _abort_unfinished_uploads(run)
         if resume_step is not None:
             rewind(run, resume_step)
         resume = plan_resume(cfg, dataset_uri, run)

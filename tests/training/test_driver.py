@@ -111,3 +111,20 @@ def test_a_killed_training_is_taken_over_and_resumes_exactly(tmp_path, store, ca
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=0, atol=1e-6)
         torch.testing.assert_close(b["ema"][key], a["ema"][key], rtol=0, atol=1e-6)
+
+
+def test_a_bucket_that_refuses_to_list_unfinished_uploads_leaves_them_to_its_lifecycle_rule(caplog, monkeypatch):
+    """The housekeeping under the lease is best effort: a policy without ``s3:ListBucketMultipartUploads``
+    (common in least-privilege buckets) gets one warning naming the way out, and the training goes on."""
+    from loomcfm_core.errors import StorageError
+    from loomcfm_core.training import driver
+
+    class Refusing:
+        def abort_uploads(self, uri):
+            raise StorageError(f"{uri}: S3 refused the credentials (AccessDenied); check ...")
+
+    monkeypatch.setattr(driver, "storage_for", lambda uri: Refusing())
+    driver._abort_unfinished_uploads("s3://b/runs/r")
+    (record,) = [r for r in caplog.records if r.name == driver.__name__]
+    assert record.levelname == "WARNING" and "s3://b/runs/r/checkpoints" in record.getMessage()
+    assert "AccessDenied" in record.getMessage() and "lifecycle rule" in record.getMessage()
