@@ -10,6 +10,7 @@ runs as root; ``.ci/run`` installs iproute2 when it is missing).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from loomcfm_core.processes import descendants
 
 IFACE = "lceth0"  # a host's end of its veth pair, the same name inside each namespace
 ETC_NETNS = Path("/etc/netns")
@@ -120,6 +123,9 @@ class Network:
             self.remove(ns)
         for proc in self.procs:
             if proc.poll() is None:
+                for pid in descendants(proc.pid):  # a server's own workers (`mlflow server`'s uvicorn) go too
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 proc.kill()
             proc.wait()
         subprocess.run(["ip", "link", "del", f"{self.tag}br"], capture_output=True)
