@@ -120,7 +120,7 @@ class Storage:
     def abort_uploads(self, uri: str) -> int:
         """Abort the unfinished uploads of an object, or of everything under a folder (a writer killed
         mid-upload); returns how many."""
-        return 0  # local writes go to a temporary file that a rename makes whole: nothing is left open
+        return 0  # no uploads on a filesystem: a killed local write leaves a hidden .<name>.tmp-* file at most
 
     def write_text(self, uri: str, text: str) -> str:
         with tempfile.TemporaryDirectory() as tmp:
