@@ -2,10 +2,12 @@
 
 Private surface is used where no public call does the job, and only in one adapter module per project:
 :mod:`loomcfm_core.training.ray_trainer` (Ray Train's failure policy and SIGINT handling) and
-:mod:`loomcfm_core.mlflow_stack` (MLflow's stack of active runs). Each declares a :class:`PrivateSurface`:
-the project's version pyproject.toml pins and every private name the adapter uses, with the parameters it
-passes. The test suite checks each against the installed version, so an upgrade that moves one fails there,
-naming the pinned version and the missing name, instead of a training failing at run time.
+:mod:`loomcfm_core.mlflow_stack` (MLflow's stack of active runs); outside the library, ``pipelines/common.py``
+replaces kfp's check behind ``PipelineTask.set_cpu_limit`` and the like. Each declares a
+:class:`PrivateSurface`: the project's version pyproject.toml pins and every private name the adapter uses,
+with the parameters it passes. The test suite checks each against the installed version, so an upgrade that
+moves one fails there, naming the pinned version and the missing name, instead of a training failing at run
+time.
 """
 
 from __future__ import annotations

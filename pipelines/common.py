@@ -24,6 +24,10 @@ from components import cluster_check, train
 from loomcfm_core.kfp_env import RUN_ID_ENV
 from loomcfm_core.kube.platform import ENV_CONFIG_KEYS, MLFLOW_SECRET_KEYS, S3_SECRET_KEYS, STEP_SHM
 from loomcfm_core.kube.rayjob import GPU_TOLERATION
+from loomcfm_core.private_api import PrivateSurface
+
+# the one private name of kfp we touch (replaced below; tests/test_private_api.py checks the pinned version has it)
+SURFACE = PrivateSurface("kfp", "2.17.*", names=("kfp.dsl.pipeline_task.PipelineTask._ensure_container_spec_exists",))
 
 
 def _ensure_container_spec_exists(self: PipelineTask) -> None:
@@ -37,7 +41,8 @@ def _ensure_container_spec_exists(self: PipelineTask) -> None:
                          "pipelines used as components, or special components like importers.")
 
 
-PipelineTask._ensure_container_spec_exists = _ensure_container_spec_exists
+if not SURFACE.missing():
+    PipelineTask._ensure_container_spec_exists = _ensure_container_spec_exists
 
 # The Secrets and the ConfigMap created with k8s/ (kubectl apply -k k8s/overlays/...) and what each step reads
 # from them (env name -> key) are loomcfm_core/kube/platform.py's: `loomcfm cluster check` checks the same.

@@ -85,3 +85,15 @@ def test_private_names_of_other_projects_are_used_only_by_their_adapter():
             outside += [f"{relative}:{line}: {name}" for line, name in uses]
     assert not outside, "private API outside its adapter:\n" + "\n".join(outside)
     assert by_adapter == {"loomcfm_core/training/ray_trainer.py": {"ray"}, "loomcfm_core/mlflow_stack.py": {"mlflow"}}
+
+
+def test_the_pipelines_replace_the_private_kfp_method_they_declare():
+    """``pipelines/common.py`` replaces one private kfp method (its ``SURFACE``), and only when the installed
+    kfp has it: an upgrade that moves it fails here, naming the pinned version, not silently slow builds."""
+    from kfp.dsl.pipeline_task import PipelineTask
+
+    from pipelines import common
+
+    assert common.SURFACE.pinned == pinned("kfp"), "declared against the pinned version"
+    assert PipelineTask._ensure_container_spec_exists is common._ensure_container_spec_exists, \
+        f"kfp {metadata.version('kfp')} (pyproject pins {pinned('kfp')}) has no {common.SURFACE.names[0]}"
