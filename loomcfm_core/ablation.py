@@ -3,9 +3,9 @@ at the same methods, and compared in one plot (distance vs NFE, a curve per coup
 
 Arms: ``independent`` (I-CFM), ``minibatch_ot`` (OT-CFM), ``fixed`` (fixed random pairs), ``loom`` and
 ``loom_converge`` (LOOM after ``coupling.converge_epochs`` passes of reassignment with no network: the
-config's value, else :data:`DEFAULT_CONVERGE_EPOCHS`); ``ablation.arms`` picks which run. Each arm trains under its own name
-(``<name>-<arm>``: its own run folder and registered model, so the ablation never moves the config's
-``base`` alias) but in the config's MLflow experiment, as a child run of the pipeline's parent.
+config's value, else :data:`DEFAULT_CONVERGE_EPOCHS`); ``ablation.arms`` picks which run. Each arm trains
+under its own name (``<name>-<arm>``: its own run folder and registered model, so the ablation never moves the
+config's ``base`` alias) but in the config's MLflow experiment, as a child run of the pipeline's parent.
 """
 
 from __future__ import annotations

@@ -43,7 +43,8 @@ KEY_CLASSES: dict[str, str] = {
     "train.*": FREE,
     "ray.num_workers": IDENTITY,
     "ray.*": FREE,
-    "sample.*": FREE, "eval.*": FREE, "reflow.*": FREE, "ablation.*": FREE, "storage.*": FREE, "tracking.*": FREE,
+    "sample.*": FREE, "eval.*": FREE, "reflow.*": FREE, "ablation.*": FREE, "storage.*": FREE,
+    "tracking.*": FREE,
     "kube.*": FREE,  # where a RayJob runs; the training's shape is ray.*, which cluster_config derives from it
 }
 SCHEDULE_KEYS = tuple(key for key, kind in KEY_CLASSES.items() if kind == SCHEDULE)

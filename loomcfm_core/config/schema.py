@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from pydantic import Field, model_validator
 
-from loomcfm_core.config.sections import (AblationConfig, CouplingConfig, DataConfig, EvalConfig, ModelConfig, RayConfig, ReflowConfig,
-                                          SampleConfig, StorageConfig, TrackingConfig, TrainConfig)
+from loomcfm_core.config.sections import (AblationConfig, CouplingConfig, DataConfig, EvalConfig, ModelConfig,
+                                          RayConfig, ReflowConfig, SampleConfig, StorageConfig, TrackingConfig, TrainConfig)
 from loomcfm_core.config.tree import Section as _Section
 from loomcfm_core.config.tree import flatten
 from loomcfm_core.kube.settings import KubeConfig

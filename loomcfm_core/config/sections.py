@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, field_validator, model_serializer, model_validator
 
-from loomcfm_core.choices import (ABLATION_ARMS, ASSIGNMENT_SOLVERS, AUTOENCODERS, COSTS, COUPLINGS, FEATURE_NETWORKS, TARGET_DTYPES,
-                                  check_method, check_source, check_tracking_uri, source_forms)
+from loomcfm_core.choices import (ABLATION_ARMS, ASSIGNMENT_SOLVERS, AUTOENCODERS, COSTS, COUPLINGS, FEATURE_NETWORKS,
+                                  TARGET_DTYPES, check_method, check_source, check_tracking_uri, source_forms)
 from loomcfm_core.config.tree import Section as _Section
 from loomcfm_core.errors import did_you_mean
 from loomcfm_core.identity import SCHEDULE_KEYS
